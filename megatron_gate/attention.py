@@ -1,0 +1,221 @@
+"""`GatedSelfAttention`: Megatron-Core's `SelfAttention` with the G1 output gate of Qiu et al.
+
+    q, gate, k, v = split(linear_qkv(norm(x)))       # gate rows fused per query group
+    out = linear_proj(attention(q, k, v) * sigmoid(gate))
+
+Only two hooks of `SelfAttention` are overridden: `get_query_key_value_tensors` (derive the gate
+from the fused rows, for either granularity and any TP layout) and `_apply_output_gate` (the fused
+multiply). Megatron's own `forward` calls both because the module's config has
+`attention_output_gate=True`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any, Callable
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel.mappings import all_gather_last_dim_from_tensor_parallel_region
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import get_pg_rank, get_pg_size
+
+from megatron_gate.config import GateConfig, GateConfigError
+from megatron_gate.gate_op import apply_output_gate
+from megatron_gate.layout import build_layout
+
+GateObserver = Callable[["GatedSelfAttention", torch.Tensor], None]
+
+
+def validate_gate_setup(config: TransformerConfig, gate: GateConfig, tp_size: int) -> None:
+    """Raise a `GateConfigError` naming the field and the fix for a model that cannot be gated."""
+    heads, groups = config.num_attention_heads, config.num_query_groups or config.num_attention_heads
+    if getattr(config, "multi_latent_attention", False):
+        raise GateConfigError(
+            "multi_latent_attention=True: MLA cannot be gated by megatron-gate; "
+            "turn MLA off or use Megatron's MLA spec without the gate."
+        )
+    if heads % tp_size:
+        raise GateConfigError(
+            f"num_attention_heads={heads} is not divisible by tensor_model_parallel_size={tp_size}; "
+            "choose a TP size that divides the number of heads."
+        )
+    if heads % groups:
+        raise GateConfigError(
+            f"num_attention_heads={heads} is not divisible by num_query_groups={groups}."
+        )
+    if groups % tp_size and tp_size % groups:
+        raise GateConfigError(
+            f"num_query_groups={groups} and tensor_model_parallel_size={tp_size}: one must divide "
+            "the other."
+        )
+    if getattr(config, "fused_single_qkv_rope", False):
+        raise GateConfigError(
+            "fused_single_qkv_rope=True cannot split out the gate rows; set it to False."
+        )
+    if getattr(config, "attention_output_gate", False) and gate.granularity == "headwise":
+        raise GateConfigError(
+            "attention_output_gate=True (Megatron's native elementwise gate) conflicts with "
+            "granularity='headwise'; drop --attention-output-gate or use 'elementwise'."
+        )
+
+
+def _tp_size(pg_collection: Any) -> int:
+    if pg_collection is not None:
+        return get_pg_size(pg_collection.tp)
+    return parallel_state.get_tensor_model_parallel_world_size()
+
+
+class GatedSelfAttention(SelfAttention):
+    """Self-attention whose output is multiplied by a head-specific sigmoid gate (position G1).
+
+    Checkpoint-compatible with Megatron-Core's `attention_output_gate=True` when elementwise.
+    `gate_observers` (callables taking `(module, gate_logits)`) see the pre-sigmoid gate of each
+    forward; the stability monitor uses them on its logged steps only.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        submodules: SelfAttentionSubmodules,
+        layer_number: int,
+        attn_mask_type: AttnMaskType = AttnMaskType.padding,
+        *,
+        gate_config: GateConfig | None = None,
+        **kwargs: Any,
+    ) -> None:
+        gate_config = gate_config or GateConfig()
+        tp_size = _tp_size(kwargs.get("pg_collection"))
+        validate_gate_setup(config, gate_config, tp_size)
+        # Megatron's forward asks for a gate (and calls our hooks) when this flag is on; the copy
+        # keeps the flag out of the config that the rest of the model shares.
+        gated_config = copy.copy(config)
+        gated_config.attention_output_gate = True
+        self.gate_config = gate_config
+        self.qkv_layout = build_layout(
+            num_attention_heads=config.num_attention_heads,
+            num_query_groups=config.num_query_groups or config.num_attention_heads,
+            head_dim=config.kv_channels,
+            granularity=gate_config.granularity,
+            tp_size=tp_size,
+            fp8_alignment=gate_config.fp8_alignment if getattr(config, "fp8", None) else None,
+        )
+        submodules = dataclasses.replace(
+            submodules, linear_qkv=self._sized_linear_qkv(submodules.linear_qkv, config)
+        )
+        super().__init__(gated_config, submodules, layer_number, attn_mask_type, **kwargs)
+        self.linear_qkv_out_dim = self.qkv_layout.total_rows
+        self.gate_observers: list[GateObserver] = []
+        self._init_gate_rows()
+
+    # ---------------------------------------------------------------- construction
+    def _sized_linear_qkv(self, build: Callable[..., Any], config: TransformerConfig) -> Callable:
+        """Wrap the `linear_qkv` builder: our row count, and a bias when only the gate wants one."""
+        gate_bias = self.gate_config.gate_bias
+
+        def build_gated(input_size: int, _output_size: int, **kwargs: Any) -> Any:
+            kwargs["bias"] = bool(kwargs.get("bias")) or gate_bias
+            return build(input_size, self.qkv_layout.total_rows, **kwargs)
+
+        return build_gated
+
+    def _rank_rows(self, full: torch.Tensor) -> torch.Tensor:
+        """This TP rank's contiguous share of a `[total_rows]` tensor (a plain row split)."""
+        tp_rank, tp_size = get_pg_rank(self.pg_collection.tp), self.world_size
+        rows = full.numel() // tp_size
+        return full[tp_rank * rows : (tp_rank + 1) * rows]
+
+    def _segment_mask(self, *segments: str) -> torch.Tensor:
+        """Boolean `[total_rows]` mask of the given segments of every query group."""
+        sizes = self.qkv_layout.segment_sizes
+        group = torch.cat(
+            [torch.full((size,), name in segments, dtype=torch.bool) for name, size in sizes.items()]
+        )
+        return group.repeat(self.qkv_layout.num_query_groups)
+
+    def _init_gate_rows(self) -> None:
+        """Zero padding rows; freeze the bias rows that the config says must stay zero."""
+        weight = self.linear_qkv.weight
+        padding = self._rank_rows(self._segment_mask("gate_padding")).to(weight.device)
+        with torch.no_grad():
+            weight[padding] = 0
+        bias = getattr(self.linear_qkv, "bias", None)
+        if not isinstance(bias, torch.Tensor) or bias.numel() != padding.numel():
+            return
+        has_qkv_bias = self.config.add_bias_linear or self.config.add_qkv_bias
+        trainable = ["gate"] if self.gate_config.gate_bias else []
+        if has_qkv_bias:
+            trainable += ["query", "key", "value"]
+        mask = self._rank_rows(self._segment_mask(*trainable)).to(bias.device)
+        with torch.no_grad():
+            bias[~mask] = 0
+        if not bool(mask.all()):
+            self.register_buffer("_bias_grad_mask", mask.to(bias.dtype), persistent=False)
+            bias.register_hook(lambda grad: grad * self._bias_grad_mask)
+
+    # ---------------------------------------------------------------- forward hooks
+    def get_query_key_value_tensors(
+        self,
+        hidden_states: torch.Tensor,
+        key_value_states: torch.Tensor | None = None,
+        output_gate: bool = True,
+        split_qkv: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`[sq, b, h]` -> query `[sq, b, np, hn]`, key and value `[sq, b, ng, hn]`, gate
+        `[sq, b, np, hn | 1]`, for this rank's heads."""
+        if not split_qkv:
+            raise GateConfigError(
+                "GatedSelfAttention needs split q/k/v; unset fused_single_qkv_rope."
+            )
+        # [sq, b, h] -> [sq, b, ng_local * group_rows]
+        mixed_qkv, _ = self.linear_qkv(hidden_states)
+        mixed_qkv = self._gather_own_group(mixed_qkv)
+        # -> {segment: [sq, b, ng_local, rows]}
+        parts = self.qkv_layout.split_groups(mixed_qkv)
+        sq, batch = mixed_qkv.shape[:2]
+        head_dim = self.hidden_size_per_attention_head
+        # [sq, b, ng_local, hpg * hn] -> [sq, b, ng_local * hpg, hn]
+        query = self._own_heads(parts["query"].reshape(sq, batch, -1, head_dim))
+        # [sq, b, ng_local, hpg * g] -> [sq, b, ng_local * hpg, g]
+        gate = self._own_heads(
+            parts["gate"].reshape(sq, batch, -1, self.qkv_layout.gate_rows_per_head)
+        )
+        key, value = parts["key"], parts["value"]
+        if self.q_layernorm is not None:
+            query = self.q_layernorm(query)
+        if self.k_layernorm is not None:
+            key = self.k_layernorm(key)
+        return query, key, value, gate
+
+    def _groups_shared_by_ranks(self) -> int:
+        """How many TP ranks share one query group (1 unless `num_query_groups < tp`)."""
+        return max(1, self.world_size // self.qkv_layout.num_query_groups)
+
+    def _gather_own_group(self, mixed_qkv: torch.Tensor) -> torch.Tensor:
+        """With `ng < tp`, a rank holds part of a group's rows: gather, keep its whole group."""
+        ranks_per_group = self._groups_shared_by_ranks()
+        if ranks_per_group == 1:
+            return mixed_qkv
+        # [sq, b, group_rows / ranks_per_group] -> [sq, b, total_rows] -> [sq, b, group_rows]
+        full = all_gather_last_dim_from_tensor_parallel_region(mixed_qkv, group=self.pg_collection.tp)
+        group = get_pg_rank(self.pg_collection.tp) // ranks_per_group
+        rows = self.qkv_layout.group_rows
+        return full[..., group * rows : (group + 1) * rows]
+
+    def _own_heads(self, per_head: torch.Tensor) -> torch.Tensor:
+        """With `ng < tp`, keep this rank's heads of its group: `[sq, b, hpg, x] -> [sq, b, np_local, x]`."""
+        ranks_per_group = self._groups_shared_by_ranks()
+        if ranks_per_group == 1:
+            return per_head
+        heads = self.num_attention_heads_per_partition
+        start = (get_pg_rank(self.pg_collection.tp) % ranks_per_group) * heads
+        return per_head[:, :, start : start + heads, :]
+
+    def _apply_output_gate(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """`x [sq, b, np * hn] * sigmoid(gate [sq, b, np, hn | 1])`, fused."""
+        for observe in self.gate_observers:
+            observe(self, gate.detach())
+        return apply_output_gate(x, gate, sigmoid_in_fp32=self.gate_config.sigmoid_in_fp32)

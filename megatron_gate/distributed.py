@@ -1,0 +1,101 @@
+"""Process launching and Megatron parallel-state set-up on gloo (tests, benchmarks, the demo).
+
+`launch(worker, world_size=2, payload=...)` runs `worker(rank, world_size, payload)` in spawned
+processes that each joined a gloo process group, and returns the workers' results by rank. A
+failing rank's traceback is re-raised in the caller.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from contextlib import closing
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+Worker = Callable[[int, int, Any], Any]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_process_group(rank: int, world_size: int, port: int) -> None:
+    """Join a gloo group on 127.0.0.1 (CPU runtime applied when CUDA is absent)."""
+    from megatron_gate.cpu import enable_cpu_runtime
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+    )
+    enable_cpu_runtime()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+
+
+def init_model_parallel(*, tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234) -> None:
+    """(Re)initialise Megatron's parallel state and model-parallel RNG on the current group."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp
+    )
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def _entry(rank: int, world_size: int, port: int, worker: Worker, payload: Any, queue: Any) -> None:
+    try:
+        init_process_group(rank, world_size, port)
+        result = worker(rank, world_size, payload)
+        queue.put((rank, True, result))
+    except BaseException:  # noqa: BLE001 - reported to the parent, which re-raises
+        queue.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def launch(worker: Worker, *, world_size: int = 2, payload: Any = None, timeout: float = 600) -> list[Any]:
+    """Run `worker(rank, world_size, payload)` on `world_size` gloo ranks; return results by rank."""
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    port = free_port()
+    processes = [
+        context.Process(target=_entry, args=(rank, world_size, port, worker, payload, queue))
+        for rank in range(world_size)
+    ]
+    for process in processes:
+        process.start()
+    results: dict[int, Any] = {}
+    failures: list[str] = []
+    try:
+        for _ in processes:
+            rank, ok, value = queue.get(timeout=timeout)
+            if ok:
+                results[rank] = value
+            else:
+                failures.append(f"rank {rank} failed:\n{value}")
+                break
+    finally:
+        for process in processes:
+            process.join(timeout=5 if failures else timeout)
+            if process.is_alive():
+                process.kill()
+    if failures:
+        raise RuntimeError("\n".join(failures))
+    return [results[rank] for rank in range(world_size)]
