@@ -1,0 +1,1 @@
+"""Stability monitor: collectors -> one reduction -> detectors -> actions -> sinks."""

@@ -1,0 +1,74 @@
+"""The stability monitor's output contract: JSONL records, metric names, TensorBoard tags.
+
+Everything that reads what the monitor writes (dashboards, the demo report, Grafana, alert rules)
+uses the names below. Bump `SCHEMA_VERSION` on any incompatible change.
+
+One JSON object per line in `<run_dir>/stability.jsonl`, each with `"schema"` and `"kind"`:
+
+- `run_start`: `run` (name), `time` (unix s), `config` (the monitor config), `model`
+  (`num_layers`, `gated_layers` [1-based layer numbers], `granularity`, `backend`, parallel sizes).
+- `step`: `step` (int), `time`, `scalars` {SCALARS -> float}, and on logged steps `layers`
+  {LAYER_METRICS -> list of float|null, index i = layer i+1} and optionally `gate_histogram`
+  (list per layer of GATE_HISTOGRAM_BINS counts, or null).
+- `event`: `step`, `time`, `detector`, `severity` (SEVERITIES), `metric`, `value`, `threshold`,
+  `layer` (1-based or null), `action` (ACTIONS), `message`.
+- `run_end`: `step`, `time`, `status` ("completed" | "aborted" | "interrupted" | "failed").
+"""
+
+from __future__ import annotations
+
+SCHEMA_VERSION = 1
+SCHEMA = f"megatron-gate.stability/{SCHEMA_VERSION}"
+JSONL_NAME = "stability.jsonl"
+
+RECORD_KINDS: tuple[str, ...] = ("run_start", "step", "event", "run_end")
+
+SCALARS: tuple[str, ...] = (
+    "loss",
+    "grad_norm",
+    "update_norm",
+    "learning_rate",
+    "loss_scale",
+    "tokens_per_second",
+    "nan_or_inf",
+)
+
+LAYER_METRICS: tuple[str, ...] = (
+    "max_abs_residual",
+    "rms_residual",
+    "max_abs_attention_output",
+    "rms_attention_output",
+    "max_abs_mlp_output",
+    "rms_mlp_output",
+    "gate_mean",
+    "gate_sparsity",
+    "first_token_attention_share",
+    "max_attention_logit",
+    "grad_norm",
+    "update_norm",
+)
+
+GATE_SPARSITY_THRESHOLD = 0.1
+GATE_HISTOGRAM_BINS = 10  # equal bins over [0, 1] of sigmoid(gate)
+
+SEVERITIES: tuple[str, ...] = ("info", "warning", "critical")
+ACTIONS: tuple[str, ...] = ("log", "alert", "skip_step", "lr_backoff", "rollback", "abort")
+
+TENSORBOARD_PREFIX = "stability/"
+PROMETHEUS_PREFIX = "megatron_gate_"
+
+
+def tensorboard_tag(metric: str, layer: int | None = None) -> str:
+    """`stability/loss`, or `stability/layer_03/max_abs_residual` for per-layer metrics."""
+    if layer is None:
+        return f"{TENSORBOARD_PREFIX}{metric}"
+    return f"{TENSORBOARD_PREFIX}layer_{layer:02d}/{metric}"
+
+
+def prometheus_name(metric: str) -> str:
+    """Gauge name of a scalar or per-layer metric (per-layer gauges carry a `layer` label)."""
+    return f"{PROMETHEUS_PREFIX}{metric}"
+
+
+PROMETHEUS_EVENTS_TOTAL = f"{PROMETHEUS_PREFIX}events_total"  # counter; labels detector, severity
+PROMETHEUS_LAST_STEP = f"{PROMETHEUS_PREFIX}step"
