@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from megatron.core import parallel_state
@@ -32,7 +33,10 @@ GateObserver = Callable[["GatedSelfAttention", torch.Tensor], None]
 
 def validate_gate_setup(config: TransformerConfig, gate: GateConfig, tp_size: int) -> None:
     """Raise a `GateConfigError` naming the field and the fix for a model that cannot be gated."""
-    heads, groups = config.num_attention_heads, config.num_query_groups or config.num_attention_heads
+    heads, groups = (
+        config.num_attention_heads,
+        config.num_query_groups or config.num_attention_heads,
+    )
     if getattr(config, "multi_latent_attention", False):
         raise GateConfigError(
             "multi_latent_attention=True: MLA cannot be gated by megatron-gate; "
@@ -132,7 +136,10 @@ class GatedSelfAttention(SelfAttention):
         """Boolean `[total_rows]` mask of the given segments of every query group."""
         sizes = self.qkv_layout.segment_sizes
         group = torch.cat(
-            [torch.full((size,), name in segments, dtype=torch.bool) for name, size in sizes.items()]
+            [
+                torch.full((size,), name in segments, dtype=torch.bool)
+                for name, size in sizes.items()
+            ]
         )
         return group.repeat(self.qkv_layout.num_query_groups)
 
@@ -200,7 +207,9 @@ class GatedSelfAttention(SelfAttention):
         if ranks_per_group == 1:
             return mixed_qkv
         # [sq, b, group_rows / ranks_per_group] -> [sq, b, total_rows] -> [sq, b, group_rows]
-        full = all_gather_last_dim_from_tensor_parallel_region(mixed_qkv, group=self.pg_collection.tp)
+        full = all_gather_last_dim_from_tensor_parallel_region(
+            mixed_qkv, group=self.pg_collection.tp
+        )
         group = get_pg_rank(self.pg_collection.tp) // ranks_per_group
         rows = self.qkv_layout.group_rows
         return full[..., group * rows : (group + 1) * rows]

@@ -55,9 +55,7 @@ class GateConfig:
                 f"GateConfig.backend={self.backend!r} is unknown; use one of {', '.join(BACKENDS)}."
             )
         if not isinstance(self.gate_bias, bool):
-            raise GateConfigError(
-                f"GateConfig.gate_bias={self.gate_bias!r} must be True or False."
-            )
+            raise GateConfigError(f"GateConfig.gate_bias={self.gate_bias!r} must be True or False.")
         if self.fp8_alignment < 1:
             raise GateConfigError(
                 f"GateConfig.fp8_alignment={self.fp8_alignment} must be a positive integer (16 for FP8)."

@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 import socket
 import traceback
+from collections.abc import Callable
 from contextlib import closing
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -69,7 +70,9 @@ def _entry(rank: int, world_size: int, port: int, worker: Worker, payload: Any, 
             dist.destroy_process_group()
 
 
-def launch(worker: Worker, *, world_size: int = 2, payload: Any = None, timeout: float = 600) -> list[Any]:
+def launch(
+    worker: Worker, *, world_size: int = 2, payload: Any = None, timeout: float = 600
+) -> list[Any]:
     """Run `worker(rank, world_size, payload)` on `world_size` gloo ranks; return results by rank."""
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     context = mp.get_context("spawn")

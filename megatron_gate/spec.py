@@ -51,7 +51,9 @@ def gate_spec(spec: ModuleSpec, gate: GateConfig | None = None) -> ModuleSpec:
     layer_specs = getattr(submodules, "layer_specs", None)
     if layer_specs is not None:  # TransformerBlockSubmodules (e.g. MoE / heterogeneous blocks)
         gated = [gate_spec(layer, gate) for layer in layer_specs]
-        return dataclasses.replace(spec, submodules=dataclasses.replace(submodules, layer_specs=gated))
+        return dataclasses.replace(
+            spec, submodules=dataclasses.replace(submodules, layer_specs=gated)
+        )
     attention = getattr(submodules, "self_attention", None)
     if not isinstance(attention, ModuleSpec):
         raise GateConfigError(
@@ -109,9 +111,7 @@ def _megatron_default_spec(config: Any, vp_stage: int | None) -> ModuleSpec:
 
 
 def _spec_for_config(config: Any, vp_stage: int | None, granularity: str) -> ModuleSpec:
-    gate = GateConfig(
-        granularity=granularity, gate_bias=bool(getattr(config, "gate_bias", False))
-    )
+    gate = GateConfig(granularity=granularity, gate_bias=bool(getattr(config, "gate_bias", False)))
     return gate_spec(_megatron_default_spec(config, vp_stage), gate)
 
 
