@@ -1,0 +1,468 @@
+"""Train small Megatron-Core GPTs, baseline or gated, on the same data with the same seed.
+
+    config = TrainConfig(layers=4, hidden=128, lr=1e-2, steps=300)
+    results = train_runs(config, [VARIANTS["baseline"], VARIANTS["gated_headwise"]],
+                         data=None, out_dir=Path("demo-out"))
+
+Each run gets `out_dir/<variant>/` holding `stability.jsonl` (the monitor schema), `tensorboard/`
+and `checkpoint/` (the last one, replaced atomically). On the CPU the model runs through
+`megatron_gate.cpu`; `tp > 1` spawns one gloo process per tensor-parallel rank
+(`megatron_gate.distributed.launch`). On a GPU, Transformer Engine layers are used when present.
+Ctrl-C stops the current run cleanly: its last checkpoint and JSONL stay whole, its status is
+"interrupted", and later runs are skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_gate.demo.data import BatchSampler, Corpus, load_corpus, validation_batches
+from megatron_gate.demo.metrics import StabilityRecorder
+
+FINAL_LOSS_WINDOW = 10  # final train loss = mean of the last this-many steps
+
+
+@dataclass(frozen=True, kw_only=True)
+class Variant:
+    """One attention architecture of the comparison."""
+
+    name: str
+    """Run directory name and label in the report."""
+    granularity: str | None = None
+    """Gate granularity ("headwise" | "elementwise"), or None for no gate."""
+    qk_layernorm: bool = False
+    """LayerNorm on queries and keys (Wortsman et al.'s fix for attention-logit growth)."""
+
+    @property
+    def gated(self) -> bool:
+        return self.granularity is not None
+
+
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in (
+        Variant(name="baseline"),
+        Variant(name="qk_layernorm", qk_layernorm=True),
+        Variant(name="gated_headwise", granularity="headwise"),
+        Variant(name="gated_elementwise", granularity="elementwise"),
+        Variant(name="gated_qk_layernorm", granularity="headwise", qk_layernorm=True),
+    )
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Model size, optimiser and logging settings shared by every run of a comparison."""
+
+    layers: int = 4
+    hidden: int = 128
+    heads: int = 4
+    seq_len: int = 128
+    batch_size: int = 8
+    steps: int = 300
+    lr: float = 1e-2
+    """Peak learning rate (linear warm-up, then cosine decay to `min_lr_ratio * lr`)."""
+    warmup_steps: int | None = None
+    """Default: 5% of `steps`."""
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta2: float = 0.95
+    clip_grad: float = 0.0
+    """Global grad-norm clip; 0 (the demo's default) shows the raw instability."""
+    seed: int = 1234
+    tp: int = 1
+    log_interval: int = 10
+    """Per-layer metrics every this-many steps (and on step 1)."""
+    eval_interval: int = 50
+    eval_batches: int = 4
+    checkpoint_interval: int = 100
+    write_checkpoints: bool = True
+
+    @property
+    def warmup(self) -> int:
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return max(1, self.steps // 20)
+
+    def learning_rate(self, step: int) -> float:
+        """LR at 1-based `step`."""
+        if step <= self.warmup:
+            return self.lr * step / self.warmup
+        progress = (step - self.warmup) / max(1, self.steps - self.warmup)
+        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * cosine)
+
+
+@dataclass(kw_only=True)
+class RunResult:
+    """What one run did (also readable back from its directory)."""
+
+    name: str
+    run_dir: str
+    status: str
+    steps_done: int
+    initial_loss: float = float("nan")
+    final_train_loss: float = float("nan")
+    final_validation_loss: float = float("nan")
+    spikes: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+class StopTraining(Exception):
+    """Raised by a run interrupted with Ctrl-C so that no later run starts."""
+
+
+# ---------------------------------------------------------------------- model
+def layer_spec(variant: Variant, *, backend: str) -> Any:
+    """Megatron's GPT layer spec for `backend`, gated per `variant`."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    from megatron_gate.spec import gated_gpt_layer_spec
+
+    if variant.gated:
+        return gated_gpt_layer_spec(
+            granularity=variant.granularity, backend=backend, qk_layernorm=variant.qk_layernorm
+        )
+    if backend == "te":
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            qk_layernorm=variant.qk_layernorm
+        )
+    return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=variant.qk_layernorm)
+
+
+def build_model(
+    config: TrainConfig, variant: Variant, *, vocab_size: int, device: torch.device
+) -> torch.nn.Module:
+    """The variant's GPT, initialised from `config.seed` (same data order for every variant)."""
+    from megatron_gate.backends import resolve_backend
+    from megatron_gate.distributed import init_model_parallel
+    from megatron_gate.tiny_gpt import build_gpt, tiny_config
+
+    backend = resolve_backend("auto") if device.type == "cuda" else "local"
+    init_model_parallel(tp=config.tp, seed=config.seed)
+    model_config = tiny_config(
+        num_layers=config.layers,
+        hidden_size=config.hidden,
+        num_attention_heads=config.heads,
+        num_query_groups=config.heads,
+        ffn_hidden_size=4 * config.hidden,
+        tensor_model_parallel_size=config.tp,
+        qk_layernorm=variant.qk_layernorm,
+    )
+    model = build_gpt(
+        model_config,
+        layer_spec(variant, backend=backend),
+        vocab_size=vocab_size,
+        max_sequence_length=config.seq_len,
+    )
+    return model.to(device)
+
+
+def model_info(config: TrainConfig, variant: Variant, *, device: torch.device) -> dict[str, Any]:
+    """The `model` field of the monitor's `run_start` record."""
+    return {
+        "num_layers": config.layers,
+        "gated_layers": list(range(1, config.layers + 1)) if variant.gated else [],
+        "granularity": variant.granularity,
+        "qk_layernorm": variant.qk_layernorm,
+        "backend": "te" if device.type == "cuda" else "local",
+        "hidden_size": config.hidden,
+        "num_attention_heads": config.heads,
+        "tensor_model_parallel_size": config.tp,
+        "pipeline_model_parallel_size": 1,
+    }
+
+
+# ---------------------------------------------------------------------- optimisation
+def grad_norm(model: torch.nn.Module) -> torch.Tensor:
+    """Global L2 grad norm: TP-sharded params summed over ranks, replicated ones counted once."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+    squares = torch.zeros((), dtype=torch.float64)
+    for param in model.parameters():
+        if param.grad is not None and param_is_not_tensor_parallel_duplicate(param):
+            squares += param.grad.detach().double().pow(2).sum().cpu()
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        dist.all_reduce(squares, group=parallel_state.get_tensor_model_parallel_group())
+    return squares.sqrt()
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; biases and norm weights (1-D) get no weight decay."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, config.beta2), eps=1e-8)
+
+
+def token_loss(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of a `[b, s]` batch."""
+    from megatron_gate.tiny_gpt import causal_mask, position_ids
+
+    batch, seq_len = tokens.shape
+    device = next(model.parameters()).device
+    # TE builds its own causal mask on the GPU; the local attention needs an explicit one.
+    mask = None if device.type == "cuda" else causal_mask(seq_len)
+    losses = model(
+        tokens.to(device), position_ids(batch, seq_len).to(device), mask, labels=labels.to(device)
+    )
+    return losses.float().mean()
+
+
+@torch.no_grad()
+def validation_loss(
+    model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]
+) -> float:
+    model.eval()
+    try:
+        return sum(float(token_loss(model, x, y)) for x, y in batches) / len(batches)
+    finally:
+        model.train()
+
+
+# ---------------------------------------------------------------------- checkpoints
+def save_checkpoint(
+    run_dir: Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    rank: int,
+    meta: dict[str, Any],
+) -> Path:
+    """Write `checkpoint/tp_rank_XX.pt` (and `meta.json` on rank 0) atomically."""
+    folder = run_dir / "checkpoint"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"tp_rank_{rank:02d}.pt"
+    state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict()}
+    _atomic_write(path, lambda tmp: torch.save(state, tmp))
+    if rank == 0:
+        text = json.dumps({**meta, "step": step}, indent=2)
+        _atomic_write(folder / "meta.json", lambda tmp: tmp.write_text(text))
+    return path
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------- progress
+class Progress:
+    """One stderr line per run, redrawn in place on a terminal, every 10% otherwise."""
+
+    def __init__(self, label: str, total: int, *, enabled: bool = True) -> None:
+        self.label, self.total, self.enabled = label, total, enabled
+        self.start = time.time()
+        self.tty = sys.stderr.isatty()
+        self._last_decile = -1
+
+    def update(self, step: int, **values: float) -> None:
+        if not self.enabled:
+            return
+        decile = 10 * step // self.total
+        if not self.tty and decile == self._last_decile and step != self.total:
+            return
+        self._last_decile = decile
+        elapsed = time.time() - self.start
+        rate = step / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - step) / rate if rate > 0 else 0.0
+        filled = int(24 * step / self.total)
+        bar = "#" * filled + "." * (24 - filled)
+        shown = " ".join(f"{k} {v:.3g}" for k, v in values.items())
+        line = (
+            f"{self.label:>20} [{bar}] {step}/{self.total} {shown} | {rate:.1f} it/s eta {eta:.0f}s"
+        )
+        sys.stderr.write(("\r" + line) if self.tty else (line + "\n"))
+        sys.stderr.flush()
+
+    def close(self, status: str) -> None:
+        if self.enabled:
+            elapsed = time.time() - self.start
+            sys.stderr.write(
+                ("\n" if self.tty else "") + f"{self.label:>20} {status} in {elapsed:.0f}s\n"
+            )
+            sys.stderr.flush()
+
+
+# ---------------------------------------------------------------------- one run
+def train_variant(
+    config: TrainConfig,
+    variant: Variant,
+    corpus: Corpus,
+    *,
+    run_dir: Path,
+    rank: int = 0,
+    progress: bool = True,
+) -> RunResult:
+    """Train one variant; never raises for divergence (the run ends "aborted") or Ctrl-C."""
+    from megatron.core import parallel_state
+
+    device = _device(rank)
+    model = build_model(config, variant, vocab_size=corpus.vocab_size, device=device)
+    optimizer = build_optimizer(model, config)
+    batches = BatchSampler(
+        corpus.train, seq_len=config.seq_len, batch_size=config.batch_size, seed=config.seed
+    )
+    eval_set = validation_batches(
+        corpus.validation,
+        seq_len=config.seq_len,
+        batch_size=config.batch_size,
+        num_batches=config.eval_batches,
+    )
+    writer = rank == 0
+    recorder = StabilityRecorder(
+        model,
+        run_dir=run_dir,
+        run_name=variant.name,
+        model_info=model_info(config, variant, device=device),
+        config={
+            **dataclasses.asdict(config),
+            "variant": dataclasses.asdict(variant),
+            "data": corpus.name,
+        },
+        log_interval=config.log_interval,
+        tp_group=parallel_state.get_tensor_model_parallel_group(),
+        write=writer,
+    )
+    meta = {"variant": dataclasses.asdict(variant), "config": dataclasses.asdict(config)}
+    bar = Progress(variant.name, config.steps, enabled=progress and writer)
+    result = RunResult(name=variant.name, run_dir=str(run_dir), status="failed", steps_done=0)
+    start, losses, step = time.time(), [], 0
+    try:
+        for step in range(1, config.steps + 1):
+            lr = config.learning_rate(step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            tokens, labels = batches.next()
+            tick = time.time()
+            with recorder.observe(step):
+                loss = token_loss(model, tokens, labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            norm = float(grad_norm(model))
+            if config.clip_grad > 0 and norm > config.clip_grad:
+                for param in model.parameters():
+                    if param.grad is not None:
+                        param.grad.mul_(config.clip_grad / (norm + 1e-6))
+            loss_value = float(loss.detach())
+            finite = math.isfinite(loss_value) and math.isfinite(norm)
+            if finite:
+                optimizer.step()
+            scalars = {
+                "loss": loss_value,
+                "grad_norm": norm,
+                "learning_rate": lr,
+                "tokens_per_second": tokens.numel() / max(time.time() - tick, 1e-9),
+                "nan_or_inf": 0.0 if finite else 1.0,
+            }
+            recorder.record_step(step, scalars=scalars)
+            losses.append(loss_value)
+            result.steps_done = step
+            if step == 1:
+                result.initial_loss = loss_value
+            if not finite:
+                result.status = "aborted"
+                break
+            if step % config.eval_interval == 0 or step == config.steps:
+                val = validation_loss(model, eval_set)
+                recorder.record_validation(step, val)
+                result.final_validation_loss = val
+            if config.write_checkpoints and step % config.checkpoint_interval == 0:
+                save_checkpoint(
+                    run_dir, model=model, optimizer=optimizer, step=step, rank=rank, meta=meta
+                )
+            bar.update(step, loss=loss_value, grad_norm=norm)
+        else:
+            result.status = "completed"
+    except KeyboardInterrupt:
+        result.status = "interrupted"
+    finally:
+        if (
+            result.status in ("completed", "interrupted")
+            and config.write_checkpoints
+            and result.steps_done
+        ):
+            save_checkpoint(
+                run_dir,
+                model=model,
+                optimizer=optimizer,
+                step=result.steps_done,
+                rank=rank,
+                meta=meta,
+            )
+        recorder.close(result.status, step=result.steps_done)
+        bar.close(result.status)
+    finite_losses = [v for v in losses[-FINAL_LOSS_WINDOW:] if math.isfinite(v)]
+    if result.status != "aborted" and finite_losses:
+        result.final_train_loss = sum(finite_losses) / len(finite_losses)
+    result.spikes = dict(recorder.spikes)
+    result.seconds = time.time() - start
+    return result
+
+
+def _device(rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+# ---------------------------------------------------------------------- several runs
+@dataclass(frozen=True, kw_only=True)
+class RunPlan:
+    """Everything a worker process needs to train a list of runs (picklable)."""
+
+    config: TrainConfig
+    runs: list[tuple[Variant, TrainConfig, str]]
+    """(variant, config for this run, run directory) in order."""
+    data: str | None
+    progress: bool = True
+
+
+def run_plan(plan: RunPlan, *, rank: int = 0) -> list[RunResult]:
+    """Train the plan's runs in order on this rank; stop after an interrupted one."""
+    corpus = load_corpus(plan.data)
+    results = []
+    for variant, config, run_dir in plan.runs:
+        result = train_variant(
+            config, variant, corpus, run_dir=Path(run_dir), rank=rank, progress=plan.progress
+        )
+        results.append(result)
+        if result.status == "interrupted":
+            break
+    return results
+
+
+def plan_worker(rank: int, world_size: int, plan: RunPlan) -> list[RunResult]:
+    """`launch` entry point: one tensor-parallel rank of every run."""
+    del world_size
+    return run_plan(plan, rank=rank)
+
+
+def execute(plan: RunPlan) -> list[RunResult]:
+    """Run the plan in this process (tp 1) or on `tp` spawned gloo ranks; rank 0's results."""
+    from megatron_gate.distributed import free_port, init_process_group, launch
+
+    if plan.config.tp > 1:
+        return launch(plan_worker, world_size=plan.config.tp, payload=plan, timeout=24 * 3600)[0]
+    if not dist.is_initialized():
+        os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+        init_process_group(0, 1, free_port())
+    return run_plan(plan)
