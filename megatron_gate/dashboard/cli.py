@@ -1,0 +1,162 @@
+"""`megatron-gate dashboard RUN_DIR [RUN_DIR ...]`: a live page over the monitor's JSONL.
+
+megatron-gate dashboard runs/baseline runs/gated            # http://127.0.0.1:8765/
+megatron-gate dashboard runs/ --port 0                      # every run under runs/, any free port
+megatron-gate dashboard runs/baseline --export report.html  # one self-contained file, no server
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from megatron_gate.monitor.schema import JSONL_NAME
+
+if TYPE_CHECKING:
+    from megatron_gate.dashboard.store import RunStore
+
+DEFAULT_PORT = 8765
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `dashboard` command's arguments."""
+    parser.add_argument(
+        "run_dirs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help=f"a run directory holding {JSONL_NAME}, or a directory of such run directories",
+    )
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes the page)",
+    )
+    parser.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: any free)"
+    )
+    parser.add_argument(
+        "--export",
+        metavar="REPORT.html",
+        type=Path,
+        help="write the dashboard as one self-contained HTML file and exit (no server)",
+    )
+
+
+class DashboardArgumentError(ValueError):
+    """A bad command-line value, found before anything is read or served."""
+
+
+def _check(args: argparse.Namespace) -> list[Path]:
+    from megatron_gate.dashboard.store import find_run_dirs
+
+    for raw in args.run_dirs:
+        path = Path(raw)
+        if not path.is_dir():
+            what = "is not a directory" if path.exists() else "does not exist"
+            raise DashboardArgumentError(
+                f"RUN_DIR {raw!r} {what}; pass the directory the monitor writes {JSONL_NAME} into"
+            )
+    if not 0 <= args.port <= 65535:
+        raise DashboardArgumentError(
+            f"--port {args.port} is out of range; use 0-65535 (0: any free)"
+        )
+    run_dirs = find_run_dirs(args.run_dirs)
+    if args.export is not None:
+        if args.export.is_dir():
+            raise DashboardArgumentError(f"--export {args.export} is a directory; give a file name")
+        if not args.export.parent.resolve().is_dir():
+            raise DashboardArgumentError(
+                f"--export {args.export}: directory {args.export.parent} does not exist"
+            )
+        missing = [str(d) for d in run_dirs if not (d / JSONL_NAME).is_file()]
+        if missing:
+            raise DashboardArgumentError(
+                f"nothing to export: no {JSONL_NAME} in {', '.join(missing)}"
+            )
+    return run_dirs
+
+
+def run_names(run_dirs: list[Path]) -> list[str]:
+    """Short unique names: the directory name, with its parent's where two would clash."""
+    names = [d.resolve().name for d in run_dirs]
+    clashing = {n for n in names if names.count(n) > 1}
+    names = [
+        f"{d.resolve().parent.name}/{n}" if n in clashing else n
+        for d, n in zip(run_dirs, names, strict=True)
+    ]
+    if len(set(names)) != len(names):
+        raise DashboardArgumentError(f"two RUN_DIRs name the same run: {sorted(names)}")
+    return [n.replace("/", "-") for n in names]  # names appear in /runs/NAME/ URLs
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve the dashboard until Ctrl-C, or write `--export` and return."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        run_dirs = _check(args)
+        names = run_names(run_dirs)
+    except DashboardArgumentError as error:
+        print(f"megatron-gate dashboard: error: {error}", file=sys.stderr)
+        return 2
+    from megatron_gate.dashboard.store import RunStore, load_run
+
+    if args.export is not None:
+        from megatron_gate.dashboard.export import export_html
+
+        stores = [load_run(d, name=n) for d, n in zip(run_dirs, names, strict=True)]
+        path = export_html(stores, args.export)
+        for store in stores:
+            _report_skipped(store)
+        print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, opens without network)")
+        return 0
+    from megatron_gate.dashboard.server import Dashboard, DashboardHTTPServer
+
+    dashboard = Dashboard([RunStore(d, name=n) for d, n in zip(run_dirs, names, strict=True)])
+    dashboard.start_polling()
+    try:
+        server = DashboardHTTPServer(dashboard, host=args.host, port=args.port)
+    except OSError as error:
+        dashboard.stop_polling()
+        print(
+            f"megatron-gate dashboard: error: cannot bind {args.host}:{args.port}: {error}; "
+            "pick another --port (0: any free)",
+            file=sys.stderr,
+        )
+        return 2
+    if not _is_loopback(args.host):
+        print(
+            f"WARNING: --host {args.host} serves the page (and the runs' files) to other "
+            "machines; there is no authentication",
+            file=sys.stderr,
+        )
+    print(
+        f"stability dashboard for {', '.join(names)} at {server.url}  (Ctrl-C to stop)", flush=True
+    )
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        dashboard.stop_polling()
+    return 0
+
+
+def _report_skipped(store: RunStore) -> None:
+    if store.tail.skipped_total:
+        print(
+            f"{store.name}: {store.tail.skipped_total} malformed line(s) skipped", file=sys.stderr
+        )

@@ -1,0 +1,110 @@
+"""Tail a growing JSONL file: complete lines only, bad lines skipped and counted.
+
+A writer may be in the middle of a line when we read, so a line without its trailing newline is
+held back until the next poll (or, with `final=True`, counted as truncated). A line that is not a
+JSON object with a known `kind` is skipped; a warning names the file, line and reason, and the
+per-reason counts are kept for the page to show.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from megatron_gate.monitor.schema import RECORD_KINDS, SCHEMA
+
+log = logging.getLogger(__name__)
+
+_SCHEMA_FAMILY = SCHEMA.rsplit("/", 1)[0] + "/"  # "megatron-gate.stability/"
+_MAX_WARNINGS = 20  # per file: a corrupt file must not flood the console
+
+
+class JsonlTail:
+    """Incremental reader of one JSONL file; `poll()` returns the records added since the last call."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self.skipped: Counter[str] = Counter()
+        self.records_read = 0
+        self._offset = 0
+        self._line_number = 0
+        self._pending = b""  # bytes of a line whose newline has not been written yet
+        self._file_id: tuple[int, int] | None = None
+
+    @property
+    def skipped_total(self) -> int:
+        return sum(self.skipped.values())
+
+    def poll(self, *, final: bool = False) -> list[dict[str, Any]]:
+        """Read what was appended since the last poll. `final=True`: a last unterminated line counts."""
+        data = self._read_new_bytes()
+        lines = (self._pending + data).split(b"\n")
+        self._pending = lines.pop()  # b"" when the data ended with a newline
+        if final and self._pending.strip():
+            lines.append(self._pending)
+            self._pending = b""
+        records = list(self._parse(lines))
+        self.records_read += len(records)
+        return records
+
+    def _read_new_bytes(self) -> bytes:
+        try:
+            with open(self.path, "rb") as f:
+                stat = os.fstat(f.fileno())
+                file_id = (stat.st_dev, stat.st_ino)
+                if file_id != self._file_id or stat.st_size < self._offset:
+                    # A new file under the same name (rotated, or the run restarted): start over.
+                    # Records already read stay; the store deduplicates steps.
+                    if self._file_id is not None:
+                        log.warning(
+                            "%s was replaced or truncated; reading it from the start", self.path
+                        )
+                    self._file_id, self._offset, self._pending = file_id, 0, b""
+                f.seek(self._offset)
+                data = f.read()
+        except FileNotFoundError:
+            return b""
+        self._offset += len(data)
+        return data
+
+    def _parse(self, lines: list[bytes]) -> Iterator[dict[str, Any]]:
+        for raw in lines:
+            self._line_number += 1
+            if not raw.strip():
+                continue
+            record, reason = parse_record(raw)
+            if record is None:
+                self._skip(reason)
+                continue
+            yield record
+
+    def _skip(self, reason: str) -> None:
+        self.skipped[reason] += 1
+        total = self.skipped_total
+        if total <= _MAX_WARNINGS:
+            log.warning("%s line %d skipped: %s", self.path, self._line_number, reason)
+        if total == _MAX_WARNINGS:
+            log.warning("%s: further skipped lines are only counted", self.path)
+
+
+def parse_record(raw: bytes) -> tuple[dict[str, Any] | None, str]:
+    """One JSONL line -> (record, "") or (None, reason it was skipped)."""
+    try:
+        record = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None, "not valid JSON (truncated or corrupt line)"
+    if not isinstance(record, dict):
+        return None, "not a JSON object"
+    schema = record.get("schema")
+    if not isinstance(schema, str) or not schema.startswith(_SCHEMA_FAMILY):
+        return None, f"unknown schema {schema!r} (expected {SCHEMA})"
+    if record.get("kind") not in RECORD_KINDS:
+        return None, f"unknown kind {record.get('kind')!r} (expected one of {RECORD_KINDS})"
+    if record["kind"] != "run_start" and not isinstance(record.get("step"), int):
+        return None, f"{record['kind']} record without an integer 'step'"
+    return record, ""

@@ -1,0 +1,279 @@
+"""One run's monitor records as growing columns, and the downsampled view the page asks for."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from megatron_gate.dashboard.downsample import bucket_max, minmax_series, rounded
+from megatron_gate.dashboard.reader import JsonlTail
+from megatron_gate.monitor.schema import JSONL_NAME, SCALARS
+
+# Per-layer metrics kept at full resolution for the heatmaps (the others stay in the JSONL:
+# 128 layers x 100,000 steps x 4 bytes = 51 MB per metric).
+HEATMAP_METRICS: tuple[str, ...] = (
+    "max_abs_residual",
+    "first_token_attention_share",
+    "gate_sparsity",
+)
+# Scalars an event marker is drawn on, at the event's step.
+MARKED_SCALARS: tuple[str, ...] = ("loss", "grad_norm", "update_norm")
+MAX_EVENTS = 2000  # the newest events sent to the page; the count says how many there are
+
+
+class _Column:
+    """An append-only array that grows by doubling; `values` is a view of the filled part."""
+
+    def __init__(self, dtype: np.dtype | type, width: int | None = None) -> None:
+        self._shape_tail = () if width is None else (width,)
+        self._data = np.empty((1024, *self._shape_tail), dtype=dtype)
+        self._size = 0
+
+    @property
+    def values(self) -> np.ndarray:
+        return self._data[: self._size]
+
+    def extend(self, rows: np.ndarray) -> None:
+        need = self._size + len(rows)
+        if need > len(self._data):
+            grown = np.empty((max(need, 2 * len(self._data)), *self._shape_tail), self._data.dtype)
+            grown[: self._size] = self.values
+            self._data = grown
+        self._data[self._size : need] = rows
+        self._size = need
+
+    def truncate(self, size: int) -> None:
+        self._size = min(self._size, size)
+
+
+@dataclass
+class _Batch:
+    """Records of one poll, sorted into columns before they touch numpy."""
+
+    steps: list[int] = field(default_factory=list)
+    scalars: dict[str, list[float]] = field(default_factory=lambda: {m: [] for m in SCALARS})
+    layer_steps: list[int] = field(default_factory=list)
+    layers: dict[str, list[list[float]]] = field(
+        default_factory=lambda: {m: [] for m in HEATMAP_METRICS}
+    )
+
+
+def _float(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) else float("nan")
+
+
+def _layer_row(values: Any, num_layers: int) -> list[float]:
+    """A per-layer list (null for layers without the metric) as exactly `num_layers` floats."""
+    row = [_float(v) for v in values[:num_layers]] if isinstance(values, list) else []
+    return row + [float("nan")] * (num_layers - len(row))
+
+
+class RunStore:
+    """Everything the page shows about one run directory, updated by `refresh()`."""
+
+    def __init__(self, run_dir: Path | str, *, name: str | None = None) -> None:
+        self.run_dir = Path(run_dir)
+        self.name = name or self.run_dir.name
+        self.tail = JsonlTail(self.run_dir / JSONL_NAME)
+        self.start: dict[str, Any] = {}
+        self.end: dict[str, Any] | None = None
+        self.events: list[dict[str, Any]] = []
+        self.version = 0  # bumped whenever new records arrive; the page polls it
+        self.num_layers = 0
+        self._lock = threading.Lock()
+        self._steps = _Column(np.int64)
+        self._scalars = {m: _Column(np.float64) for m in SCALARS}
+        self._layer_steps = _Column(np.int64)
+        self._layers: dict[str, _Column] = {}
+
+    def refresh(self, *, final: bool = False) -> int:
+        """Read new lines of the JSONL; returns how many records arrived."""
+        records = self.tail.poll(final=final)
+        if records:
+            with self._lock:
+                self._ingest(records)
+                self.version += 1
+        return len(records)
+
+    def _ingest(self, records: Iterable[dict[str, Any]]) -> None:
+        batch = _Batch()
+        for record in records:
+            kind = record["kind"]
+            if kind == "step":
+                self._add_step(batch, record)
+            elif kind == "event":
+                self.events.append(record)
+            elif kind == "run_start":
+                self.start = record
+                self.end = None
+                self.num_layers = self.num_layers or int(
+                    record.get("model", {}).get("num_layers", 0)
+                )
+            else:
+                self.end = record
+        self._flush(batch)
+
+    def _add_step(self, batch: _Batch, record: dict[str, Any]) -> None:
+        step = record["step"]
+        last = batch.steps[-1] if batch.steps else self._last_step()
+        if last is not None and step <= last:
+            # The run went back (a rollback or a restart from a checkpoint): the new records
+            # replace the old ones from this step on.
+            self._flush(batch)
+            self._truncate_from(step)
+            batch.__init__()
+        scalars = record.get("scalars") or {}
+        batch.steps.append(step)
+        for metric in SCALARS:
+            batch.scalars[metric].append(_float(scalars.get(metric)))
+        layers = record.get("layers")
+        if isinstance(layers, dict):
+            if not self.num_layers:
+                self.num_layers = max(
+                    (len(v) for v in layers.values() if isinstance(v, list)), default=0
+                )
+            batch.layer_steps.append(step)
+            for metric in HEATMAP_METRICS:
+                batch.layers[metric].append(_layer_row(layers.get(metric), self.num_layers))
+
+    def _flush(self, batch: _Batch) -> None:
+        if batch.steps:
+            self._steps.extend(np.asarray(batch.steps, dtype=np.int64))
+            for metric, values in batch.scalars.items():
+                self._scalars[metric].extend(np.asarray(values, dtype=np.float64))
+        if batch.layer_steps:
+            self._layer_steps.extend(np.asarray(batch.layer_steps, dtype=np.int64))
+            for metric, rows in batch.layers.items():
+                column = self._layers.setdefault(metric, _Column(np.float32, self.num_layers))
+                column.extend(np.asarray(rows, dtype=np.float32).reshape(-1, self.num_layers))
+
+    def _last_step(self) -> int | None:
+        steps = self._steps.values
+        return int(steps[-1]) if len(steps) else None
+
+    def _truncate_from(self, step: int) -> None:
+        keep = int(np.searchsorted(self._steps.values, step, side="left"))
+        for column in (self._steps, *self._scalars.values()):
+            column.truncate(keep)
+        keep = int(np.searchsorted(self._layer_steps.values, step, side="left"))
+        for column in (self._layer_steps, *self._layers.values()):
+            column.truncate(keep)
+
+    def summary(self) -> dict[str, Any]:
+        """Small per-run facts for the status poll and the page's header."""
+        with self._lock:
+            steps = self._steps.values
+            model = self.start.get("model", {}) if self.start else {}
+            return {
+                "name": self.name,
+                "version": self.version,
+                "num_layers": self.num_layers,
+                "gated_layers": model.get("gated_layers"),
+                "granularity": model.get("granularity"),
+                "first_step": int(steps[0]) if len(steps) else None,
+                "last_step": int(steps[-1]) if len(steps) else None,
+                "steps_logged": len(steps),
+                "events": len(self.events),
+                "status": (self.end or {}).get("status", "running" if self.start else "waiting"),
+                "skipped_lines": self.tail.skipped_total,
+                "skipped_reasons": dict(self.tail.skipped),
+            }
+
+    def view(
+        self,
+        *,
+        start: float | None = None,
+        end: float | None = None,
+        points: int = 1000,
+        heatmap_buckets: int = 400,
+    ) -> dict[str, Any]:
+        """Steps in [start, end], downsampled to about `points` line points and `heatmap_buckets` columns."""
+        with self._lock:
+            lo, hi = _index_range(self._steps.values, start, end)
+            steps = self._steps.values[lo:hi]
+            scalars = {}
+            for metric in SCALARS:
+                values = self._scalars[metric].values[lo:hi]
+                if np.isnan(values).all():
+                    continue  # not logged by this run
+                x, y = minmax_series(steps, values, points)
+                scalars[metric] = {"x": x.tolist(), "y": rounded(y)}
+            lo, hi = _index_range(self._layer_steps.values, start, end)
+            heatmaps = {}
+            for metric, column in self._layers.items():
+                matrix = column.values[lo:hi]
+                if not len(matrix) or np.isnan(matrix).all():
+                    continue
+                x, z = bucket_max(self._layer_steps.values[lo:hi], matrix, heatmap_buckets)
+                heatmaps[metric] = {
+                    "x": x.tolist(),
+                    "z": [rounded(row, digits=4) for row in z.T],  # [layers][buckets]
+                }
+            events = [_event_view(e, self._steps.values, self._scalars) for e in self.events]
+        in_range = [e for e in events if _within(e["step"], start, end)]
+        return {
+            "name": self.name,
+            "scalars": scalars,
+            "heatmaps": heatmaps,
+            "events": in_range[-MAX_EVENTS:],
+            "events_in_range": len(in_range),
+        }
+
+
+def _index_range(steps: np.ndarray, start: float | None, end: float | None) -> tuple[int, int]:
+    lo = 0 if start is None else int(np.searchsorted(steps, start, side="left"))
+    hi = len(steps) if end is None else int(np.searchsorted(steps, end, side="right"))
+    return lo, hi
+
+
+def _within(step: int, start: float | None, end: float | None) -> bool:
+    return (start is None or step >= start) and (end is None or step <= end)
+
+
+def _event_view(
+    event: dict[str, Any], steps: np.ndarray, scalars: dict[str, _Column]
+) -> dict[str, Any]:
+    """An event's fields plus the marked scalars' values at its step (where its marker sits)."""
+    keys = ("step", "time", "detector", "severity", "metric", "value", "threshold", "layer")
+    view = {k: event.get(k) for k in keys} | {
+        "action": event.get("action", "log"),
+        "message": event.get("message", ""),
+    }
+    index = int(np.searchsorted(steps, event["step"], side="right")) - 1
+    view["at"] = {
+        metric: (rounded(scalars[metric].values[index : index + 1])[0] if index >= 0 else None)
+        for metric in MARKED_SCALARS
+    }
+    for key in ("value", "threshold"):
+        if isinstance(view[key], float):
+            view[key] = rounded(np.array([view[key]]))[0]
+    return view
+
+
+def load_run(run_dir: Path | str, *, name: str | None = None) -> RunStore:
+    """A store holding everything written so far (a last unterminated line counts as truncated)."""
+    store = RunStore(run_dir, name=name)
+    store.refresh(final=True)
+    return store
+
+
+def find_run_dirs(paths: Iterable[Path | str]) -> list[Path]:
+    """Run directories from the command line: each path itself, or its sub-directories holding runs.
+
+    A path that holds no JSONL itself but has sub-directories that do (e.g. a demo's output with
+    `baseline/` and `gated/`) stands for those. A path without any JSONL yet is kept: the run may
+    not have started writing.
+    """
+    found: list[Path] = []
+    for path in map(Path, paths):
+        children = sorted(p.parent for p in path.glob(f"*/{JSONL_NAME}"))
+        if not (path / JSONL_NAME).exists() and children:
+            found.extend(children)
+        else:
+            found.append(path)
+    return found
