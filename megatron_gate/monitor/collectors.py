@@ -1,0 +1,460 @@
+"""Collectors: measure on the device, never read back to the host.
+
+- `LayerCollector`: forward hooks on Megatron `TransformerLayer`s (residual stream = the layer
+  output), their `self_attention` and `mlp` outputs, the gate observers of `GatedSelfAttention`,
+  and the attention-sink probe (a forward pre-hook on `self_attention.core_attention`, which
+  sees query and key after RoPE). Hooks are registered by `arm()` on per-layer steps only and
+  removed by `disarm()`: other steps pay nothing.
+- `ParameterCollector`: per-layer gradient and update sums of squares.
+- `ScalarBuffer`: per-step scalars written into a device buffer (no `.item()`), read once per
+  log interval.
+
+Everything is accumulated as (max, sum of squares, count) so that microbatches, tensor-parallel
+replicas, sequence shards and data-parallel ranks combine with one max and one sum.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from megatron_gate.monitor import schema
+from megatron_gate.monitor.probe import probe_attention, sample_positions
+from megatron_gate.monitor.reduction import PackLayout
+
+logger = logging.getLogger(__name__)
+
+ACTIVATIONS = ("residual", "attention_output", "mlp_output")
+
+
+# ---------------------------------------------------------------------- rank position
+@dataclass(frozen=True, kw_only=True)
+class RankPosition:
+    """Where this rank sits in the model-parallel grid (what it must not double count)."""
+
+    tensor_parallel_rank: int = 0
+    data_parallel_rank: int = 0
+    context_parallel_size: int = 1
+
+    @property
+    def is_replica_owner(self) -> bool:
+        """Gradients and parameters are identical across DP/CP replicas: count them on one."""
+        return self.data_parallel_rank == 0
+
+
+def rank_position(*, data_parallel_rank: int | None = None) -> RankPosition:
+    """Read Megatron's parallel state (or the default group when Megatron's is not set up)."""
+    import torch.distributed as dist
+
+    try:
+        from megatron.core import parallel_state
+
+        if parallel_state.model_parallel_is_initialized():
+            return RankPosition(
+                tensor_parallel_rank=parallel_state.get_tensor_model_parallel_rank(),
+                data_parallel_rank=(
+                    data_parallel_rank
+                    if data_parallel_rank is not None
+                    else parallel_state.get_data_parallel_rank(with_context_parallel=True)
+                ),
+                context_parallel_size=parallel_state.get_context_parallel_world_size(),
+            )
+    except ImportError:  # plain PyTorch without megatron-core
+        pass
+    if data_parallel_rank is None:
+        data_parallel_rank = dist.get_rank() if dist.is_initialized() else 0
+    return RankPosition(data_parallel_rank=data_parallel_rank)
+
+
+# ---------------------------------------------------------------------- layer discovery
+def find_layers(models: Iterable[torch.nn.Module]) -> dict[int, torch.nn.Module]:
+    """Transformer layers by their global 1-based `layer_number` (pipeline-stage aware)."""
+    layers: dict[int, torch.nn.Module] = {}
+    for model in models:
+        for module in model.modules():
+            number = getattr(module, "layer_number", None)
+            if isinstance(number, int) and hasattr(module, "self_attention"):
+                layers[number] = module
+    return dict(sorted(layers.items()))
+
+
+def total_layers(models: Sequence[torch.nn.Module], layers: dict[int, torch.nn.Module]) -> int:
+    """The model's total layer count (all pipeline stages), from its config when it has one."""
+    for model in models:
+        config = getattr(model, "config", None) or getattr(
+            getattr(model, "module", None), "config", None
+        )
+        if getattr(config, "num_layers", None):
+            return max(int(config.num_layers), max(layers, default=0))
+    return max(layers, default=0)
+
+
+def _output_tensor(output: Any) -> torch.Tensor | None:
+    """Megatron modules return `(output, bias)` or `(hidden, context)`: the first, bias added."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        bias = output[1] if len(output) > 1 else None
+        if isinstance(bias, torch.Tensor) and bias.shape[-1:] == output[0].shape[-1:]:
+            return output[0] + bias
+        return output[0]
+    return None
+
+
+# ---------------------------------------------------------------------- accumulators
+class Accumulator:
+    """Running (max, sum, count) per key; max and sum stay on the device."""
+
+    def __init__(self) -> None:
+        self.maximum: dict[Any, torch.Tensor] = {}
+        self.total: dict[Any, torch.Tensor] = {}
+        self.count: dict[Any, float] = {}
+
+    def add(
+        self,
+        key: Any,
+        *,
+        maximum: torch.Tensor | None = None,
+        total: torch.Tensor | None = None,
+        count: float = 0.0,
+    ) -> None:
+        """Fold one observation in (max by max, total and count by sum)."""
+        if maximum is not None:
+            maximum = maximum.detach().float()
+            previous = self.maximum.get(key)
+            self.maximum[key] = maximum if previous is None else torch.maximum(previous, maximum)
+        if total is not None:
+            total = total.detach().float()
+            previous = self.total.get(key)
+            self.total[key] = total if previous is None else previous + total
+        self.count[key] = self.count.get(key, 0.0) + count
+
+    def clear(self) -> None:
+        """Forget everything."""
+        self.maximum.clear()
+        self.total.clear()
+        self.count.clear()
+
+
+def _per_layer(
+    values: dict[Any, torch.Tensor],
+    keys: Sequence[Any],
+    neutral: float,
+    device: torch.device,
+) -> torch.Tensor:
+    """`[len(keys)]` (or `[len(keys), n]`) tensor of `values[key]`, `neutral` where missing."""
+    present = [values[key] for key in keys if key in values]
+    if not present:
+        return torch.full((len(keys),), neutral, device=device)
+    filler = torch.full_like(present[0], neutral)
+    return torch.stack([values.get(key, filler) for key in keys])
+
+
+# ---------------------------------------------------------------------- layer collector
+class LayerCollector:
+    """Activation, gate and attention-sink statistics of the transformer layers on this rank."""
+
+    def __init__(
+        self,
+        layers: dict[int, torch.nn.Module],
+        *,
+        num_layers: int,
+        probe_queries: int,
+        position: RankPosition,
+    ) -> None:
+        self.layers = layers
+        self.num_layers = num_layers
+        self.probe_queries = probe_queries if position.context_parallel_size == 1 else 0
+        self.stats = Accumulator()
+        self.gate_histogram: dict[int, torch.Tensor] = {}
+        self._handles: list[Any] = []
+        self._observers: list[tuple[list, Any]] = []
+        if probe_queries and position.context_parallel_size > 1:
+            logger.warning(
+                "stability monitor: the attention-sink probe is off with context parallelism "
+                "(each rank holds only a chunk of the keys); first_token_attention_share and "
+                "max_attention_logit are reported as null."
+            )
+
+    @property
+    def armed(self) -> bool:
+        """Whether hooks are registered now."""
+        return bool(self._handles or self._observers)
+
+    def arm(self) -> None:
+        """Register the hooks (a per-layer step begins)."""
+        if self.armed:
+            return
+        self.stats.clear()
+        self.gate_histogram.clear()
+        for number, layer in self.layers.items():
+            self._handles.append(
+                layer.register_forward_hook(self._activation_hook(number, "residual"))
+            )
+            for name, kind in (("self_attention", "attention_output"), ("mlp", "mlp_output")):
+                module = getattr(layer, name, None)
+                if isinstance(module, torch.nn.Module):
+                    self._handles.append(
+                        module.register_forward_hook(self._activation_hook(number, kind))
+                    )
+            attention = getattr(layer, "self_attention", None)
+            observers = getattr(attention, "gate_observers", None)
+            if isinstance(observers, list):
+                observer = self._gate_observer(number)
+                observers.append(observer)
+                self._observers.append((observers, observer))
+            core = getattr(attention, "core_attention", None)
+            if self.probe_queries and isinstance(core, torch.nn.Module):
+                self._handles.append(
+                    core.register_forward_pre_hook(self._probe_hook(number, core), with_kwargs=True)
+                )
+
+    def disarm(self) -> None:
+        """Remove every hook (statistics stay until the next `arm`)."""
+        for handle in self._handles:
+            handle.remove()
+        for observers, observer in self._observers:
+            if observer in observers:
+                observers.remove(observer)
+        self._handles.clear()
+        self._observers.clear()
+
+    # -------------------------------------------------------------- hooks
+    def _activation_hook(self, number: int, kind: str) -> Any:
+        def hook(_module: torch.nn.Module, _inputs: Any, output: Any) -> None:
+            tensor = _output_tensor(output)
+            if tensor is None:
+                return
+            self.stats.add(
+                (kind, number),
+                maximum=torch.linalg.vector_norm(tensor.detach(), math.inf, dtype=torch.float32),
+                total=torch.linalg.vector_norm(tensor.detach(), 2, dtype=torch.float32).square(),
+                count=float(tensor.numel()),
+            )
+
+        return hook
+
+    def _gate_observer(self, number: int) -> Any:
+        def observe(_module: torch.nn.Module, gate_logits: torch.Tensor) -> None:
+            # [sq, b, np, hn | 1] pre-sigmoid gate -> values in (0, 1)
+            gate = torch.sigmoid(gate_logits.float())
+            self.stats.add(("gate", number), total=gate.sum(), count=float(gate.numel()))
+            self.stats.add(
+                ("gate_below", number),
+                total=(gate < schema.GATE_SPARSITY_THRESHOLD).sum(),
+            )
+            histogram = torch.histc(gate, bins=schema.GATE_HISTOGRAM_BINS, min=0.0, max=1.0)
+            previous = self.gate_histogram.get(number)
+            self.gate_histogram[number] = histogram if previous is None else previous + histogram
+
+        return observe
+
+    def _probe_hook(self, number: int, core: torch.nn.Module) -> Any:
+        def hook(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            query = args[0] if args else kwargs.get("query")
+            key = args[1] if len(args) > 1 else kwargs.get("key")
+            mask = args[3] if len(args) > 3 else kwargs.get("attention_mask")
+            if query is None or key is None or query.dim() != 4 or key.dim() != 4:
+                return
+            positions = sample_positions(query.shape[0], self.probe_queries, device=query.device)
+            if positions.numel() == 0:
+                return
+            share_sum, share_count, max_logit = probe_attention(
+                query.detach(),
+                key.detach(),
+                softmax_scale=_softmax_scale(core, query.shape[-1]),
+                positions=positions,
+                attention_mask=mask if isinstance(mask, torch.Tensor) else None,
+            )
+            self.stats.add(
+                ("probe", number), maximum=max_logit, total=share_sum, count=float(share_count)
+            )
+
+        return hook
+
+    # -------------------------------------------------------------- packing
+    def add_slots(self, layout: PackLayout) -> None:
+        """Declare this collector's slots (identical on every rank)."""
+        count = self.num_layers
+        for kind in ACTIVATIONS:
+            layout.add(f"{kind}/max", count, "max")
+            layout.add(f"{kind}/sumsq", count, "sum")
+            layout.add(f"{kind}/count", count, "sum")
+        layout.add("gate/sum", count, "sum")
+        layout.add("gate/count", count, "sum")
+        layout.add("gate/below", count, "sum")
+        layout.add("gate/histogram", count * schema.GATE_HISTOGRAM_BINS, "sum")
+        layout.add("probe/share_sum", count, "sum")
+        layout.add("probe/share_count", count, "sum")
+        layout.add("probe/max_logit", count, "max")
+
+    def packed_values(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """Slot name -> per-layer tensor on `device` (layer i + 1 at index i)."""
+        numbers = range(1, self.num_layers + 1)
+        stats = self.stats
+        values: dict[str, torch.Tensor] = {}
+
+        def counts(kind: str) -> torch.Tensor:
+            return torch.tensor([stats.count.get((kind, n), 0.0) for n in numbers]).to(device)
+
+        for kind in ACTIVATIONS:
+            keys = [(kind, n) for n in numbers]
+            values[f"{kind}/max"] = _per_layer(stats.maximum, keys, -math.inf, device)
+            values[f"{kind}/sumsq"] = _per_layer(stats.total, keys, 0.0, device)
+            values[f"{kind}/count"] = counts(kind)
+        values["gate/sum"] = _per_layer(stats.total, [("gate", n) for n in numbers], 0.0, device)
+        values["gate/count"] = counts("gate")
+        values["gate/below"] = _per_layer(
+            stats.total, [("gate_below", n) for n in numbers], 0.0, device
+        )
+        values["gate/histogram"] = (
+            _per_layer(self.gate_histogram, list(numbers), 0.0, device).reshape(-1)
+            if self.gate_histogram
+            else torch.zeros(self.num_layers * schema.GATE_HISTOGRAM_BINS, device=device)
+        )
+        probes = [("probe", n) for n in numbers]
+        values["probe/share_sum"] = _per_layer(stats.total, probes, 0.0, device)
+        values["probe/share_count"] = counts("probe")
+        values["probe/max_logit"] = _per_layer(stats.maximum, probes, -math.inf, device)
+        return values
+
+
+def _softmax_scale(core: torch.nn.Module, head_dim: int) -> float:
+    """The scale the core attention applies to `q.k` (Megatron's, TE's, or 1/sqrt(hn))."""
+    scale = getattr(core, "softmax_scale", None)
+    if scale is None:
+        scale = getattr(getattr(core, "config", None), "softmax_scale", None)
+    return float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
+
+
+# ---------------------------------------------------------------------- parameters
+class ParameterCollector:
+    """Per-layer gradient and update sums of squares, each parameter counted once across ranks."""
+
+    def __init__(
+        self,
+        models: Sequence[torch.nn.Module],
+        layers: dict[int, torch.nn.Module],
+        *,
+        num_layers: int,
+        position: RankPosition,
+    ) -> None:
+        self.num_layers = num_layers
+        in_layers: set[int] = set()
+        self.layer_params: dict[int, list[torch.nn.Parameter]] = {}
+        for number, layer in layers.items():
+            params = [p for p in layer.parameters() if self._counted_here(p, position)]
+            self.layer_params[number] = params
+            in_layers.update(id(p) for p in layer.parameters())
+        self.other_params = [
+            p
+            for model in models
+            for p in model.parameters()
+            if id(p) not in in_layers and self._counted_here(p, position)
+        ]
+        self._snapshot: dict[int, list[torch.Tensor]] | None = None
+        self.update_sumsq: torch.Tensor | None = None  # [num_layers + 1], last entry: the rest
+
+    @staticmethod
+    def _counted_here(param: torch.nn.Parameter, position: RankPosition) -> bool:
+        if not param.requires_grad or not position.is_replica_owner:
+            return False
+        # Tensor-parallel shards are summed over TP ranks; replicated params (norms) once.
+        return position.tensor_parallel_rank == 0 or bool(
+            getattr(param, "tensor_model_parallel", False)
+        )
+
+    def _groups(self) -> list[list[torch.nn.Parameter]]:
+        numbers = range(1, self.num_layers + 1)
+        return [self.layer_params.get(n, []) for n in numbers] + [self.other_params]
+
+    @staticmethod
+    def _sumsq(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+        if not tensors:
+            return torch.zeros((), device=device)
+        norms = torch._foreach_norm([t.detach() for t in tensors], 2)
+        return torch.stack([n.float() for n in norms]).square().sum().to(device)
+
+    def grad_sumsq(self, device: torch.device) -> torch.Tensor:
+        """`[num_layers + 1]` sums of squared gradients (Megatron's `main_grad` when present)."""
+        values = []
+        for params in self._groups():
+            grads = [_grad(p) for p in params]
+            values.append(self._sumsq([g for g in grads if g is not None], device))
+        return torch.stack(values)
+
+    def take_snapshot(self) -> None:
+        """Copy the parameters (before an optimizer step whose update will be measured)."""
+        self._snapshot = {
+            index: [p.detach().clone() for p in params]
+            for index, params in enumerate(self._groups())
+        }
+
+    def measure_update(self, device: torch.device) -> None:
+        """`update_sumsq` = per-layer ||p_now - p_snapshot||^2; drops the snapshot."""
+        if self._snapshot is None:
+            return
+        values = []
+        for index, params in enumerate(self._groups()):
+            before = self._snapshot[index]
+            deltas = [p.detach() - old for p, old in zip(params, before, strict=True)]
+            values.append(self._sumsq(deltas, device))
+        self.update_sumsq = torch.stack(values)
+        self._snapshot = None
+
+    @property
+    def has_snapshot(self) -> bool:
+        """A snapshot is waiting for its update to be measured."""
+        return self._snapshot is not None
+
+
+def _grad(param: torch.nn.Parameter) -> torch.Tensor | None:
+    main_grad = getattr(param, "main_grad", None)
+    return main_grad if isinstance(main_grad, torch.Tensor) else param.grad
+
+
+# ---------------------------------------------------------------------- scalars
+class ScalarBuffer:
+    """`[log_interval, len(SCALARS)]` device buffer of per-step scalars; no host reads."""
+
+    def __init__(self, rows: int, device: torch.device) -> None:
+        self.rows = rows
+        self.names = schema.SCALARS
+        self.values = torch.zeros(rows, len(self.names), dtype=torch.float64, device=device)
+        self.present = [[0.0] * len(self.names) for _ in range(rows)]
+        self.non_finite = torch.zeros(rows, dtype=torch.float32, device=device)
+        self.steps: list[int | None] = [None] * rows
+
+    def record(self, row: int, step: int, scalars: dict[str, float | torch.Tensor | None]) -> None:
+        """Write one step's scalars into `row` (tensors are copied on the device)."""
+        self.steps[row] = step
+        flags = []
+        for column, name in enumerate(self.names):
+            value = scalars.get(name)
+            if value is None:
+                self.present[row][column] = 0.0
+                continue
+            self.present[row][column] = 1.0
+            if isinstance(value, torch.Tensor):
+                value = value.detach().reshape(()).double()
+                self.values[row, column] = value
+                flags.append(~torch.isfinite(value))
+            else:
+                self.values[row, column] = float(value)
+                if not math.isfinite(float(value)):
+                    self.non_finite[row] = 1.0
+        if flags:
+            flag = torch.stack(flags).any().float()
+            self.non_finite[row] = torch.maximum(self.non_finite[row], flag)
+
+    def clear(self) -> None:
+        """Forget the recorded steps (after they were read)."""
+        self.steps = [None] * self.rows
+        for row in self.present:
+            row[:] = [0.0] * len(self.names)
+        self.non_finite.zero_()

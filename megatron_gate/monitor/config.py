@@ -1,0 +1,310 @@
+"""`MonitorConfig`: cadence, detectors (thresholds and the action each takes) and sinks.
+
+Built from YAML (`MonitorConfig.from_yaml`), a dict (`from_dict`) or CLI flags
+(`add_cli_arguments` / `from_cli_args`). Unknown keys and invalid values raise a
+`MonitorConfigError` naming the key and what is allowed, before training starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from megatron_gate.monitor import schema
+
+
+class MonitorConfigError(ValueError):
+    """A monitor configuration key or value that cannot be used; the message names the fix."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DetectorConfig:
+    """One detector: whether it runs, what it does when it fires, and its thresholds.
+
+    Fields that a detector does not use are ignored by it (see docs/monitor.md for which apply).
+    """
+
+    enabled: bool = True
+    """Run this detector."""
+    action: str = "alert"
+    """One of `schema.ACTIONS`: log, alert, skip_step, lr_backoff, rollback, abort."""
+    severity: str = "warning"
+    """One of `schema.SEVERITIES`."""
+    z_threshold: float = 6.0
+    """Robust z-score (median/MAD over `window`) above which a value is a spike."""
+    window: int = 128
+    """Number of past values kept for the robust statistics."""
+    min_history: int = 16
+    """Values needed in the window before the detector may fire."""
+    threshold: float | None = None
+    """Absolute threshold (massive activation, attention sink, attention logit)."""
+    ratio: float | None = None
+    """Fire when a value exceeds `ratio` x its own running median (and for the loss, the
+    Megatron rule: loss > ratio x the max of the first `warmup_steps` losses)."""
+    warmup_steps: int = 100
+    """Steps whose maximum the Megatron loss rule compares with."""
+
+
+def _detector(**kwargs: Any) -> Any:
+    return field(default_factory=lambda: DetectorConfig(**kwargs))
+
+
+@dataclass(frozen=True, kw_only=True)
+class DetectorsConfig:
+    """The detectors, by name (the `detector` field of events)."""
+
+    loss_spike: DetectorConfig = _detector(action="alert", ratio=10.0)
+    grad_norm_spike: DetectorConfig = _detector(action="alert")
+    update_norm_spike: DetectorConfig = _detector(action="alert", min_history=8)
+    nan_or_inf: DetectorConfig = _detector(action="skip_step", severity="critical")
+    massive_activation: DetectorConfig = _detector(
+        action="log", threshold=1.0e4, ratio=10.0, min_history=5
+    )
+    attention_sink: DetectorConfig = _detector(action="log", severity="info", threshold=0.8)
+    attention_logit_growth: DetectorConfig = _detector(
+        action="alert", threshold=1.0e3, ratio=4.0, min_history=5
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class SinksConfig:
+    """Where records go. JSONL (`<run_dir>/stability.jsonl`) is always written."""
+
+    tensorboard: bool = True
+    """Write `stability/...` scalars with torch.utils.tensorboard (or into `tensorboard_writer`)."""
+    wandb: bool = False
+    """Log to Weights & Biases (needs `wandb`; uses the active run or starts one)."""
+    wandb_project: str = "megatron-gate"
+    """W&B project when the monitor starts the run."""
+    prometheus: bool = False
+    """Serve gauges on http://`prometheus_host`:`prometheus_port`/metrics."""
+    prometheus_host: str = "127.0.0.1"
+    """Interface of the Prometheus exporter (loopback by default)."""
+    prometheus_port: int = 9400
+    """Port of the Prometheus exporter (0 picks a free one)."""
+    console: bool = True
+    """Print a compact table at steps with per-layer statistics."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class MonitorConfig:
+    """Configuration of the stability monitor."""
+
+    enabled: bool = True
+    """Turn the whole monitor off (every call becomes a no-op)."""
+    log_interval: int = 10
+    """Steps between host reads: the per-step scalars of the last `log_interval` steps are
+    reduced, checked and written together. Steps in between do no host synchronisation."""
+    layer_interval: int = 100
+    """Steps between per-layer statistics (hooks are armed only on those steps); a multiple
+    of `log_interval`."""
+    probe_queries: int = 8
+    """Query positions per head sampled by the attention-sink probe (0 turns it off)."""
+    update_norm: bool = True
+    """Measure the per-layer update norm (copies the layer parameters on the step before a
+    per-layer step)."""
+    lr_backoff_factor: float = 0.5
+    """Learning-rate multiplier while an `lr_backoff` action is active."""
+    lr_backoff_steps: int = 100
+    """Steps an `lr_backoff` lasts before the learning rate is restored."""
+    rollback_skip_batches: int = 1
+    """Batches, ending with the spiking step's, that are skipped after a rollback."""
+    max_rollbacks: int = 3
+    """Rollbacks allowed per run; after that a rollback action aborts."""
+    detectors: DetectorsConfig = field(default_factory=DetectorsConfig)
+    """Detector thresholds and actions."""
+    sinks: SinksConfig = field(default_factory=SinksConfig)
+    """Outputs besides JSONL."""
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    # ------------------------------------------------------------------ builders
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> MonitorConfig:
+        """Build from nested dicts (the YAML shape); unknown keys raise `MonitorConfigError`."""
+        return _build(cls, data or {}, "")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> MonitorConfig:
+        """Read a YAML file; a top-level `monitor:` key is accepted as well."""
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise MonitorConfigError(f"monitor config {path} does not exist.")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise MonitorConfigError(f"monitor config {path} is not valid YAML: {error}") from error
+        if not isinstance(data, dict):
+            raise MonitorConfigError(f"monitor config {path} must be a mapping of keys to values.")
+        if set(data) == {"monitor"}:
+            data = data["monitor"] or {}
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (JSON- and YAML-serialisable)."""
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> MonitorConfig:
+        """A copy with top-level fields changed (validated)."""
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ CLI
+    @staticmethod
+    def add_cli_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        """Add `--monitor-config PATH`, `--monitor-set KEY=VALUE` and `--no-monitor`."""
+        group = parser.add_argument_group("stability monitor")
+        group.add_argument(
+            "--monitor-config", default=None, help="YAML file with the stability monitor config."
+        )
+        group.add_argument(
+            "--monitor-set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="Override one key, dotted for nested ones, e.g. log_interval=5, "
+            "detectors.loss_spike.action=lr_backoff, sinks.prometheus=true (repeatable).",
+        )
+        group.add_argument(
+            "--no-monitor", action="store_true", help="Turn the stability monitor off."
+        )
+        return parser
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> MonitorConfig:
+        """Build from the flags added by `add_cli_arguments` (YAML first, then `--monitor-set`)."""
+        import yaml
+
+        data: dict[str, Any] = {}
+        if getattr(args, "monitor_config", None):
+            data = cls.from_yaml(args.monitor_config).to_dict()
+        for item in getattr(args, "monitor_set", None) or []:
+            key, sep, raw = item.partition("=")
+            if not sep or not key:
+                raise MonitorConfigError(f"--monitor-set {item!r}: expected KEY=VALUE.")
+            target = data
+            *parents, leaf = key.strip().split(".")
+            for parent in parents:
+                target = target.setdefault(parent, {})
+                if not isinstance(target, dict):
+                    raise MonitorConfigError(f"--monitor-set {item!r}: {parent} is not a section.")
+            target[leaf] = yaml.safe_load(raw)
+        if getattr(args, "no_monitor", False):
+            data["enabled"] = False
+        return cls.from_dict(data)
+
+
+# ---------------------------------------------------------------------- validation
+_SECTIONS = (DetectorConfig, DetectorsConfig, SinksConfig, MonitorConfig)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check `value` against a field annotation (bool, int, float, str, optional, section)."""
+    if annotation in _SECTIONS:
+        return _build(annotation, value, key + ".")
+    options = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        if value is None and type(None) in options:
+            return None
+        annotation = next(option for option in options if option is not type(None))
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is str and isinstance(value, str):
+        return value
+    name = getattr(annotation, "__name__", str(annotation))
+    raise MonitorConfigError(f"monitor config key {key!r}: expected {name}, got {value!r}.")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise MonitorConfigError(
+            f"monitor config key {prefix.rstrip('.') or '<root>'!r}: expected a mapping, "
+            f"got {data!r}."
+        )
+    hints = _field_types(cls)
+    unknown = sorted(set(data) - set(hints))
+    if unknown:
+        raise MonitorConfigError(
+            f"unknown monitor config key {prefix + unknown[0]!r}; allowed keys here: "
+            f"{', '.join(sorted(hints))}."
+        )
+    values = {key: _coerce(value, hints[key], prefix + key) for key, value in data.items()}
+    try:
+        return cls(**values)
+    except MonitorConfigError:
+        raise
+    except (TypeError, ValueError) as error:
+        raise MonitorConfigError(f"monitor config {prefix or '<root>'}: {error}") from error
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise MonitorConfigError(f"monitor config key {key!r}: {message}")
+
+
+def _validate_detector(name: str, detector: DetectorConfig) -> None:
+    key = f"detectors.{name}"
+    _require(
+        detector.action in schema.ACTIONS,
+        f"{key}.action",
+        f"{detector.action!r} is not one of {', '.join(schema.ACTIONS)}.",
+    )
+    _require(
+        detector.severity in schema.SEVERITIES,
+        f"{key}.severity",
+        f"{detector.severity!r} is not one of {', '.join(schema.SEVERITIES)}.",
+    )
+    _require(detector.z_threshold > 0, f"{key}.z_threshold", "must be > 0.")
+    _require(detector.window >= 4, f"{key}.window", "must be >= 4.")
+    _require(
+        1 <= detector.min_history <= detector.window,
+        f"{key}.min_history",
+        f"must be between 1 and window ({detector.window}).",
+    )
+    _require(detector.ratio is None or detector.ratio > 1, f"{key}.ratio", "must be > 1.")
+    _require(detector.warmup_steps >= 1, f"{key}.warmup_steps", "must be >= 1.")
+
+
+def _validate(config: MonitorConfig) -> None:
+    _require(config.log_interval >= 1, "log_interval", "must be >= 1.")
+    _require(
+        config.layer_interval >= 1 and config.layer_interval % config.log_interval == 0,
+        "layer_interval",
+        f"must be a positive multiple of log_interval ({config.log_interval}).",
+    )
+    _require(config.probe_queries >= 0, "probe_queries", "must be >= 0.")
+    _require(0 < config.lr_backoff_factor < 1, "lr_backoff_factor", "must be in (0, 1).")
+    _require(config.lr_backoff_steps >= 1, "lr_backoff_steps", "must be >= 1.")
+    _require(config.rollback_skip_batches >= 0, "rollback_skip_batches", "must be >= 0.")
+    _require(config.max_rollbacks >= 0, "max_rollbacks", "must be >= 0.")
+    for detector in dataclasses.fields(DetectorsConfig):
+        _validate_detector(detector.name, getattr(config.detectors, detector.name))
+    _require(
+        0 <= config.sinks.prometheus_port < 65536, "sinks.prometheus_port", "must be in [0, 65535]."
+    )
+
+
+def config_json(config: MonitorConfig) -> str:
+    """The config as one JSON line (for the `run_start` record)."""
+    return json.dumps(config.to_dict(), sort_keys=True)

@@ -1,0 +1,543 @@
+"""`StabilityMonitor`: the one object a training loop talks to.
+
+    monitor.start_step(step)                       # arms layer hooks on per-layer steps
+    loss = forward_backward(...)
+    decision = monitor.end_step(step, loss=loss, grad_norm=..., tokens=...)
+    if not decision.skip_step:
+        optimizer.step()
+
+Per step, `end_step` writes the scalars into a device buffer (no host read). Every
+`log_interval` steps it packs the buffered scalars and, on per-layer steps, every layer
+statistic into one tensor, gathers it with ONE collective, and every rank runs the same pure
+detectors on the same numbers, so all ranks take the same decision. The writer rank feeds the
+sinks. The monitor's own errors are logged once and never stop training; only an `abort`
+action does (`StabilityAbort`, exit code 3).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_gate.monitor import schema
+from megatron_gate.monitor.actions import (
+    ActionPolicy,
+    Decision,
+    LearningRateBackoff,
+    RollbackRequest,
+    StabilityAbort,
+)
+from megatron_gate.monitor.collectors import (
+    ACTIVATIONS,
+    LayerCollector,
+    ParameterCollector,
+    ScalarBuffer,
+    find_layers,
+    rank_position,
+    total_layers,
+)
+from megatron_gate.monitor.config import MonitorConfig
+from megatron_gate.monitor.detectors import DetectorSuite, Event
+from megatron_gate.monitor.reduction import PackLayout, reduce_packed
+from megatron_gate.monitor.sinks import (
+    ConsoleSink,
+    JsonlSink,
+    PrometheusSink,
+    Sink,
+    SinkGroup,
+    TensorBoardSink,
+    WandbSink,
+)
+
+logger = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+
+
+class StabilityMonitor:
+    """Collect, reduce, detect, act and write for one training run.
+
+    Args:
+        config: the `MonitorConfig`.
+        models: the model chunks on this rank (Megatron: the list `get_model` returns).
+        run_dir: directory of `stability.jsonl` (and TensorBoard files when the monitor owns
+            the writer).
+        run_name: name in the `run_start` record (default: the run_dir's name).
+        writer_rank: the global rank that writes sinks.
+        process_group: group of the one collective (default: the default group, i.e. TP, PP,
+            DP and CP together).
+        optimizer: anything with `param_groups`; `lr_backoff` scales its learning rates and the
+            learning rate is read from it when not passed to `end_step`.
+        on_rollback: called with a `RollbackRequest` (every rank) to reload the last good
+            checkpoint; without it the request is only returned in the `Decision`.
+        on_abort: called with the reason (every rank) before `StabilityAbort` is raised, to save.
+        tensorboard_writer: an existing `SummaryWriter` (Megatron-LM's) to write into.
+        extra_sinks: more `Sink`s for the writer rank (e.g. DeepSpeed's monitor).
+        data_parallel_rank: this rank's replica index when Megatron's parallel state is not
+            initialised (plain DDP/DeepSpeed: default the global rank).
+        model_info: extra fields for the `run_start` record's `model`.
+    """
+
+    def __init__(
+        self,
+        config: MonitorConfig,
+        *,
+        models: Sequence[torch.nn.Module] | torch.nn.Module,
+        run_dir: str | Path,
+        run_name: str | None = None,
+        writer_rank: int = 0,
+        process_group: dist.ProcessGroup | None = None,
+        optimizer: Any = None,
+        on_rollback: Callable[[RollbackRequest], None] | None = None,
+        on_abort: Callable[[str], None] | None = None,
+        tensorboard_writer: Any = None,
+        extra_sinks: Sequence[Sink] = (),
+        data_parallel_rank: int | None = None,
+        model_info: dict[str, Any] | None = None,
+    ) -> None:
+        self.config = config
+        self.enabled = config.enabled
+        self.models = [models] if isinstance(models, torch.nn.Module) else list(models)
+        self.run_dir = Path(run_dir)
+        self.run_name = run_name or self.run_dir.name
+        self.process_group = process_group
+        self.optimizer = optimizer
+        self.on_rollback = on_rollback
+        self.on_abort = on_abort
+        self.rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        self.is_writer = self.rank == writer_rank
+        self.step: int | None = None
+        self._warned: set[str] = set()
+        self._closed = False
+        if not self.enabled:
+            return
+        self.device = _model_device(self.models)
+        self.position = rank_position(data_parallel_rank=data_parallel_rank)
+        self.layers = find_layers(self.models)
+        self.num_layers = total_layers(self.models, self.layers)
+        self.layer_collector = LayerCollector(
+            self.layers,
+            num_layers=self.num_layers,
+            probe_queries=config.probe_queries,
+            position=self.position,
+        )
+        self.parameters = ParameterCollector(
+            self.models, self.layers, num_layers=self.num_layers, position=self.position
+        )
+        self.buffer = ScalarBuffer(config.log_interval, self.device)
+        self._rows = 0
+        self.layout = self._build_layout()
+        self.detectors = DetectorSuite(config.detectors)
+        self.policy = ActionPolicy(
+            rollback_skip_batches=config.rollback_skip_batches,
+            max_rollbacks=config.max_rollbacks,
+        )
+        self.backoff = LearningRateBackoff(
+            factor=config.lr_backoff_factor, steps=config.lr_backoff_steps
+        )
+        self._layer_step: int | None = None
+        self._grad_sumsq: torch.Tensor | None = None
+        self._last_end: float | None = None
+        self.sinks = SinkGroup(
+            self._build_sinks(tensorboard_writer, extra_sinks) if self.is_writer else []
+        )
+        self._write(
+            {
+                "kind": "run_start",
+                "run": self.run_name,
+                "time": time.time(),
+                "config": config.to_dict(),
+                "model": self._model_info(model_info),
+            }
+        )
+
+    # ------------------------------------------------------------------ set-up
+    def _build_layout(self) -> PackLayout:
+        layout = PackLayout()
+        scalars = len(schema.SCALARS)
+        layout.add("scalars/sum", self.config.log_interval * scalars, "sum")
+        layout.add("scalars/count", self.config.log_interval * scalars, "sum")
+        layout.add("scalars/non_finite", self.config.log_interval, "max")
+        self.layer_collector.add_slots(layout)
+        layout.add("grad/sumsq", self.num_layers + 1, "sum")
+        layout.add("update/sumsq", self.num_layers + 1, "sum")
+        layout.add("update/present", 1, "max")
+        layout.add("layers/present", 1, "max")
+        return layout
+
+    def _build_sinks(self, tensorboard_writer: Any, extra: Sequence[Sink]) -> list[Sink]:
+        sinks: list[Sink] = [JsonlSink(self.run_dir)]
+        options = self.config.sinks
+        builders: list[tuple[bool, str, Callable[[], Sink]]] = [
+            (
+                options.tensorboard,
+                "tensorboard",
+                lambda: TensorBoardSink(
+                    log_dir=self.run_dir / "tensorboard", writer=tensorboard_writer
+                ),
+            ),
+            (
+                options.wandb,
+                "wandb",
+                lambda: WandbSink(
+                    project=options.wandb_project, run_name=self.run_name, run_dir=self.run_dir
+                ),
+            ),
+            (
+                options.prometheus,
+                "prometheus",
+                lambda: PrometheusSink(host=options.prometheus_host, port=options.prometheus_port),
+            ),
+            (options.console, "console", ConsoleSink),
+        ]
+        for wanted, name, build in builders:
+            if not wanted:
+                continue
+            try:
+                sinks.append(build())
+            except Exception as error:  # noqa: BLE001 - a sink must never stop training
+                logger.warning(
+                    "stability monitor: sink %r could not start (%s: %s); it is disabled.",
+                    name,
+                    type(error).__name__,
+                    error,
+                )
+        return sinks + list(extra)
+
+    def _model_info(self, extra: dict[str, Any] | None) -> dict[str, Any]:
+        gated = [
+            number
+            for number, layer in self.layers.items()
+            if isinstance(getattr(layer.self_attention, "gate_observers", None), list)
+        ]
+        gate_config = next((self.layers[n].self_attention.gate_config for n in gated), None)
+        info: dict[str, Any] = {
+            "num_layers": self.num_layers,
+            "gated_layers": gated,
+            "granularity": getattr(gate_config, "granularity", None),
+            "backend": getattr(gate_config, "backend", None),
+            "parallel": _parallel_sizes(),
+        }
+        return {**info, **(extra or {})}
+
+    # ------------------------------------------------------------------ cadence
+    def is_log_step(self, step: int) -> bool:
+        """Whether `end_step(step)` reads statistics to the host (one collective)."""
+        return step % self.config.log_interval == 0
+
+    def is_layer_step(self, step: int) -> bool:
+        """Whether `step` collects per-layer statistics (hooks armed)."""
+        return step % self.config.layer_interval == 0
+
+    # ------------------------------------------------------------------ loop API
+    def start_step(self, step: int) -> bool:
+        """Begin `step`: arm layer hooks on per-layer steps. Returns whether they are armed."""
+        if not self.enabled:
+            return False
+        self.step = step
+        try:
+            if self.parameters.has_snapshot:
+                self.parameters.measure_update(self.device)
+            if self.is_layer_step(step):
+                self.layer_collector.arm()
+                self._layer_step = step
+                return True
+        except Exception as error:  # noqa: BLE001 - the monitor never stops training
+            self._warn_once("start_step", error)
+        return False
+
+    def end_step(
+        self,
+        step: int,
+        *,
+        loss: torch.Tensor | float | None,
+        grad_norm: torch.Tensor | float | None = None,
+        learning_rate: float | None = None,
+        loss_scale: torch.Tensor | float | None = None,
+        tokens: int | None = None,
+    ) -> Decision:
+        """Record `step` (after backward, before the optimizer step); decide on log steps.
+
+        `loss` is this rank's loss (None on pipeline stages without one), `grad_norm` the
+        global gradient norm when the loop has it, `tokens` the tokens the whole job
+        processed in this step. Apply the returned decision: skip the optimizer step when
+        `decision.skip_step`, reload when `decision.rollback` (unless `on_rollback` did).
+        """
+        if not self.enabled:
+            return Decision(step=step)
+        self.step = step
+        try:
+            self._record(step, loss, grad_norm, learning_rate, loss_scale, tokens)
+        except Exception as error:  # noqa: BLE001
+            self._warn_once("record", error)
+        decision = Decision(step=step)
+        if self.is_log_step(step) or self._rows >= self.config.log_interval:
+            decision = self._flush(step)
+        try:
+            self.backoff.apply(self.optimizer)
+            decision = _with_scale(decision, self.backoff.scale)
+            self.backoff.advance()
+            if self.config.update_norm and self.is_layer_step(step + 1):
+                self.parameters.take_snapshot()
+        except Exception as error:  # noqa: BLE001
+            self._warn_once("after_step", error)
+        self._act(decision)
+        return decision
+
+    def close(self, status: str = "completed") -> None:
+        """Flush buffered steps (on `completed`), write `run_end`, close sinks. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self.enabled:
+            return
+        try:
+            self.layer_collector.disarm()
+            if status == "completed" and self._rows and self.step is not None:
+                self._flush(self.step, act=False)
+        except Exception as error:  # noqa: BLE001
+            self._warn_once("close", error)
+        self._write({"kind": "run_end", "step": self.step, "time": time.time(), "status": status})
+        self.sinks.close()
+
+    # ------------------------------------------------------------------ checkpoint state
+    def state_dict(self) -> dict[str, Any]:
+        """Detector windows, counters, LR back-off (plain Python values; checkpoint it)."""
+        if not self.enabled:
+            return {"version": STATE_VERSION}
+        return {
+            "version": STATE_VERSION,
+            "step": self.step,
+            "detectors": self.detectors.state_dict(),
+            "policy": self.policy.state_dict(),
+            "lr_backoff": self.backoff.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()` output (a resumed run keeps its history)."""
+        if not self.enabled or not state:
+            return
+        if state.get("version") != STATE_VERSION:
+            self._warn_once("load_state_dict", ValueError(f"state version {state.get('version')}"))
+            return
+        self.detectors.load_state_dict(state.get("detectors", {}))
+        self.policy.load_state_dict(state.get("policy", {}))
+        self.backoff.load_state_dict(state.get("lr_backoff", {}))
+
+    # ------------------------------------------------------------------ internals
+    def _record(
+        self,
+        step: int,
+        loss: Any,
+        grad_norm: Any,
+        learning_rate: float | None,
+        loss_scale: Any,
+        tokens: int | None,
+    ) -> None:
+        now = time.perf_counter()
+        tokens_per_second = None
+        if tokens is not None and self._last_end is not None and now > self._last_end:
+            tokens_per_second = tokens / (now - self._last_end)
+        self._last_end = now
+        if learning_rate is None and self.optimizer is not None:
+            groups = getattr(self.optimizer, "param_groups", None)
+            learning_rate = float(groups[0]["lr"]) if groups else None
+        if self._layer_step == step:
+            self.layer_collector.disarm()
+            self._grad_sumsq = self.parameters.grad_sumsq(self.device)
+        scalars = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "learning_rate": learning_rate,
+            "loss_scale": loss_scale,
+            "tokens_per_second": tokens_per_second,
+        }
+        self.buffer.record(min(self._rows, self.buffer.rows - 1), step, scalars)
+        self._rows = min(self._rows + 1, self.buffer.rows)
+
+    def _packed_row(self) -> torch.Tensor:
+        rows = self.buffer.rows
+        present = torch.tensor(self.buffer.present, dtype=torch.float64).to(self.device)
+        values: dict[str, torch.Tensor] = {
+            # Absent entries hold stale values: zero them so the sum stays right.
+            "scalars/sum": self.buffer.values * present,
+            "scalars/count": present,
+            "scalars/non_finite": self.buffer.non_finite[:rows],
+        }
+        if self._layer_step is not None and self._layer_step == self.step:
+            values.update(self.layer_collector.packed_values(self.device))
+            values["layers/present"] = torch.ones(1)
+            if self._grad_sumsq is not None:
+                values["grad/sumsq"] = self._grad_sumsq
+            if self.parameters.update_sumsq is not None:
+                values["update/sumsq"] = self.parameters.update_sumsq
+                values["update/present"] = torch.ones(1)
+        return self.layout.pack(values, device=self.device)
+
+    def _flush(self, step: int, *, act: bool = True) -> Decision:
+        """Reduce the buffered steps (one collective), detect, decide, write."""
+        try:
+            row = self._packed_row()
+        except Exception as error:  # noqa: BLE001 - still join the collective
+            self._warn_once("pack", error)
+            row = torch.full(
+                (self.layout.width,), math.nan, dtype=torch.float64, device=self.device
+            )
+        reduced = reduce_packed(self.layout, row, self.process_group).tolist()
+        decision = Decision(step=step)
+        try:
+            records = self._records(self.layout.unpack(reduced))
+            events: list[Event] = []
+            for record in records:
+                events += self.detectors.check(
+                    record["step"], record["scalars"], record.get("layers")
+                )
+            if act:
+                decision, events = self.policy.decide(step, events)
+                if any(event.action == "lr_backoff" for event in events):
+                    self.backoff.trigger()
+            now = time.time()
+            for record in records:
+                self._write({**record, "time": now})
+            for event in events:
+                self._write({"kind": "event", "time": now, **event.to_dict()})
+            self.sinks.flush()
+        except Exception as error:  # noqa: BLE001
+            self._warn_once("flush", error)
+        finally:
+            self.buffer.clear()
+            self._rows = 0
+            self._grad_sumsq = None
+            self.parameters.update_sumsq = None
+        return decision
+
+    def _records(self, values: dict[str, list[float]]) -> list[dict[str, Any]]:
+        """`step` records of the buffered steps from the reduced values."""
+        names = schema.SCALARS
+        sums, counts = values["scalars/sum"], values["scalars/count"]
+        records = []
+        for row, step in enumerate(self.buffer.steps):
+            if step is None:
+                continue
+            scalars: dict[str, float | None] = {}
+            for column, name in enumerate(names):
+                index = row * len(names) + column
+                scalars[name] = sums[index] / counts[index] if counts[index] > 0 else None
+            scalars["nan_or_inf"] = values["scalars/non_finite"][row]
+            record: dict[str, Any] = {"kind": "step", "step": step, "scalars": scalars}
+            if values["layers/present"][0] > 0 and step == self._layer_step:
+                layers, histogram = self._layer_values(values)
+                record["layers"] = layers
+                record["gate_histogram"] = histogram
+                update = values["update/sumsq"]
+                if values["update/present"][0] > 0:
+                    scalars["update_norm"] = math.sqrt(sum(update))
+                if scalars["grad_norm"] is None:
+                    scalars["grad_norm"] = math.sqrt(sum(values["grad/sumsq"]))
+            records.append(record)
+        return records
+
+    def _layer_values(
+        self, values: dict[str, list[float]]
+    ) -> tuple[dict[str, list[float | None]], list[list[float] | None]]:
+        count = self.num_layers
+        present = [values["residual/count"][i] > 0 for i in range(count)]
+
+        def ratio(top: str, bottom: str, *, root: bool = False) -> list[float | None]:
+            result: list[float | None] = []
+            for numerator, denominator in zip(values[top], values[bottom], strict=True):
+                value = numerator / denominator if denominator > 0 else None
+                result.append(math.sqrt(value) if root and value is not None else value)
+            return result
+
+        def maximum(name: str) -> list[float | None]:
+            return [v if v != -math.inf else None for v in values[name]]
+
+        layers: dict[str, list[float | None]] = {}
+        for kind in ACTIVATIONS:
+            layers[f"max_abs_{kind}"] = maximum(f"{kind}/max")
+            layers[f"rms_{kind}"] = ratio(f"{kind}/sumsq", f"{kind}/count", root=True)
+        layers["gate_mean"] = ratio("gate/sum", "gate/count")
+        layers["gate_sparsity"] = ratio("gate/below", "gate/count")
+        layers["first_token_attention_share"] = ratio("probe/share_sum", "probe/share_count")
+        layers["max_attention_logit"] = maximum("probe/max_logit")
+        layers["grad_norm"] = [
+            math.sqrt(v) if present[i] else None for i, v in enumerate(values["grad/sumsq"][:count])
+        ]
+        has_update = values["update/present"][0] > 0
+        layers["update_norm"] = [
+            math.sqrt(v) if has_update and present[i] else None
+            for i, v in enumerate(values["update/sumsq"][:count])
+        ]
+        bins = schema.GATE_HISTOGRAM_BINS
+        flat = values["gate/histogram"]
+        histogram = [
+            flat[i * bins : (i + 1) * bins] if values["gate/count"][i] > 0 else None
+            for i in range(count)
+        ]
+        return {name: layers[name] for name in schema.LAYER_METRICS}, histogram
+
+    def _act(self, decision: Decision) -> None:
+        """Run the rollback and abort callbacks (every rank) for a decision."""
+        if decision.abort:
+            try:
+                if self.on_abort is not None:
+                    self.on_abort(decision.abort)
+            finally:
+                self.close("aborted")
+            raise StabilityAbort(decision.abort)
+        if decision.rollback is not None and self.on_rollback is not None:
+            self.on_rollback(decision.rollback)
+
+    def _write(self, record: dict[str, Any]) -> None:
+        if self.enabled and self.is_writer:
+            self.sinks.write(record)
+
+    def _warn_once(self, where: str, error: BaseException) -> None:
+        if where in self._warned:
+            return
+        self._warned.add(where)
+        logger.warning(
+            "stability monitor: %s failed (%s: %s); training continues, the monitor skips it.",
+            where,
+            type(error).__name__,
+            error,
+            exc_info=True,
+        )
+
+
+def _with_scale(decision: Decision, scale: float) -> Decision:
+    from dataclasses import replace
+
+    return decision if scale == decision.lr_scale else replace(decision, lr_scale=scale)
+
+
+def _model_device(models: Sequence[torch.nn.Module]) -> torch.device:
+    for model in models:
+        for param in model.parameters():
+            return param.device
+    return torch.device("cpu")
+
+
+def _parallel_sizes() -> dict[str, int]:
+    sizes = {"world": dist.get_world_size() if dist.is_initialized() else 1}
+    try:
+        from megatron.core import parallel_state as ps
+
+        if ps.model_parallel_is_initialized():
+            sizes.update(
+                tensor=ps.get_tensor_model_parallel_world_size(),
+                pipeline=ps.get_pipeline_model_parallel_world_size(),
+                data=ps.get_data_parallel_world_size(),
+                context=ps.get_context_parallel_world_size(),
+            )
+    except ImportError:
+        pass
+    return sizes

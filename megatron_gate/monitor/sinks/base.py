@@ -1,0 +1,62 @@
+"""The sink interface and the fan-out that disables a failing sink after one warning."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+class Sink:
+    """Does nothing; subclasses override `write` (one schema record) and `close`."""
+
+    name = "sink"
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Take one record (`record["kind"]` is one of `schema.RECORD_KINDS`)."""
+
+    def flush(self) -> None:
+        """Push buffered output out (called after each log step)."""
+
+    def close(self) -> None:
+        """Release files, threads and connections."""
+
+
+class SinkGroup(Sink):
+    """Fans records out to several sinks; the first error of a sink warns and disables it."""
+
+    name = "group"
+
+    def __init__(self, sinks: Iterable[Sink]) -> None:
+        self.sinks = list(sinks)
+        self.disabled: dict[str, str] = {}
+
+    def _call(self, method: str, *args: Any) -> None:
+        for sink in list(self.sinks):
+            try:
+                getattr(sink, method)(*args)
+            except Exception as error:  # noqa: BLE001 - a sink must never stop training
+                self.sinks.remove(sink)
+                self.disabled[sink.name] = f"{type(error).__name__}: {error}"
+                logger.warning(
+                    "stability monitor: sink %r failed in %s (%s: %s); it is disabled for the "
+                    "rest of the run.",
+                    sink.name,
+                    method,
+                    type(error).__name__,
+                    error,
+                )
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Send a record to every live sink."""
+        self._call("write", record)
+
+    def flush(self) -> None:
+        """Flush every live sink."""
+        self._call("flush")
+
+    def close(self) -> None:
+        """Close every live sink."""
+        self._call("close")

@@ -1,0 +1,71 @@
+"""JSONL sink: `<run_dir>/stability.jsonl`, one schema record per line.
+
+Each line is written with a single `os.write` on an `O_APPEND` descriptor, so a crash leaves
+whole lines only (readers skip at most a torn last line, see `read_records`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from megatron_gate.monitor import schema
+from megatron_gate.monitor.sinks.base import Sink
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN/Inf: write them as null (and keep the `nan_or_inf` flag for meaning)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _clean(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(item) for item in value]
+    return value
+
+
+def encode(record: dict[str, Any]) -> bytes:
+    """One record as a JSON line carrying the schema version."""
+    return (
+        json.dumps({"schema": schema.SCHEMA, **_clean(record)}, allow_nan=False) + "\n"
+    ).encode()
+
+
+class JsonlSink(Sink):
+    """Appends records to `<run_dir>/stability.jsonl`."""
+
+    name = "jsonl"
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.path = Path(run_dir) / schema.JSONL_NAME
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append one line (a single write)."""
+        if self._fd is not None:
+            os.write(self._fd, encode(record))
+
+    def close(self) -> None:
+        """fsync and close."""
+        if self._fd is not None:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """Every complete record of a stability JSONL file (a torn last line is skipped)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / schema.JSONL_NAME
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
