@@ -1,0 +1,161 @@
+"""Opt-in CPU runtime for Megatron-LM's training loop (`megatron.training.pretrain`) with gloo.
+
+`megatron_gate.cpu` makes Megatron-Core models run on the CPU. `pretrain` makes a few more
+CUDA-only calls; `enable_cpu_training_runtime()` applies the model runtime and redirects these:
+
+- `allow_no_cuda`: `initialize_megatron` asserts CUDA unless `allow_no_cuda=True`, which
+  `pretrain` cannot pass;
+- `one_device`: with `torch.cuda.device_count() == 0`, `initialize.py` silently skips the
+  model-parallel groups and seeds; the CPU counts as one device and `set_device` is a no-op;
+- `cuda_tensor_type_names`: `Tensor.type()` answers `torch.cuda.FloatTensor` for a CPU float
+  tensor (gradient clipping and the fp16/bf16 optimizers assert CUDA tensor types);
+- `device_arch`: `validate_args` reads the GPU architecture for TP/CP > 1; the CPU answers 0,
+  and `CUDA_DEVICE_MAX_CONNECTIONS=1`, which that check then asks for, is set;
+- `cuda_streams`: DDP and the grad buffers create and wait on CUDA streams; on the CPU a stream
+  is a no-op stand-in;
+- `memory_stats`: memory reports read CUDA allocator statistics; they answer 0.
+
+Like `megatron_gate.cpu`, it is idempotent, leaves a CUDA machine untouched, and keeps every
+original reachable as `__wrapped__`. `prebuilt_dataset_helpers()` is separate because it is a fix
+for GPUs too (a megatron-core wheel has no Makefile for its dataset helpers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from megatron_gate.cpu import CpuPatch, _no_op, _replace, enable_cpu_runtime
+
+logger = logging.getLogger(__name__)
+
+
+class CudaTensorTypeNames(TorchFunctionMode):
+    """`Tensor.type()` names a CPU tensor as its CUDA type (`torch.FloatTensor` -> `torch.cuda...`)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        result = func(*args, **(kwargs or {}))
+        asks_for_name = func is torch.Tensor.type and len(args) == 1 and not kwargs
+        if asks_for_name and isinstance(result, str) and not result.startswith("torch.cuda."):
+            return result.replace("torch.", "torch.cuda.", 1)
+        return result
+
+
+def _initialize_megatron_without_cuda(original: Callable[..., Any]) -> Callable[..., Any]:
+    def initialize_megatron(*args: Any, **kwargs: Any) -> Any:
+        kwargs["allow_no_cuda"] = True
+        return original(*args, **kwargs)
+
+    return initialize_megatron
+
+
+def _patch_allow_no_cuda() -> None:
+    from megatron.training import initialize, training
+
+    original = initialize.initialize_megatron
+    replacement = _initialize_megatron_without_cuda(getattr(original, "__wrapped__", original))
+    # `training.py` imported the function by name: patch both bindings.
+    for owner in (initialize, training):
+        _replace(owner, "initialize_megatron", replacement)
+
+
+def _patch_one_device() -> None:
+    _replace(torch.cuda, "device_count", lambda: 1)
+    _replace(torch.cuda, "set_device", _no_op)
+
+
+_TYPE_MODE: CudaTensorTypeNames | None = None
+
+
+def _install_type_names_mode() -> None:
+    global _TYPE_MODE
+    if _TYPE_MODE is None:
+        _TYPE_MODE = CudaTensorTypeNames()
+        _TYPE_MODE.__enter__()
+
+
+def _patch_device_arch() -> None:
+    from megatron.training import arguments
+
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    _replace(arguments, "get_device_arch_version", lambda: 0)
+
+
+class _CpuStream(torch.cpu.Stream):
+    """A CUDA-stream stand-in: work on the CPU is already ordered, so waits are no-ops."""
+
+    def synchronize(self) -> None:
+        return None
+
+    def query(self) -> bool:
+        return True
+
+
+_CURRENT_STREAM = _CpuStream()
+
+
+def _patch_streams() -> None:
+    _replace(torch.cuda, "Stream", lambda *_args, **_kwargs: _CpuStream())
+    _replace(torch.cuda, "current_stream", lambda *_args, **_kwargs: _CURRENT_STREAM)
+    _replace(torch.cuda, "default_stream", lambda *_args, **_kwargs: _CURRENT_STREAM)
+    _replace(torch.cuda, "stream", lambda _stream=None: contextlib.nullcontext())
+
+
+def _patch_memory_stats() -> None:
+    for name in (
+        "memory_allocated",
+        "max_memory_allocated",
+        "memory_reserved",
+        "max_memory_reserved",
+    ):
+        _replace(torch.cuda, name, lambda *_args, **_kwargs: 0)
+
+
+TRAINING_PATCHES: tuple[CpuPatch, ...] = (
+    CpuPatch("allow_no_cuda", _patch_allow_no_cuda),
+    CpuPatch("one_device", _patch_one_device),
+    CpuPatch("cuda_tensor_type_names", _install_type_names_mode),
+    CpuPatch("device_arch", _patch_device_arch),
+    CpuPatch("cuda_streams", _patch_streams),
+    CpuPatch("memory_stats", _patch_memory_stats),
+)
+
+_APPLIED: list[str] = []
+
+
+def enable_cpu_training_runtime(*, force: bool = False) -> list[str]:
+    """Apply the model and training-loop CPU patches (once) when CUDA is absent; return the names."""
+    if torch.cuda.is_available() and not force:
+        logger.info("megatron_gate.cpu_training: CUDA is available; CPU runtime not applied.")
+        return []
+    applied = enable_cpu_runtime(force=force)
+    for patch in TRAINING_PATCHES:
+        if patch.name not in _APPLIED:
+            patch.apply()
+            _APPLIED.append(patch.name)
+    return applied + list(_APPLIED)
+
+
+def prebuilt_dataset_helpers() -> None:
+    """Skip `make` for Megatron's dataset helpers when the compiled helper already imports.
+
+    `initialize_megatron` runs `make -C megatron/core/datasets` on rank 0; a megatron-core wheel
+    ships the compiled helper but no Makefile, so rank 0 exits. A source checkout still compiles.
+    """
+    from megatron.core.datasets import utils
+
+    original = utils.compile_helpers
+
+    def compile_helpers() -> None:
+        try:
+            from megatron.core.datasets import helpers_cpp  # noqa: F401
+        except ImportError:
+            original()
+
+    _replace(utils, "compile_helpers", compile_helpers)

@@ -1,0 +1,126 @@
+"""megatron-gate inside Megatron-LM's own training loop, without editing the training script.
+
+`enable_megatron_gate()` wraps four functions of `megatron.training` (idempotent):
+
+    parse_args                  add our flags; check `--spec`; gate GPTModel's layer spec
+    pretrain                    run an older-API script on the 0.19 loop; close the monitor
+    setup_model_and_optimizer   start-up check (no silent no-op), start-up line, attach monitor
+    train_step / training_log   the stability monitor's per-step hooks (see `monitor_hooks`)
+
+`python -m megatron_gate.run` calls it before running the script; a script edited with one of
+`patches/` calls it itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch.distributed as dist
+
+from megatron_gate.config import GateConfig, GateConfigError
+from megatron_gate.megatron_lm import arguments as gate_args
+from megatron_gate.megatron_lm import monitor_hooks
+from megatron_gate.megatron_lm.patching import wrap
+from megatron_gate.megatron_lm.pretrain_api import (
+    bridge_legacy_call,
+    is_legacy_call,
+    takes_config_container,
+)
+from megatron_gate.megatron_lm.spec_swap import gating_init
+from megatron_gate.megatron_lm.startup import global_report, missing_gate_message, startup_line
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunState:
+    """What the wrapped functions learned about this run, in the order they learn it."""
+
+    args: argparse.Namespace | None = None
+    gate: GateConfig | None = None
+    model_built: bool = False
+    startup_line: str | None = None
+
+
+RUN = RunState()
+
+
+def _on_parsed(args: argparse.Namespace) -> None:
+    """Checks and the spec swap, as soon as the arguments are known (before any model)."""
+    gate_args.check_spec_importable(args)
+    RUN.args, RUN.gate = args, gate_args.gate_config_from_args(args)
+    if RUN.gate is not None:
+        from megatron.core.models.gpt.gpt_model import GPTModel
+
+        gate = RUN.gate
+        wrap([GPTModel], "__init__", lambda original: gating_init(original, gate))
+
+
+def _wrap_parse_args(original: Any) -> Any:
+    def parse_args(extra_args_provider: Any = None, *args: Any, **kwargs: Any) -> Any:
+        parsed = original(gate_args.chain_args_providers(extra_args_provider), *args, **kwargs)
+        _on_parsed(parsed)
+        return parsed
+
+    return parse_args
+
+
+def _wrap_pretrain(original: Any) -> Any:
+    def pretrain(*args: Any, **kwargs: Any) -> Any:
+        with monitor_hooks.closing_monitor():
+            if takes_config_container(original) and is_legacy_call(args, kwargs):
+                return bridge_legacy_call(original, args, kwargs)
+            return original(*args, **kwargs)
+
+    return pretrain
+
+
+def _parallel_sizes() -> dict[str, int]:
+    from megatron.core import parallel_state as mpu
+
+    return {
+        "TP": mpu.get_tensor_model_parallel_world_size(),
+        "PP": mpu.get_pipeline_model_parallel_world_size(),
+        "DP": mpu.get_data_parallel_world_size(),
+        "CP": mpu.get_context_parallel_world_size(),
+    }
+
+
+def check_model(model_chunks: list[Any], optimizer: Any = None) -> str:
+    """Stop a run whose gate is missing; attach the monitor; return (and log) the start-up line."""
+    args = RUN.args
+    report = global_report(model_chunks, _parallel_sizes())
+    if args is not None and gate_args.gating_requested(args):
+        message = missing_gate_message(report, requested=gate_args.describe_request(args))
+        if message is not None:
+            raise GateConfigError(message)
+    sinks = monitor_hooks.attach(args, model_chunks, optimizer, report)
+    line = startup_line(report, monitor_sinks=sinks)
+    RUN.model_built, RUN.startup_line = True, line
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(line, flush=True)
+    return line
+
+
+def _wrap_setup_model_and_optimizer(original: Any) -> Any:
+    def setup_model_and_optimizer(*args: Any, **kwargs: Any) -> Any:
+        model, optimizer, scheduler = original(*args, **kwargs)
+        check_model(model, optimizer)
+        return model, optimizer, scheduler
+
+    return setup_model_and_optimizer
+
+
+def enable_megatron_gate() -> None:
+    """Install megatron-gate's flags, spec swap, start-up check and monitor into
+    `megatron.training` (once; later calls change nothing)."""
+    import megatron.training as megatron_training
+    from megatron.training import arguments, initialize, training
+
+    wrap([arguments, initialize], "parse_args", _wrap_parse_args)
+    wrap([megatron_training, training], "pretrain", _wrap_pretrain)
+    wrap([training], "setup_model_and_optimizer", _wrap_setup_model_and_optimizer)
+    monitor_hooks.install(training)
