@@ -1,0 +1,44 @@
+"""Fixtures for the dashboard tests: synthetic runs and a live server on a free loopback port."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from megatron_gate.dashboard.server import Dashboard, DashboardHTTPServer
+from megatron_gate.dashboard.store import RunStore
+from megatron_gate.dashboard.synthetic import SyntheticRun, write_run
+
+
+@pytest.fixture
+def two_runs(tmp_path: Path) -> list[Path]:
+    """A baseline (ungated, two loss spikes) and a gated run, 300 steps, 6 layers each."""
+    baseline = SyntheticRun(name="baseline", num_layers=6, gated_layers=[], spike_steps=[120, 250])
+    gated = SyntheticRun(name="gated", num_layers=6, seed=1)
+    return [
+        write_run(tmp_path / "runs" / "baseline", steps=300, run=baseline).parent,
+        write_run(tmp_path / "runs" / "gated", steps=300, run=gated).parent,
+    ]
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., DashboardHTTPServer]]:
+    """`serve(run_dirs)` starts a dashboard server on 127.0.0.1:<free port>; stopped after the test."""
+    started: list[tuple[DashboardHTTPServer, Dashboard]] = []
+
+    def start(run_dirs: Sequence[Path], *, poll_seconds: float = 0.2) -> DashboardHTTPServer:
+        dashboard = Dashboard([RunStore(d) for d in run_dirs], poll_seconds=poll_seconds)
+        dashboard.start_polling()
+        server = DashboardHTTPServer(dashboard, host="127.0.0.1", port=0)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        started.append((server, dashboard))
+        return server
+
+    yield start
+    for server, dashboard in started:
+        server.shutdown()
+        server.server_close()
+        dashboard.stop_polling()
