@@ -409,3 +409,68 @@ def write_demo_report(
     ]
     write_text_atomic(path, html_page(title, sections))
     return [path, *written]
+
+
+# ---------------------------------------------------------------------- sweep
+def sweep_figure(runs: Sequence[Any], summaries: Sequence[Any]) -> Any:
+    """Final loss, max attention logit, max |h| and first-token share against the LR."""
+    plt = _pyplot()
+    panels = (
+        ("final_loss", "final validation loss (diverged = loss at init)", True),
+        ("max_attention_logit", "max attention logit", True),
+        ("max_abs_residual", "max |h| (residual stream)", True),
+        ("first_token_share", "first-token attention share", False),
+    )
+    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    for index, summary in enumerate(summaries):
+        color = _color(summary.variant, index)
+        mine = [r for r in runs if r.variant == summary.variant]
+        for ax, (metric, title, log) in zip(axes, panels, strict=True):
+            if metric == "final_loss":
+                lrs = list(summary.loss_by_lr)
+                ax.plot(lrs, [summary.loss_by_lr[lr] for lr in lrs], "o-", color=color,
+                        label=f"{summary.variant} (LRS {summary.lr_sensitivity:.2f})")  # fmt: skip
+            else:
+                lrs = sorted({r.lr for r in mine})
+                means = [_mean([getattr(r, metric) for r in mine if r.lr == lr]) for lr in lrs]
+                ax.plot(lrs, means, "o-", color=color, label=summary.variant)
+            points = [(r.lr, getattr(r, metric)) for r in mine]
+            points = [(x, y) for x, y in points if math.isfinite(y)]
+            if points:
+                ax.scatter(*zip(*points, strict=True), color=color, s=10, alpha=0.5)
+            ax.set_xscale("log")
+            if log:
+                ax.set_yscale("log")
+            ax.set_title(title, fontsize=10)
+            ax.set_xlabel("peak learning rate")
+            ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    return figure
+
+
+def write_sweep_report(
+    runs: Sequence[Any],
+    summaries: Sequence[Any],
+    path: Path,
+    sensitivity_rows: Sequence[dict[str, str]],
+    run_rows: Sequence[dict[str, str]],
+    *,
+    settings: dict[str, Any],
+    figure_path: Path | None = None,
+) -> None:
+    """The sweep's self-contained HTML: sensitivity table, plot, one row per run."""
+    sections = ["<h2>LR sensitivity (lower is better)</h2>", html_table(sensitivity_rows)]
+    if runs:
+        png = figure_png(sweep_figure(runs, summaries))
+        if figure_path is not None:
+            figure_path.parent.mkdir(parents=True, exist_ok=True)
+            figure_path.write_bytes(png)
+        caption = "Seed means (lines) and single runs (dots) against the peak learning rate."
+        sections.append(html_figure(png, caption))
+    sections += [
+        "<h2>Runs</h2>",
+        html_table(run_rows),
+        "<h2>Settings</h2>",
+        html_settings(settings),
+    ]
+    write_text_atomic(path, html_page("megatron-gate sweep: learning-rate sensitivity", sections))

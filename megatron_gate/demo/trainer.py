@@ -429,22 +429,37 @@ def _device(rank: int) -> torch.device:
 class RunPlan:
     """Everything a worker process needs to train a list of runs (picklable)."""
 
-    config: TrainConfig
     runs: list[tuple[Variant, TrainConfig, str]]
-    """(variant, config for this run, run directory) in order."""
+    """(variant, config for this run, run directory) in order; all with the same `tp`."""
     data: str | None
-    progress: bool = True
+    progress: str = "bar"
+    """"bar" (a progress bar per run), "line" (one line per finished run) or "off"."""
+
+    @property
+    def tp(self) -> int:
+        return self.runs[0][1].tp if self.runs else 1
+
+
+def _run_line(index: int, total: int, config: TrainConfig, result: RunResult) -> str:
+    return (
+        f"[{index}/{total}] {result.name:<20} lr {config.lr:<8g} seed {config.seed:<3d} "
+        f"{result.status:<11} train loss {result.final_train_loss:.4g}  "
+        f"val loss {result.final_validation_loss:.4g}  ({result.seconds:.1f}s)"
+    )
 
 
 def run_plan(plan: RunPlan, *, rank: int = 0) -> list[RunResult]:
     """Train the plan's runs in order on this rank; stop after an interrupted one."""
     corpus = load_corpus(plan.data)
     results = []
-    for variant, config, run_dir in plan.runs:
+    for index, (variant, config, run_dir) in enumerate(plan.runs, start=1):
         result = train_variant(
-            config, variant, corpus, run_dir=Path(run_dir), rank=rank, progress=plan.progress
-        )
+            config, variant, corpus, run_dir=Path(run_dir), rank=rank,
+            progress=plan.progress == "bar",
+        )  # fmt: skip
         results.append(result)
+        if plan.progress == "line" and rank == 0:
+            print(_run_line(index, len(plan.runs), config, result), file=sys.stderr, flush=True)
         if result.status == "interrupted":
             break
     return results
@@ -460,8 +475,8 @@ def execute(plan: RunPlan) -> list[RunResult]:
     """Run the plan in this process (tp 1) or on `tp` spawned gloo ranks; rank 0's results."""
     from megatron_gate.distributed import free_port, init_process_group, launch
 
-    if plan.config.tp > 1:
-        return launch(plan_worker, world_size=plan.config.tp, payload=plan, timeout=24 * 3600)[0]
+    if plan.tp > 1:
+        return launch(plan_worker, world_size=plan.tp, payload=plan, timeout=24 * 3600)[0]
     if not dist.is_initialized():
         os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
         init_process_group(0, 1, free_port())

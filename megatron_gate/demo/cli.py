@@ -1,0 +1,199 @@
+"""`megatron-gate demo`: baseline vs gated GPT under an aggressive learning rate, monitor on.
+
+    megatron-gate demo                          # embedded corpus, CPU, ~3-5 minutes
+    megatron-gate demo --lr 3e-2 --steps 600 --data my_text_document --out runs/demo
+
+Trains the same small Megatron-Core GPT twice (same seed, same batches, same learning rate):
+without a gate and with the gated attention of Qiu et al. (2025). Ends with a summary table and
+`OUT/report.html`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from megatron_gate.demo.data import BYTE_VOCAB_SIZE, DataError, check_corpus_size, load_corpus
+from megatron_gate.demo.trainer import VARIANTS, RunPlan, TrainConfig, Variant, execute
+
+DEFAULTS = TrainConfig(
+    layers=4,
+    hidden=128,
+    heads=4,
+    seq_len=128,
+    batch_size=8,
+    steps=300,
+    lr=1e-2,
+    eval_interval=50,
+    checkpoint_interval=100,
+)
+
+
+class DemoInputError(ValueError):
+    """A flag value the demo cannot run with (the message names the flag and the fix)."""
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
+    """Flags shared by `demo` and `sweep`: model size, data, parallelism."""
+    add = parser.add_argument
+    add("--steps", type=int, default=defaults.steps, help="training steps (default %(default)d)")
+    add("--layers", type=int, default=defaults.layers, help="transformer layers")
+    add("--hidden", type=int, default=defaults.hidden, help="hidden size")
+    add("--heads", type=int, default=defaults.heads, help="attention heads")
+    add("--seq-len", type=int, default=defaults.seq_len, help="sequence length (tokens)")
+    add("--batch-size", type=int, default=defaults.batch_size, help="sequences per step")
+    add("--tp", type=int, default=1, help="tensor-parallel size (CPU: one gloo process per rank)")
+    add("--data", default=None, metavar="PATH",
+        help="text file, folder of text files, or Megatron indexed dataset prefix (.bin/.idx); "
+        "default: the embedded corpus (this Python's standard library)")  # fmt: skip
+    add("--overwrite", action="store_true", help="replace earlier runs in --out")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`megatron-gate demo` flags."""
+    parser.add_argument("--lr", type=float, default=DEFAULTS.lr,
+                        help="peak learning rate (default %(default)g)")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=DEFAULTS.seed,
+                        help="seed of the weights and the batches (default %(default)d)")  # fmt: skip
+    add_model_arguments(parser, DEFAULTS)
+    parser.add_argument("--granularity", choices=("headwise", "elementwise"), default="headwise",
+                        help="gate granularity of the gated run (default %(default)s)")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=Path("megatron-gate-demo"),
+                        help="output folder (default %(default)s)")  # fmt: skip
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def train_config(
+    args: argparse.Namespace, defaults: TrainConfig, *, lr: float, seed: int
+) -> TrainConfig:
+    """The `TrainConfig` of the parsed flags (intervals scaled to short runs)."""
+    return TrainConfig(
+        layers=args.layers,
+        hidden=args.hidden,
+        heads=args.heads,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        lr=lr,
+        seed=seed,
+        tp=args.tp,
+        log_interval=max(1, min(defaults.log_interval, args.steps // 10)),
+        eval_interval=max(1, min(defaults.eval_interval, args.steps // 4)),
+        checkpoint_interval=max(1, min(defaults.checkpoint_interval, args.steps)),
+        write_checkpoints=defaults.write_checkpoints,
+    )
+
+
+def validate(config: TrainConfig, *, vocab_size: int = BYTE_VOCAB_SIZE) -> None:
+    """Raise `DemoInputError` for flags that cannot train, before anything starts."""
+    import torch
+
+    if not config.lr > 0:
+        raise DemoInputError(f"--lr {config.lr}: the learning rate must be > 0 (e.g. --lr 1e-2).")
+    for flag, value in (("--steps", config.steps), ("--layers", config.layers),
+                        ("--hidden", config.hidden), ("--heads", config.heads),
+                        ("--seq-len", config.seq_len), ("--batch-size", config.batch_size),
+                        ("--tp", config.tp)):  # fmt: skip
+        if value < 1:
+            raise DemoInputError(f"{flag} {value}: must be a positive integer.")
+    if config.hidden % config.heads:
+        raise DemoInputError(
+            f"--hidden {config.hidden} is not divisible by --heads {config.heads}; "
+            "pick a hidden size that is a multiple of the head count."
+        )
+    for what, value in (("--heads", config.heads), ("--hidden", config.hidden),
+                        ("the vocabulary size", vocab_size)):  # fmt: skip
+        if value % config.tp:
+            raise DemoInputError(
+                f"{what} = {value} is not divisible by --tp {config.tp}; tensor parallelism "
+                "splits heads, hidden and vocabulary evenly: choose a --tp that divides them."
+            )
+    if torch.cuda.is_available() and config.tp > torch.cuda.device_count():
+        raise DemoInputError(
+            f"--tp {config.tp} needs {config.tp} GPUs; {torch.cuda.device_count()} are visible."
+        )
+
+
+def prepare_out(out: Path, run_names: list[str], *, overwrite: bool) -> None:
+    """Create `out`; refuse a file, and earlier runs unless `overwrite` (then remove them)."""
+    if out.exists() and not out.is_dir():
+        raise DemoInputError(
+            f"--out {out} is a file; pass a folder path (it is created if missing)."
+        )
+    for name in run_names:
+        run_dir = out / name
+        if run_dir.exists() and any(run_dir.iterdir()):
+            if not overwrite:
+                raise DemoInputError(
+                    f"--out {out} already holds a run in {run_dir}; pass another --out or "
+                    "--overwrite to replace it."
+                )
+            shutil.rmtree(run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def demo_variants(granularity: str) -> list[Variant]:
+    return [VARIANTS["baseline"], VARIANTS[f"gated_{granularity}"]]
+
+
+def print_paths(out: Path, run_dirs: list[Path], report: Path) -> None:
+    print("\nWritten:")
+    for run_dir in run_dirs:
+        print(f"  {run_dir}/stability.jsonl   (monitor JSONL)")
+        print(f"  {run_dir}/tensorboard/      (tensorboard --logdir {out})")
+        print(f"  {run_dir}/checkpoint/       (last checkpoint, one file per TP rank)")
+    print(f"  {report}   (open in a browser; self-contained)")
+
+
+def finish(out: Path, run_dirs: list[Path], *, title: str, settings: dict) -> Path:
+    """Summary table on stdout and `OUT/report.html` from what is on disk."""
+    from megatron_gate.demo.report import load_run, markdown_table, summary_rows, write_demo_report
+
+    runs = [load_run(d) for d in run_dirs if (d / "stability.jsonl").exists()]
+    print("\n" + markdown_table(summary_rows(runs)))
+    report = out / "report.html"
+    write_demo_report(runs, report, title=title, settings=settings)
+    print_paths(out, [run.run_dir for run in runs], report)
+    return report
+
+
+def run(args: argparse.Namespace) -> int:
+    """Validate, train baseline then gated, write the report; exit code 130 on Ctrl-C."""
+    try:
+        config = train_config(args, DEFAULTS, lr=args.lr, seed=args.seed)
+        validate(config)
+        corpus = load_corpus(args.data)
+        validate(config, vocab_size=corpus.vocab_size)
+        check_corpus_size(corpus, seq_len=config.seq_len)
+        variants = demo_variants(args.granularity)
+        prepare_out(args.out, [v.name for v in variants], overwrite=args.overwrite)
+    except (DemoInputError, DataError) as error:
+        print(f"megatron-gate demo: error: {error}", file=sys.stderr)
+        return 2
+    run_dirs = [args.out / v.name for v in variants]
+    plan = RunPlan(
+        runs=[(v, config, str(d)) for v, d in zip(variants, run_dirs, strict=True)],
+        data=args.data,
+        progress="off" if args.quiet else "bar",
+    )
+    print(
+        f"megatron-gate demo: {corpus.name}, {corpus.num_tokens:,} tokens; {config.layers} layers, "
+        f"hidden {config.hidden}, {config.heads} heads, seq {config.seq_len}, batch "
+        f"{config.batch_size}, {config.steps} steps at lr {config.lr:g}, tp {config.tp}",
+        file=sys.stderr,
+    )
+    interrupted = False
+    try:
+        results = execute(plan)
+        interrupted = any(r.status == "interrupted" for r in results)
+    except KeyboardInterrupt:
+        interrupted = True
+    settings = {**vars(args), "data": corpus.name, "warmup_steps": config.warmup}
+    title = f"megatron-gate demo: baseline vs gated ({args.granularity}) at lr {config.lr:g}"
+    finish(args.out, run_dirs, title=title, settings=settings)
+    if interrupted:
+        print("Interrupted: the report covers what finished.", file=sys.stderr)
+        return 130
+    return 0
