@@ -70,33 +70,40 @@ class RunLog:
         return self.validation[-1][1] if self.validation else float("nan")
 
 
+def _read_validation(path: Path) -> list[tuple[int, float]]:
+    points = []
+    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    for line in lines:
+        try:
+            record = json.loads(line)
+            points.append((int(record["step"]), _number(record["validation_loss"])))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            continue  # a torn last line of an interrupted run
+    return points
+
+
 def _number(value: Any) -> float:
     return float("nan") if value is None else float(value)
 
 
 def load_run(run_dir: Path) -> RunLog:
-    """Parse `run_dir/stability.jsonl`; a torn last line (a killed writer) is ignored."""
+    """Parse `run_dir/stability.jsonl` (and the demo's `validation.jsonl`); torn lines are skipped."""
+    from megatron_gate.monitor.sinks.jsonl import read_records
+
     run_dir = Path(run_dir)
     run = RunLog(name=run_dir.name, run_dir=run_dir)
     step_scalars: dict[int, dict[str, float]] = {}
     path = run_dir / schema.JSONL_NAME
-    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    for record in read_records(path) if path.exists() else []:
         kind = record.get("kind")
         if kind == "run_start":
             run.name = record.get("run", run.name)
-            run.model, run.config = record.get("model", {}), record.get("config", {})
+            run.model = record.get("model", {})
+            run.config = run.model.get("train", {})
         elif kind == "step":
-            step, scalars = int(record["step"]), record.get("scalars", {})
-            if "validation_loss" in scalars:
-                run.validation.append((step, _number(scalars["validation_loss"])))
-            step_scalars.setdefault(step, {}).update(
-                {k: _number(v) for k, v in scalars.items() if k != "validation_loss"}
-            )
+            step = int(record["step"])
+            scalars = {k: _number(v) for k, v in record.get("scalars", {}).items()}
+            step_scalars.setdefault(step, {}).update(scalars)
             if record.get("layers"):
                 run.layer_steps.append(step)
                 for metric, values in record["layers"].items():
@@ -105,6 +112,7 @@ def load_run(run_dir: Path) -> RunLog:
             run.events.append(record)
         elif kind == "run_end":
             run.status = record.get("status", run.status)
+    run.validation = _read_validation(run_dir / "validation.jsonl")
     run.steps = sorted(s for s, values in step_scalars.items() if values)
     names = sorted({name for values in step_scalars.values() for name in values})
     run.scalars = {
@@ -140,8 +148,8 @@ def summary_rows(runs: Sequence[RunLog]) -> list[dict[str, str]]:
                 "steps": str(run.last_step),
                 "final train loss": _fmt(run.final_train_loss(), 4),
                 "final val loss": _fmt(run.final_validation_loss(), 4),
-                "loss spikes": str(run.spike_count("loss")),
-                "grad-norm spikes": str(run.spike_count("grad_norm")),
+                "loss spikes": str(run.spike_count("loss_spike")),
+                "grad-norm spikes": str(run.spike_count("grad_norm_spike")),
                 "max abs(h) per layer": " / ".join(_fmt(v) for v in max_h) or "-",
                 "first-token share": _fmt(_mean(run.final_layers("first_token_attention_share"))),
                 "max attn logit": _fmt(max(run.final_layers("max_attention_logit") or [math.nan])),
@@ -203,7 +211,7 @@ def _color(name: str, index: int) -> str:
 
 
 def _spike_steps(run: RunLog, metric: str) -> list[int]:
-    return [int(e["step"]) for e in run.events if e.get("metric") == metric]
+    return [int(e["step"]) for e in run.events if e.get("detector") == f"{metric}_spike"]
 
 
 def curves_figure(runs: Sequence[RunLog]) -> Any:

@@ -28,7 +28,6 @@ import torch
 import torch.distributed as dist
 
 from megatron_gate.demo.data import BatchSampler, Corpus, load_corpus, validation_batches
-from megatron_gate.demo.metrics import StabilityRecorder
 
 FINAL_LOSS_WINDOW = 10  # final train loss = mean of the last this-many steps
 
@@ -244,12 +243,14 @@ def save_checkpoint(
     step: int,
     rank: int,
     meta: dict[str, Any],
+    extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write `checkpoint/tp_rank_XX.pt` (and `meta.json` on rank 0) atomically."""
     folder = run_dir / "checkpoint"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"tp_rank_{rank:02d}.pt"
     state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict()}
+    state.update(extra or {})
     _atomic_write(path, lambda tmp: torch.save(state, tmp))
     if rank == 0:
         text = json.dumps({**meta, "step": step}, indent=2)
@@ -302,17 +303,45 @@ class Progress:
 
 
 # ---------------------------------------------------------------------- one run
+VALIDATION_JSONL = "validation.jsonl"
+SPIKE_DETECTORS = ("loss_spike", "grad_norm_spike", "update_norm_spike")
+
+
+def demo_monitor_config(*, layer_interval: int) -> Any:
+    """The monitor settings of the demo: per-layer metrics every `layer_interval` steps, no console."""
+    from megatron_gate.monitor import MonitorConfig
+
+    return MonitorConfig.from_dict(
+        {
+            "log_interval": layer_interval,
+            "layer_interval": layer_interval,
+            "sinks": {"console": False},
+        }
+    )
+
+
+def append_validation(run_dir: Path, step: int, loss: float) -> None:
+    """One `{"step", "validation_loss"}` line in `validation.jsonl` (a single append)."""
+    line = json.dumps({"step": step, "validation_loss": loss, "time": time.time()}) + "\n"
+    with open(run_dir / VALIDATION_JSONL, "a", encoding="utf-8") as file:
+        file.write(line)
+
+
 def train_variant(
     config: TrainConfig,
     variant: Variant,
     corpus: Corpus,
     *,
     run_dir: Path,
+    monitor_config: Any = None,
     rank: int = 0,
     progress: bool = True,
 ) -> RunResult:
-    """Train one variant; never raises for divergence (the run ends "aborted") or Ctrl-C."""
-    from megatron.core import parallel_state
+    """Train one variant with the stability monitor on.
+
+    Never raises for a divergence (the run ends "aborted") or Ctrl-C (it ends "interrupted").
+    """
+    from megatron_gate.monitor import StabilityAbort, StabilityMonitor
 
     device = _device(rank)
     model = build_model(config, variant, vocab_size=corpus.vocab_size, device=device)
@@ -327,21 +356,24 @@ def train_variant(
         num_batches=config.eval_batches,
     )
     writer = rank == 0
-    recorder = StabilityRecorder(
-        model,
+    if writer:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    monitor = StabilityMonitor(
+        monitor_config or demo_monitor_config(layer_interval=config.log_interval),
+        models=[model],
         run_dir=run_dir,
         run_name=variant.name,
-        model_info=model_info(config, variant, device=device),
-        config={
-            **dataclasses.asdict(config),
-            "variant": dataclasses.asdict(variant),
-            "data": corpus.name,
-        },
-        log_interval=config.log_interval,
-        tp_group=parallel_state.get_tensor_model_parallel_group(),
-        write=writer,
-    )
+        optimizer=optimizer,
+        model_info={**model_info(config, variant, device=device),
+                    "train": dataclasses.asdict(config), "data": corpus.name},
+    )  # fmt: skip
     meta = {"variant": dataclasses.asdict(variant), "config": dataclasses.asdict(config)}
+
+    def checkpoint(step: int) -> None:
+        state = {"monitor": monitor.state_dict()}
+        save_checkpoint(run_dir, model=model, optimizer=optimizer, step=step, rank=rank,
+                        meta=meta, extra=state)  # fmt: skip
+
     bar = Progress(variant.name, config.steps, enabled=progress and writer)
     result = RunResult(name=variant.name, run_dir=str(run_dir), status="failed", steps_done=0)
     start, losses, step = time.time(), [], 0
@@ -351,70 +383,62 @@ def train_variant(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             tokens, labels = batches.next()
-            tick = time.time()
-            with recorder.observe(step):
-                loss = token_loss(model, tokens, labels)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+            monitor.start_step(step)
+            loss = token_loss(model, tokens, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
             norm = float(grad_norm(model))
-            if config.clip_grad > 0 and norm > config.clip_grad:
-                for param in model.parameters():
-                    if param.grad is not None:
-                        param.grad.mul_(config.clip_grad / (norm + 1e-6))
+            decision = monitor.end_step(
+                step, loss=loss.detach(), grad_norm=norm, learning_rate=lr, tokens=tokens.numel()
+            )
+            result.spikes = _count_spikes(result.spikes, decision.events)
             loss_value = float(loss.detach())
-            finite = math.isfinite(loss_value) and math.isfinite(norm)
-            if finite:
-                optimizer.step()
-            scalars = {
-                "loss": loss_value,
-                "grad_norm": norm,
-                "learning_rate": lr,
-                "tokens_per_second": tokens.numel() / max(time.time() - tick, 1e-9),
-                "nan_or_inf": 0.0 if finite else 1.0,
-            }
-            recorder.record_step(step, scalars=scalars)
             losses.append(loss_value)
             result.steps_done = step
             if step == 1:
                 result.initial_loss = loss_value
-            if not finite:
+            if not (math.isfinite(loss_value) and math.isfinite(norm)):
+                # The weights are lost: stop here rather than train on NaN.
                 result.status = "aborted"
                 break
+            if config.clip_grad > 0 and norm > config.clip_grad:
+                for param in model.parameters():
+                    if param.grad is not None:
+                        param.grad.mul_(config.clip_grad / (norm + 1e-6))
+            if not decision.skip_step:
+                optimizer.step()
             if step % config.eval_interval == 0 or step == config.steps:
-                val = validation_loss(model, eval_set)
-                recorder.record_validation(step, val)
-                result.final_validation_loss = val
+                result.final_validation_loss = validation_loss(model, eval_set)
+                if writer:
+                    append_validation(run_dir, step, result.final_validation_loss)
             if config.write_checkpoints and step % config.checkpoint_interval == 0:
-                save_checkpoint(
-                    run_dir, model=model, optimizer=optimizer, step=step, rank=rank, meta=meta
-                )
+                checkpoint(step)
             bar.update(step, loss=loss_value, grad_norm=norm)
         else:
             result.status = "completed"
     except KeyboardInterrupt:
         result.status = "interrupted"
+    except StabilityAbort:
+        result.status = "aborted"
     finally:
-        if (
-            result.status in ("completed", "interrupted")
-            and config.write_checkpoints
-            and result.steps_done
-        ):
-            save_checkpoint(
-                run_dir,
-                model=model,
-                optimizer=optimizer,
-                step=result.steps_done,
-                rank=rank,
-                meta=meta,
-            )
-        recorder.close(result.status, step=result.steps_done)
+        saved = result.status in ("completed", "interrupted") and result.steps_done
+        if saved and config.write_checkpoints:
+            checkpoint(result.steps_done)
+        monitor.close(result.status)
         bar.close(result.status)
     finite_losses = [v for v in losses[-FINAL_LOSS_WINDOW:] if math.isfinite(v)]
     if result.status != "aborted" and finite_losses:
         result.final_train_loss = sum(finite_losses) / len(finite_losses)
-    result.spikes = dict(recorder.spikes)
     result.seconds = time.time() - start
     return result
+
+
+def _count_spikes(counts: dict[str, int], events: Any) -> dict[str, int]:
+    counts = dict(counts)
+    for event in events or ():
+        if event.detector in SPIKE_DETECTORS:
+            counts[event.detector] = counts.get(event.detector, 0) + 1
+    return counts
 
 
 def _device(rank: int) -> torch.device:
@@ -432,6 +456,8 @@ class RunPlan:
     runs: list[tuple[Variant, TrainConfig, str]]
     """(variant, config for this run, run directory) in order; all with the same `tp`."""
     data: str | None
+    monitor_config: Any = None
+    """A `MonitorConfig` for every run (default: `demo_monitor_config`)."""
     progress: str = "bar"
     """"bar" (a progress bar per run), "line" (one line per finished run) or "off"."""
 
@@ -455,7 +481,7 @@ def run_plan(plan: RunPlan, *, rank: int = 0) -> list[RunResult]:
     for index, (variant, config, run_dir) in enumerate(plan.runs, start=1):
         result = train_variant(
             config, variant, corpus, run_dir=Path(run_dir), rank=rank,
-            progress=plan.progress == "bar",
+            monitor_config=plan.monitor_config, progress=plan.progress == "bar",
         )  # fmt: skip
         results.append(result)
         if plan.progress == "line" and rank == 0:
