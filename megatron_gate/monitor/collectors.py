@@ -71,6 +71,26 @@ def rank_position(*, data_parallel_rank: int | None = None) -> RankPosition:
     return RankPosition(data_parallel_rank=data_parallel_rank)
 
 
+def _guarded(kind: str, hook: Any, warned: set[str]) -> Any:
+    """Run a hook, but never let its error reach the model's forward (warn once per kind)."""
+
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        try:
+            hook(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - the monitor never stops training
+            if kind not in warned:
+                warned.add(kind)
+                logger.warning(
+                    "stability monitor: %s hook failed (%s: %s); its statistics are skipped.",
+                    kind,
+                    type(error).__name__,
+                    error,
+                )
+        return None
+
+    return guarded
+
+
 # ---------------------------------------------------------------------- layer discovery
 def find_layers(models: Iterable[torch.nn.Module]) -> dict[int, torch.nn.Module]:
     """Transformer layers by their global 1-based `layer_number` (pipeline-stage aware)."""
@@ -174,6 +194,7 @@ class LayerCollector:
         self.gate_histogram: dict[int, torch.Tensor] = {}
         self._handles: list[Any] = []
         self._observers: list[tuple[list, Any]] = []
+        self._warned: set[str] = set()
         if probe_queries and position.context_parallel_size > 1:
             logger.warning(
                 "stability monitor: the attention-sink probe is off with context parallelism "
@@ -237,7 +258,7 @@ class LayerCollector:
                 count=float(tensor.numel()),
             )
 
-        return hook
+        return _guarded(kind, hook, self._warned)
 
     def _gate_observer(self, number: int) -> Any:
         def observe(_module: torch.nn.Module, gate_logits: torch.Tensor) -> None:
@@ -252,7 +273,7 @@ class LayerCollector:
             previous = self.gate_histogram.get(number)
             self.gate_histogram[number] = histogram if previous is None else previous + histogram
 
-        return observe
+        return _guarded("gate", observe, self._warned)
 
     def _probe_hook(self, number: int, core: torch.nn.Module) -> Any:
         def hook(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -275,7 +296,7 @@ class LayerCollector:
                 ("probe", number), maximum=max_logit, total=share_sum, count=float(share_count)
             )
 
-        return hook
+        return _guarded("attention-sink probe", hook, self._warned)
 
     # -------------------------------------------------------------- packing
     def add_slots(self, layout: PackLayout) -> None:

@@ -3,8 +3,9 @@
 Every rank runs the same detectors on the same reduced numbers, so every rank reaches the same
 decision without another collective. Each detector returns `Event`s (the schema's `event` record).
 
-- `RobustSpikeDetector`: value above median + z x 1.4826 x MAD of a rolling window (optionally
-  on log values, for norms), i.e. a robust z-score; used for the loss, grad norm, update norm.
+- `RobustSpikeDetector`: a robust z-score (median and 1.4826 x MAD over a rolling window) of the
+  jump of a value above its recent level (optionally on log values, for norms); used for the
+  loss, grad norm and update norm.
 - `LossSpikeDetector`: the robust z-score plus Megatron's rule (loss > ratio x the max of the
   first `warmup_steps` losses).
 - `NanInfDetector`: the device-side NaN/Inf flag.
@@ -50,22 +51,30 @@ def _finite(value: float | None) -> bool:
     return value is not None and math.isfinite(value)
 
 
-def robust_center_scale(values: Sequence[float]) -> tuple[float, float]:
+def robust_center_scale(values: Sequence[float], *, level: float = 0.0) -> tuple[float, float]:
     """Median and a robust standard deviation (1.4826 x MAD, floored to stay positive)."""
     center = statistics.median(values)
     mad = statistics.median(abs(value - center) for value in values)
     # A flat window (MAD 0) would make any wiggle infinite sigmas: floor relative to the level.
-    floor = 1e-3 * max(abs(center), 1e-8)
+    floor = 1e-3 * max(abs(level), abs(center), 1e-8)
     return center, max(MAD_TO_SIGMA * mad, floor)
 
 
 class RobustSpikeDetector:
-    """Fires when a value exceeds median + z_threshold x robust sigma of the last `window` values."""
+    """Fires when a value jumps more than `z_threshold` robust sigmas above its recent level.
+
+    The level is the median of the last `LEVEL_WINDOW` values, so a falling loss (a trend)
+    does not count as noise; the window holds the innovations (value - level) of the last
+    `window` steps, and their median and 1.4826 x MAD give the robust z-score.
+    """
+
+    LEVEL_WINDOW = 8
 
     def __init__(
         self, name: str, metric: str, config: DetectorConfig, *, log_scale: bool = False
     ) -> None:
         self.name, self.metric, self.config, self.log_scale = name, metric, config, log_scale
+        self.recent: deque[float] = deque(maxlen=self.LEVEL_WINDOW)
         self.window: deque[float] = deque(maxlen=config.window)
 
     def _transform(self, value: float) -> float | None:
@@ -77,28 +86,35 @@ class RobustSpikeDetector:
         return math.exp(value) if self.log_scale else value
 
     def observe(self, step: int, value: float | None) -> list[Event]:
-        """Check `value` against the window, then add it to the window."""
+        """Check `value` against the recent level and the innovation window, then add it."""
         if not self.config.enabled or not _finite(value):
             return []
         transformed = self._transform(value)
         if transformed is None:
             return []
+        if not self.recent:
+            self.recent.append(transformed)
+            return []
+        level = statistics.median(self.recent)
+        innovation = transformed - level
         events: list[Event] = []
         if len(self.window) >= self.config.min_history:
-            center, sigma = robust_center_scale(self.window)
-            z_score = (transformed - center) / sigma
+            center, sigma = robust_center_scale(self.window, level=level)
+            z_score = (innovation - center) / sigma
             if z_score > self.config.z_threshold:
-                threshold = self._inverse(center + self.config.z_threshold * sigma)
+                threshold = self._inverse(level + center + self.config.z_threshold * sigma)
                 events.append(
                     self._event(
                         step,
                         value,
                         threshold,
                         f"{self.metric} {value:.4g} is {z_score:.1f} robust sigmas above its "
-                        f"median {self._inverse(center):.4g} over {len(self.window)} steps",
+                        f"recent level {self._inverse(level):.4g} "
+                        f"(sigma from {len(self.window)} steps)",
                     )
                 )
-        self.window.append(transformed)
+        self.recent.append(transformed)
+        self.window.append(innovation)
         return events
 
     def _event(self, step: int, value: float, threshold: float, message: str) -> Event:
@@ -115,11 +131,12 @@ class RobustSpikeDetector:
         )
 
     def state_dict(self) -> dict[str, Any]:
-        """The window (plain floats)."""
-        return {"window": list(self.window)}
+        """Recent values and the innovation window (plain floats)."""
+        return {"recent": list(self.recent), "window": list(self.window)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the window."""
+        """Restore the windows."""
+        self.recent = deque(state.get("recent", []), maxlen=self.LEVEL_WINDOW)
         self.window = deque(state.get("window", []), maxlen=self.config.window)
 
 

@@ -116,6 +116,8 @@ class StabilityMonitor:
         self.step: int | None = None
         self._warned: set[str] = set()
         self._closed = False
+        self.last_records: list[dict[str, Any]] = []
+        """The `step` records of the latest log step (every rank; for loops that log them)."""
         if not self.enabled:
             return
         self.device = _model_device(self.models)
@@ -394,6 +396,7 @@ class StabilityMonitor:
         decision = Decision(step=step)
         try:
             records = self._records(self.layout.unpack(reduced))
+            self.last_records = records
             events: list[Event] = []
             for record in records:
                 events += self.detectors.check(

@@ -1,0 +1,226 @@
+"""StabilityMonitor on a tiny Megatron GPT in a plain PyTorch loop: syncs, records, resilience."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_gate.monitor import MonitorConfig, StabilityMonitor, schema
+from megatron_gate.monitor.sinks import Sink, read_records
+
+from .conftest import batch_at, lm_loss, tiny_gated_gpt
+
+QUIET_SINKS = {"console": False, "tensorboard": False}
+
+
+def _config(**overrides: object) -> MonitorConfig:
+    return MonitorConfig.from_dict({"sinks": QUIET_SINKS, **overrides})
+
+
+# Every way a tensor's value reaches the host (a device synchronisation on CUDA).
+SYNC_METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "cpu")
+
+
+@contextlib.contextmanager
+def count_host_reads() -> Iterator[dict[str, int]]:
+    """Count calls of the Tensor methods that read values back to the host."""
+    counts = dict.fromkeys(SYNC_METHODS, 0)
+    originals = {name: getattr(torch.Tensor, name) for name in SYNC_METHODS}
+
+    def counting(name: str):  # noqa: ANN202
+        original = originals[name]
+
+        def method(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+            counts[name] += 1
+            return original(self, *args, **kwargs)
+
+        return method
+
+    try:
+        for name in SYNC_METHODS:
+            setattr(torch.Tensor, name, counting(name))
+        yield counts
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+
+
+def _train_step(model, optimizer, monitor, step: int) -> None:  # noqa: ANN001
+    if monitor is not None:
+        monitor.start_step(step)
+    loss = lm_loss(model, batch_at(step))
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9)
+    if monitor is not None:
+        monitor.end_step(step, loss=loss.detach(), grad_norm=grad_norm, tokens=32)
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def test_no_host_sync_on_unlogged_steps(one_rank_world: None, tmp_path: Path) -> None:
+    model = tiny_gated_gpt()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    monitor = StabilityMonitor(
+        _config(log_interval=4, layer_interval=8), models=[model], run_dir=tmp_path
+    )
+    _train_step(model, optimizer, None, 0)  # warm-up (lazy optimizer state)
+    with count_host_reads() as plain:
+        _train_step(model, optimizer, None, 1)
+    baseline = sum(plain.values())
+    for step, logged in ((1, False), (2, False), (3, False), (4, True), (7, False), (8, True)):
+        with count_host_reads() as counts:
+            _train_step(model, optimizer, monitor, step)
+        extra = sum(counts.values()) - baseline
+        if logged:
+            assert extra > 0, "a log step reads values: the counter must see it"
+        else:
+            assert extra == 0, f"step {step} is not logged but read {counts} (baseline {plain})"
+    monitor.close()
+
+
+class BrokenSink(Sink):
+    name = "broken"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def write(self, record: dict) -> None:
+        self.calls += 1
+        raise OSError("disk full")
+
+
+def test_records_failing_sink_and_broken_probe(
+    one_rank_world: None,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken_probe(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("probe bug")
+
+    monkeypatch.setattr("megatron_gate.monitor.collectors.probe_attention", broken_probe)
+    model = tiny_gated_gpt()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    broken = BrokenSink()
+    monitor = StabilityMonitor(
+        _config(log_interval=2, layer_interval=4),
+        models=[model],
+        run_dir=tmp_path,
+        optimizer=optimizer,
+        extra_sinks=[broken],
+    )
+    with caplog.at_level(logging.WARNING):
+        for step in range(9):
+            _train_step(model, optimizer, monitor, step)
+        monitor.close()
+    assert broken.calls == 1  # warned once, then disabled
+    assert sum("sink 'broken' failed" in message for message in caplog.messages) == 1
+    assert sum("attention-sink probe hook failed" in message for message in caplog.messages) == 1
+    records = read_records(tmp_path)
+    assert [r["kind"] for r in records][0] == "run_start" and records[-1]["kind"] == "run_end"
+    assert all(r["schema"] == schema.SCHEMA for r in records)
+    steps = [r for r in records if r["kind"] == "step"]
+    assert [r["step"] for r in steps] == list(range(9))
+    layered = [r for r in steps if "layers" in r]
+    assert [r["step"] for r in layered] == [0, 4, 8]
+    for record in layered:
+        assert set(record["layers"]) == set(schema.LAYER_METRICS)
+        layers = record["layers"]
+        assert all(v is not None and v > 0 for v in layers["max_abs_residual"])
+        assert all(0 < v < 1 for v in layers["gate_mean"])
+        assert layers["first_token_attention_share"] == [None, None]  # the broken probe
+        assert all(sum(h) > 0 for h in record["gate_histogram"])
+    assert layered[0]["layers"]["update_norm"] == [None, None]  # nothing before step 0
+    assert all(v > 0 for v in layered[1]["layers"]["update_norm"])
+    assert steps[3]["scalars"]["learning_rate"] == pytest.approx(1e-3)
+    assert steps[3]["scalars"]["tokens_per_second"] > 0
+
+
+def test_statistics_equal_plain_reference(one_rank_world: None, tmp_path: Path) -> None:
+    """Residual / attention / MLP stats and grad norms against values computed by hand."""
+    model = tiny_gated_gpt(seed=5)
+    monitor = StabilityMonitor(
+        _config(log_interval=1, layer_interval=1), models=[model], run_dir=tmp_path
+    )
+    seen: dict[tuple[str, int], torch.Tensor] = {}
+    handles = []
+    for layer in model.decoder.layers:
+        number = layer.layer_number
+        handles.append(
+            layer.register_forward_hook(
+                lambda _m, _i, out, n=number: seen.__setitem__(("residual", n), out[0].detach())
+            )
+        )
+        handles.append(
+            layer.mlp.register_forward_hook(
+                lambda _m, _i, out, n=number: seen.__setitem__(("mlp", n), out[0].detach())
+            )
+        )
+        handles.append(
+            layer.self_attention.register_forward_hook(
+                lambda _m, _i, out, n=number: seen.__setitem__(("attention", n), out[0].detach())
+            )
+        )
+        gates: list[torch.Tensor] = []
+        layer.self_attention.gate_observers.append(lambda _m, g, gates=gates: gates.append(g))
+        seen[("gates", number)] = gates  # type: ignore[assignment]
+    monitor.start_step(0)
+    loss = lm_loss(model, batch_at(0))
+    loss.backward()
+    monitor.end_step(0, loss=loss.detach())
+    for handle in handles:
+        handle.remove()
+    record = monitor.last_records[0]
+    layers = record["layers"]
+    for layer in model.decoder.layers:
+        n = layer.layer_number
+        for kind, metric in (
+            ("residual", "residual"),
+            ("attention", "attention_output"),
+            ("mlp", "mlp_output"),
+        ):
+            tensor = seen[(kind, n)]
+            assert layers[f"max_abs_{metric}"][n - 1] == pytest.approx(
+                tensor.abs().max().item(), rel=1e-6
+            )
+            assert layers[f"rms_{metric}"][n - 1] == pytest.approx(
+                tensor.pow(2).mean().sqrt().item(), rel=1e-5
+            )
+        gate = torch.sigmoid(seen[("gates", n)][0].float())
+        assert layers["gate_mean"][n - 1] == pytest.approx(gate.mean().item(), rel=1e-5)
+        assert layers["gate_sparsity"][n - 1] == pytest.approx((gate < 0.1).float().mean().item())
+        grad = torch.cat([p.grad.reshape(-1) for p in layer.parameters() if p.grad is not None])
+        assert layers["grad_norm"][n - 1] == pytest.approx(grad.norm().item(), rel=1e-5)
+    total = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+    assert record["scalars"]["grad_norm"] == pytest.approx(total.norm().item(), rel=1e-5)
+    assert record["scalars"]["loss"] == pytest.approx(loss.item())
+    monitor.close()
+
+
+def test_state_dict_resume_keeps_history(one_rank_world: None, tmp_path: Path) -> None:
+    config = _config(log_interval=1, layer_interval=1, detectors={"loss_spike": {"min_history": 4}})
+    model = tiny_gated_gpt()
+    first = StabilityMonitor(config, models=[model], run_dir=tmp_path)
+    for step, loss in enumerate([3.0, 2.9, 3.05, 2.95, 3.0]):
+        first.start_step(step)
+        first.end_step(step, loss=loss)
+    state = first.state_dict()
+    first.close("interrupted")
+    resumed = StabilityMonitor(config, models=[model], run_dir=tmp_path)
+    resumed.load_state_dict(state)
+    assert resumed.state_dict()["detectors"] == state["detectors"]
+    resumed.start_step(5)
+    events = resumed.end_step(5, loss=30.0).events
+    assert [e.detector for e in events] == ["loss_spike"]
+    fresh = StabilityMonitor(config, models=[model], run_dir=tmp_path / "fresh")
+    fresh.start_step(5)
+    assert fresh.end_step(5, loss=30.0).events == ()
+    resumed.close()
+    fresh.close()
+    kinds = [r["kind"] for r in read_records(tmp_path)]
+    assert kinds.count("run_start") == 2 and kinds[-1] == "run_end"
