@@ -3,6 +3,7 @@
     --gated-attention {headwise,elementwise}   gate every GPT self-attention layer
     --gate-bias                                give the gate rows a trainable bias
     --stability-config monitor.yaml            stability monitor config (= --monitor-config)
+    --stability-dir DIR                        where stability.jsonl goes (<--save>/stability)
     --monitor-set KEY=VALUE, --no-monitor      the monitor's own flags
 
 `add_megatron_gate_args(parser)` is an `extra_args_provider` (Megatron passes the parser and
@@ -35,6 +36,12 @@ def _add_monitor_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="YAML",
         help="Stability monitor config (YAML); same as --monitor-config.",
+    )
+    parser.add_argument(
+        "--stability-dir",
+        default=None,
+        metavar="DIR",
+        help="Where the monitor writes stability.jsonl (default: <--save>/stability).",
     )
 
 

@@ -89,15 +89,16 @@ def _parallel_sizes() -> dict[str, int]:
     }
 
 
-def check_model(model_chunks: list[Any], optimizer: Any = None) -> str:
-    """Stop a run whose gate is missing; attach the monitor; return (and log) the start-up line."""
+def check_model(model_chunks: list[Any], optimizer: Any = None, scheduler: Any = None) -> str:
+    """Stop a run whose gate is missing; start the monitor; return (and print) the start-up line."""
     args = RUN.args
     report = global_report(model_chunks, _parallel_sizes())
     if args is not None and gate_args.gating_requested(args):
         message = missing_gate_message(report, requested=gate_args.describe_request(args))
         if message is not None:
             raise GateConfigError(message)
-    sinks = monitor_hooks.attach(args, model_chunks, optimizer, report)
+    backend = "/".join(report.backends) or None
+    sinks = monitor_hooks.attach(args, model_chunks, optimizer, scheduler, backend=backend)
     line = startup_line(report, monitor_sinks=sinks)
     RUN.model_built, RUN.startup_line = True, line
     if not dist.is_initialized() or dist.get_rank() == 0:
@@ -108,7 +109,7 @@ def check_model(model_chunks: list[Any], optimizer: Any = None) -> str:
 def _wrap_setup_model_and_optimizer(original: Any) -> Any:
     def setup_model_and_optimizer(*args: Any, **kwargs: Any) -> Any:
         model, optimizer, scheduler = original(*args, **kwargs)
-        check_model(model, optimizer)
+        check_model(model, optimizer, scheduler)
         return model, optimizer, scheduler
 
     return setup_model_and_optimizer

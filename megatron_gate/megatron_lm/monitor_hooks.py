@@ -1,38 +1,355 @@
-"""The stability monitor on Megatron-LM's training loop (provisional: config and sinks only)."""
+"""The stability monitor on Megatron-LM's training loop (`megatron.training`).
+
+Where each monitor call sits in Megatron's `train_step` (iteration `n`, 1-based like its logs):
+
+    train_step            -> monitor.start_step(n)            (arms layer hooks on layer steps)
+      forward_backward    -> this rank's loss, kept on the device
+      optimizer.step
+        clip_grad_norm / get_grad_norm -> the global grad norm Megatron computes anyway
+        step_with_ready_grads -> monitor.end_step(n, ...)      (before the update is applied)
+                                 skip / rollback: the update is not applied (counted by Megatron
+                                 as a skipped iteration); lr back-off: the monitor scales the lrs
+    generate_state_dict   -> the monitor's state goes into every Megatron checkpoint
+    _load_base_checkpoint -> and comes back on resume
+
+A rollback reloads the newest checkpoint of `--save` (model, optimizer, scheduler); the data
+iterator is not rewound, so the batches since that checkpoint are not replayed. An abort saves a
+checkpoint of the last applied iteration first. Both run on every rank (the monitor decides the
+same on all of them).
+"""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-from collections.abc import Iterator
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import torch
+import torch.distributed as dist
 
-def _sinks(args: argparse.Namespace | None) -> list[str]:
+from megatron_gate.megatron_lm.patching import wrap
+from megatron_gate.monitor import Decision, MonitorConfig, RollbackRequest, StabilityMonitor
+
+logger = logging.getLogger(__name__)
+
+STATE_KEY = "stability_monitor"
+"""Key of the monitor's state in Megatron checkpoints."""
+
+
+def monitor_sinks(config: MonitorConfig) -> list[str]:
+    """Names of the sinks a monitor with `config` writes to (JSONL always, when enabled)."""
+    if not config.enabled:
+        return []
+    optional = ("tensorboard", "wandb", "prometheus", "console")
+    return ["jsonl", *(name for name in optional if getattr(config.sinks, name))]
+
+
+def stability_dir(args: argparse.Namespace) -> Path:
+    """Where `stability.jsonl` goes: `--stability-dir`, else `<--save>/stability`."""
+    if getattr(args, "stability_dir", None):
+        return Path(args.stability_dir)
+    return Path(args.save or ".") / "stability"
+
+
+def local_loss(losses_reduced: Sequence[dict[str, torch.Tensor]] | None) -> torch.Tensor | None:
+    """This rank's loss from `forward_backward_func`'s output, kept on the device.
+
+    Each microbatch reports `{"lm loss": [sum, tokens]}` (0.19) or `{"lm loss": mean}` (older).
+    """
+    if not losses_reduced:
+        return None
+    key = "lm loss" if "lm loss" in losses_reduced[0] else next(iter(losses_reduced[0]))
+    values = [report[key].detach().float().view(-1) for report in losses_reduced]
+    if values[0].numel() == 2:
+        total = torch.stack(values).sum(dim=0)
+        return total[0] / total[1].clamp(min=1)
+    return torch.cat(values).mean()
+
+
+@dataclass
+class _Step:
+    number: int
+    loss: torch.Tensor | None = None
+    grad_norm: Any = None
+    decision: Decision | None = None
+
+
+class MegatronLoopMonitor:
+    """A `StabilityMonitor` bound to one `megatron.training` run: its model chunks, optimizer
+    and scheduler (for rollback and abort) and its tokens per step."""
+
+    def __init__(
+        self,
+        monitor: StabilityMonitor,
+        *,
+        model: list[torch.nn.Module],
+        optimizer: Any,
+        scheduler: Any,
+        tokens_per_step: int,
+    ) -> None:
+        self.monitor = monitor
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.tokens_per_step = tokens_per_step
+        self.current: _Step | None = None
+        self.rolling_back = False
+        monitor.on_rollback = self.rollback
+        monitor.on_abort = self.save_before_abort
+
+    # ------------------------------------------------------------------ per step
+    def begin(self, step: int) -> None:
+        self.current = _Step(step)
+        self.monitor.start_step(step)
+
+    def record_losses(self, losses_reduced: Any) -> None:
+        if self.current is not None:
+            self.current.loss = local_loss(losses_reduced)
+
+    def record_grad_norm(self, grad_norm: Any) -> None:
+        if self.current is not None:
+            self.current.grad_norm = grad_norm
+
+    def end(self) -> Decision | None:
+        """`monitor.end_step` for the current step, once (None when no step is open)."""
+        step = self.current
+        if step is None:
+            return None
+        if step.decision is None:
+            get_loss_scale = getattr(self.optimizer, "get_loss_scale", None)
+            step.decision = self.monitor.end_step(
+                step.number,
+                loss=step.loss,
+                grad_norm=step.grad_norm,
+                loss_scale=get_loss_scale() if get_loss_scale is not None else None,
+                tokens=self.tokens_per_step,
+            )
+        return step.decision
+
+    # ------------------------------------------------------------------ actions
+    def rollback(self, request: RollbackRequest) -> None:
+        """Reload the newest checkpoint of `--save`; keep the data position (no replay)."""
+        from megatron.training import get_args
+        from megatron.training.checkpointing import checkpoint_exists, load_checkpoint
+
+        args = get_args()
+        load_arg = "save" if args.save else "load"
+        if not checkpoint_exists(getattr(args, load_arg)):
+            logger.warning(
+                "megatron-gate: rollback asked (%s) but no checkpoint exists; the "
+                "step is skipped instead.",
+                request.reason,
+            )
+            return
+        consumed = (args.consumed_train_samples, getattr(args, "consumed_valid_samples", 0))
+        self.rolling_back = True
+        try:
+            iteration, _ = load_checkpoint(
+                self.model, self.optimizer, self.scheduler, load_arg=load_arg
+            )
+        finally:
+            self.rolling_back = False
+        # Megatron's loader rewinds the sample counters; the data iterator goes on.
+        args.consumed_train_samples, args.consumed_valid_samples = consumed
+        _print_rank_0(
+            f"megatron-gate: rolled back to iteration {iteration} after a spike at step "
+            f"{request.spike_step} ({request.reason}); the batches since are not replayed."
+        )
+
+    def save_before_abort(self, reason: str) -> None:
+        """Save a checkpoint of the last applied iteration before the abort exits."""
+        from megatron.training import get_args
+        from megatron.training.checkpointing import save_checkpoint
+
+        args = get_args()
+        if not args.save or self.current is None:
+            return
+        save_checkpoint(
+            self.current.number - 1,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            getattr(args, "num_floating_point_operations_so_far", 0) or 0,
+        )
+        _print_rank_0(f"megatron-gate: saved before aborting: {reason}")
+
+
+ACTIVE: MegatronLoopMonitor | None = None
+_RESTORED_STATE: dict[str, Any] | None = None
+
+
+def _print_rank_0(message: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(message, flush=True)
+
+
+# ---------------------------------------------------------------------- attach / close
+def attach(
+    args: argparse.Namespace | None,
+    model: list[torch.nn.Module],
+    optimizer: Any,
+    scheduler: Any,
+    *,
+    backend: str | None = None,
+) -> list[str]:
+    """Start the monitor for this run (unless `--no-monitor`); return its sink names."""
+    global ACTIVE
     if args is None:
         return []
-    from megatron_gate.monitor.config import MonitorConfig
-
     config = MonitorConfig.from_cli_args(args)
     if not config.enabled:
         return []
-    names = ["jsonl"]
-    names += [
-        name
-        for name in ("tensorboard", "wandb", "prometheus", "console")
-        if getattr(config.sinks, name)
-    ]
-    return names
+    from megatron.training import get_tensorboard_writer
 
-
-def attach(args: argparse.Namespace | None, model: Any, optimizer: Any, report: Any) -> list[str]:
-    return _sinks(args)
+    writer = get_tensorboard_writer()
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    monitor = StabilityMonitor(
+        config,
+        models=model,
+        run_dir=stability_dir(args),
+        # Megatron's TensorBoard writer lives on the last rank: write everything from there.
+        writer_rank=world - 1 if args.tensorboard_dir else 0,
+        optimizer=optimizer,
+        tensorboard_writer=writer,
+        model_info={"backend": backend},
+    )
+    if _RESTORED_STATE:
+        monitor.load_state_dict(_RESTORED_STATE)
+        _print_rank_0(
+            "megatron-gate: stability monitor state restored from the checkpoint "
+            f"(last monitored step {_RESTORED_STATE.get('step')})."
+        )
+    ACTIVE = MegatronLoopMonitor(
+        monitor,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        tokens_per_step=args.global_batch_size * args.seq_length,
+    )
+    _wrap_optimizer(optimizer, ACTIVE)
+    return monitor_sinks(config)
 
 
 @contextlib.contextmanager
 def closing_monitor() -> Iterator[None]:
-    yield
+    """Close the active monitor when `pretrain` returns or fails, with the matching status."""
+    global ACTIVE
+    status = "completed"
+    try:
+        yield
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    except SystemExit as exit_:
+        status = "completed" if exit_.code in (0, None) else "interrupted"
+        raise
+    except BaseException:
+        status = "failed"
+        raise
+    finally:
+        if ACTIVE is not None:
+            ACTIVE.monitor.close(status)
+            ACTIVE = None
+
+
+# ---------------------------------------------------------------------- hooks
+def _wrap_optimizer(optimizer: Any, loop: MegatronLoopMonitor) -> None:
+    """Instance-level hooks on Megatron's optimizer: capture the grad norm, decide before the
+    update is applied."""
+
+    def capture(original: Any) -> Any:
+        def grad_norm(*args: Any, **kwargs: Any) -> Any:
+            value = original(*args, **kwargs)
+            loop.record_grad_norm(value)
+            return value
+
+        return grad_norm
+
+    def decide_then_step(original: Any) -> Any:
+        def step_with_ready_grads(*args: Any, **kwargs: Any) -> Any:
+            decision = loop.end()
+            if decision is not None and (decision.skip_step or decision.rollback is not None):
+                return False
+            return original(*args, **kwargs)
+
+        return step_with_ready_grads
+
+    for name in ("clip_grad_norm", "get_grad_norm"):
+        if hasattr(optimizer, name):
+            wrap([optimizer], name, capture)
+    wrap([optimizer], "step_with_ready_grads", decide_then_step)
+
+
+def _iteration(kwargs: dict[str, Any]) -> int:
+    if kwargs.get("iteration") is not None:
+        return int(kwargs["iteration"])
+    from megatron.training import get_args
+
+    return int(get_args().curr_iteration)
+
+
+_FORWARD_BACKWARD_POSITION = 6  # train_step(forward_step_func, data_iterator, model, ...)
+
+
+def _wrap_train_step(original: Any) -> Any:
+    def train_step(*args: Any, **kwargs: Any) -> Any:
+        loop = ACTIVE
+        if loop is None:
+            return original(*args, **kwargs)
+        loop.begin(_iteration(kwargs) + 1)
+
+        def forward_backward(*fb_args: Any, **fb_kwargs: Any) -> Any:
+            losses = schedule(*fb_args, **fb_kwargs)
+            loop.record_losses(losses)
+            return losses
+
+        if "forward_backward_func" in kwargs:
+            schedule = kwargs["forward_backward_func"]
+            kwargs["forward_backward_func"] = forward_backward
+        else:
+            schedule = args[_FORWARD_BACKWARD_POSITION]
+            args = (
+                *args[:_FORWARD_BACKWARD_POSITION],
+                forward_backward,
+                *args[_FORWARD_BACKWARD_POSITION + 1 :],
+            )
+        result = original(*args, **kwargs)
+        # An fp16 overflow returns before the update; the monitor still sees the step.
+        loop.end()
+        return result
+
+    return train_step
+
+
+def _wrap_generate_state_dict(original: Any) -> Any:
+    def generate_state_dict(*args: Any, **kwargs: Any) -> Any:
+        state_dict = original(*args, **kwargs)
+        if ACTIVE is not None and not ACTIVE.rolling_back:
+            state_dict[STATE_KEY] = ACTIVE.monitor.state_dict()
+        return state_dict
+
+    return generate_state_dict
+
+
+def _wrap_load_base_checkpoint(original: Any) -> Any:
+    def _load_base_checkpoint(*args: Any, **kwargs: Any) -> Any:
+        global _RESTORED_STATE
+        result = original(*args, **kwargs)
+        state_dict = result[0] if isinstance(result, tuple) else None
+        # On resume the monitor starts after the model is loaded; a rollback keeps its history.
+        if ACTIVE is None and isinstance(state_dict, dict) and STATE_KEY in state_dict:
+            _RESTORED_STATE = state_dict[STATE_KEY]
+        return result
+
+    return _load_base_checkpoint
 
 
 def install(training: Any) -> None:
-    return None
+    """Wrap `train_step` and Megatron's checkpoint state (idempotent)."""
+    from megatron.training import checkpointing
+
+    wrap([training], "train_step", _wrap_train_step)
+    wrap([checkpointing], "generate_state_dict", _wrap_generate_state_dict)
+    wrap([checkpointing], "_load_base_checkpoint", _wrap_load_base_checkpoint)

@@ -31,5 +31,6 @@ def wrap(owners: Iterable[Any], name: str, make: Wrapper) -> None:
     replacement = functools.update_wrapper(make(original), original)
     setattr(replacement, _MARK, True)
     for owner in owners:
-        if getattr(owner, name) is original:
+        # `==`, not `is`: an instance hands out a new bound-method object on every access.
+        if getattr(owner, name) == original:
             setattr(owner, name, replacement)
