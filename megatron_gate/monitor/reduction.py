@@ -97,9 +97,10 @@ def gather_rows(row: torch.Tensor, group: dist.ProcessGroup | None = None) -> to
     world = dist.get_world_size(group)
     if world == 1:
         return row.unsqueeze(0)
-    rows = torch.empty(world, row.numel(), dtype=row.dtype, device=row.device)
+    # A flat output buffer: what both gloo and NCCL accept. [world * width] -> [world, width]
+    rows = torch.empty(world * row.numel(), dtype=row.dtype, device=row.device)
     dist.all_gather_into_tensor(rows, row.contiguous(), group=group)
-    return rows
+    return rows.view(world, row.numel())
 
 
 def reduce_packed(

@@ -1,0 +1,103 @@
+"""Sinks: JSONL lines, TensorBoard tags, the Prometheus exporter, the console table."""
+
+from __future__ import annotations
+
+import io
+import json
+import urllib.request
+from pathlib import Path
+
+from megatron_gate.monitor import schema
+from megatron_gate.monitor.sinks import (
+    ConsoleSink,
+    JsonlSink,
+    PrometheusSink,
+    SinkGroup,
+    TensorBoardSink,
+    read_records,
+)
+
+STEP = {
+    "kind": "step",
+    "step": 7,
+    "time": 1.0,
+    "scalars": {"loss": 2.5, "grad_norm": float("inf"), "learning_rate": 1e-3},
+    "layers": {"max_abs_residual": [3.0, None], "gate_mean": [0.4, 0.6]},
+}
+EVENT = {
+    "kind": "event",
+    "step": 7,
+    "time": 1.0,
+    "detector": "loss_spike",
+    "severity": "warning",
+    "metric": "loss",
+    "value": 2.5,
+    "threshold": 1.0,
+    "layer": None,
+    "action": "alert",
+    "message": "loss 2.5 jumped",
+}
+
+
+def test_jsonl_whole_lines_and_torn_tail(tmp_path: Path) -> None:
+    sink = JsonlSink(tmp_path)
+    sink.write(STEP)
+    sink.write(EVENT)
+    sink.close()
+    with open(tmp_path / schema.JSONL_NAME, "a") as handle:
+        handle.write('{"kind": "step", "ste')  # a crash in the middle of someone else's write
+    lines = (tmp_path / schema.JSONL_NAME).read_text().splitlines()
+    assert json.loads(lines[0])["scalars"]["grad_norm"] is None  # inf -> null, valid JSON
+    records = read_records(tmp_path)
+    assert [r["kind"] for r in records] == ["step", "event"]
+    assert records[0]["schema"] == schema.SCHEMA
+
+
+def test_tensorboard_tags(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    sink = TensorBoardSink(log_dir=tmp_path)
+    sink.write(STEP)
+    sink.write(EVENT)
+    sink.close()
+    accumulator = EventAccumulator(str(tmp_path))
+    accumulator.Reload()
+    tags = set(accumulator.Tags()["scalars"])
+    assert {
+        "stability/loss",
+        "stability/learning_rate",
+        "stability/layer_01/max_abs_residual",
+        "stability/layer_02/gate_mean",
+        "stability/events/loss_spike",
+    } <= tags
+    assert "stability/layer_02/max_abs_residual" not in tags  # None is not written
+    assert accumulator.Scalars("stability/loss")[0].step == 7
+
+
+def test_prometheus_exporter() -> None:
+    sink = PrometheusSink(host="127.0.0.1", port=0)
+    try:
+        sink.write(STEP)
+        sink.write(EVENT)
+        body = urllib.request.urlopen(sink.url, timeout=5).read().decode()
+    finally:
+        sink.close()
+    assert f"{schema.prometheus_name('loss')} 2.5" in body
+    assert f'{schema.prometheus_name("max_abs_residual")}{{layer="1"}} 3.0' in body
+    assert f"{schema.prometheus_name('grad_norm')} +Inf" in body
+    assert f"{schema.PROMETHEUS_LAST_STEP} 7.0" in body
+    assert (
+        f'{schema.PROMETHEUS_EVENTS_TOTAL}{{detector="loss_spike",severity="warning"}} 1.0' in body
+    )
+    assert "# TYPE megatron_gate_loss gauge" in body
+
+
+def test_console_table_and_group() -> None:
+    stream = io.StringIO()
+    group = SinkGroup([ConsoleSink(stream)])
+    group.write(STEP)
+    group.write(EVENT)
+    text = stream.getvalue()
+    assert "step 7" in text and "loss=2.5" in text
+    assert "    1 " in text and "    2 " in text  # one row per layer
+    assert "WARNING loss_spike -> alert: loss 2.5 jumped" in text
