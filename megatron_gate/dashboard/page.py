@@ -6,15 +6,25 @@ file opens with no server and no network.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
 
-import plotly
+
+def _plotly_js() -> Path:
+    """plotly.min.js as shipped in the plotly Python package (found without importing plotly)."""
+    spec = importlib.util.find_spec("plotly")
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError(
+            "the dashboard needs plotly for its charts: pip install 'plotly==6.5.2'"
+        )
+    return Path(spec.origin).parent / "package_data" / "plotly.min.js"
+
 
 _STATIC = Path(__file__).parent / "static"
 STATIC_FILES: dict[str, Path] = {
-    "plotly.min.js": Path(plotly.__file__).parent / "package_data" / "plotly.min.js",
+    "plotly.min.js": _plotly_js(),
     "dashboard.js": _STATIC / "dashboard.js",
     "dashboard.css": _STATIC / "dashboard.css",
 }

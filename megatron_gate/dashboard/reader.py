@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 _SCHEMA_FAMILY = SCHEMA.rsplit("/", 1)[0] + "/"  # "megatron-gate.stability/"
 _MAX_WARNINGS = 20  # per file: a corrupt file must not flood the console
+CHUNK_BYTES = 16 << 20  # read a large file in pieces: its parsed records cost ~3x its size
 
 
 class JsonlTail:
@@ -35,17 +36,21 @@ class JsonlTail:
         self._line_number = 0
         self._pending = b""  # bytes of a line whose newline has not been written yet
         self._file_id: tuple[int, int] | None = None
+        self.caught_up = True  # False while a poll stopped at CHUNK_BYTES before the end
 
     @property
     def skipped_total(self) -> int:
         return sum(self.skipped.values())
 
     def poll(self, *, final: bool = False) -> list[dict[str, Any]]:
-        """Read what was appended since the last poll. `final=True`: a last unterminated line counts."""
+        """Records appended since the last poll, at most ~CHUNK_BYTES of them (see `caught_up`).
+
+        `final=True`: the run is over, so a last line without its newline counts as truncated.
+        """
         data = self._read_new_bytes()
         lines = (self._pending + data).split(b"\n")
         self._pending = lines.pop()  # b"" when the data ended with a newline
-        if final and self._pending.strip():
+        if final and self.caught_up and self._pending.strip():
             lines.append(self._pending)
             self._pending = b""
         records = list(self._parse(lines))
@@ -66,8 +71,10 @@ class JsonlTail:
                         )
                     self._file_id, self._offset, self._pending = file_id, 0, b""
                 f.seek(self._offset)
-                data = f.read()
+                data = f.read(CHUNK_BYTES)
+                self.caught_up = self._offset + len(data) >= stat.st_size
         except FileNotFoundError:
+            self.caught_up = True
             return b""
         self._offset += len(data)
         return data

@@ -12,6 +12,7 @@ Nothing outside the run directories and the package's static files is ever serve
 
 from __future__ import annotations
 
+import functools
 import gzip
 import http.server
 import json
@@ -136,7 +137,7 @@ class DashboardHandler(http.server.BaseHTTPRequestHandler):
         if file is None:
             self._send_error(404, "not found")
             return
-        self._send(200, file.read_bytes(), _content_type(file), cache=True)
+        self._send(200, file.read_bytes(), _content_type(file), static=True)
 
     def _send_run_file(self, rest: str) -> None:
         run_name, _, relative = rest.partition("/")
@@ -154,14 +155,15 @@ class DashboardHandler(http.server.BaseHTTPRequestHandler):
     def _send_error(self, code: int, message: str) -> None:
         self._send(code, json.dumps({"error": message}).encode(), "application/json")
 
-    def _send(self, code: int, body: bytes, content_type: str, *, cache: bool = False) -> None:
+    def _send(self, code: int, body: bytes, content_type: str, *, static: bool = False) -> None:
         gzipped = "gzip" in self.headers.get("Accept-Encoding", "") and len(body) > 1024
         if gzipped:
-            body = gzip.compress(body, compresslevel=5)
+            # plotly.min.js is 4.8 MB: compress the package's static files once per server.
+            body = _gzip_static(body) if static else gzip.compress(body, compresslevel=5)
         self.send_response(code)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "max-age=3600" if cache else "no-store")
+        self.send_header("Cache-Control", "max-age=3600" if static else "no-store")
         self.send_header("X-Content-Type-Options", "nosniff")
         if gzipped:
             self.send_header("Content-Encoding", "gzip")
@@ -170,6 +172,11 @@ class DashboardHandler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (base class's name)
         log.debug("%s " + format, self.address_string(), *args)
+
+
+@functools.lru_cache(maxsize=8)
+def _gzip_static(body: bytes) -> bytes:
+    return gzip.compress(body, compresslevel=9)
 
 
 def resolve_inside(root: Path, relative: str) -> Path | None:

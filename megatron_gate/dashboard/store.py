@@ -92,13 +92,20 @@ class RunStore:
         self._layers: dict[str, _Column] = {}
 
     def refresh(self, *, final: bool = False) -> int:
-        """Read new lines of the JSONL; returns how many records arrived."""
-        records = self.tail.poll(final=final)
-        if records:
+        """Read the JSONL's new lines (in chunks); returns how many records arrived."""
+        arrived = 0
+        while True:
+            records = self.tail.poll(final=final)
+            if records:
+                with self._lock:
+                    self._ingest(records)
+                arrived += len(records)
+            if self.tail.caught_up:
+                break
+        if arrived:
             with self._lock:
-                self._ingest(records)
                 self.version += 1
-        return len(records)
+        return arrived
 
     def _ingest(self, records: Iterable[dict[str, Any]]) -> None:
         batch = _Batch()

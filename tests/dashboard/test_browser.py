@@ -21,6 +21,7 @@ from megatron_gate.dashboard.export import export_html
 from megatron_gate.dashboard.store import load_run
 from megatron_gate.dashboard.synthetic import SyntheticRun, to_line
 from megatron_gate.monitor.schema import JSONL_NAME
+from megatron_gate.monitor.sinks.jsonl import JsonlSink
 
 webdriver = pytest.importorskip(
     "selenium.webdriver", reason="selenium is not installed (pip install selenium)"
@@ -96,14 +97,16 @@ def test_live_page_shows_new_points(browser, serve, tmp_path: Path) -> None:
     path.write_text(to_line(run.run_start()) + "".join(to_line(r) for r in run.records(1, 40)))
     stop = threading.Event()
 
-    def keep_training() -> None:  # a run still being written: one step every 50 ms
-        with open(path, "a") as f:
+    def keep_training() -> None:  # a run still being written by the monitor's JSONL sink
+        sink = JsonlSink(path.parent)
+        try:
             for step in range(41, 10_000):
                 if stop.wait(0.05):
                     return
                 for record in run.step(step):
-                    f.write(to_line(record))
-                f.flush()
+                    sink.write(record)
+        finally:
+            sink.close()
 
     writer = threading.Thread(target=keep_training, daemon=True)
     server = serve([path.parent])
