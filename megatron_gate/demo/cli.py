@@ -48,6 +48,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig) 
     add("--data", default=None, metavar="PATH",
         help="text file, folder of text files, or Megatron indexed dataset prefix (.bin/.idx); "
         "default: the embedded corpus (this Python's standard library)")  # fmt: skip
+    add("--checkpoint-interval", type=int, default=defaults.checkpoint_interval,
+        help="steps between checkpoints (and one at the end; default %(default)d)")  # fmt: skip
     add("--overwrite", action="store_true", help="replace earlier runs in --out")
 
 
@@ -81,7 +83,7 @@ def train_config(
         tp=args.tp,
         log_interval=max(1, min(defaults.log_interval, args.steps // 10)),
         eval_interval=max(1, min(defaults.eval_interval, args.steps // 4)),
-        checkpoint_interval=max(1, min(defaults.checkpoint_interval, args.steps)),
+        checkpoint_interval=max(1, args.checkpoint_interval),
         write_checkpoints=defaults.write_checkpoints,
     )
 
