@@ -74,3 +74,21 @@ def test_replaced_file_is_read_from_the_start(tmp_path: Path) -> None:
     replacement.write_text(to_line(run.step(6)[0]))
     os.replace(replacement, path)  # a new inode under the same name
     assert [r["step"] for r in tail.poll()] == [6]
+
+
+def test_large_file_is_read_in_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from megatron_gate.dashboard import reader
+    from megatron_gate.dashboard.store import load_run
+
+    run = SyntheticRun(name="r", num_layers=3, spike_steps=[7])
+    path = tmp_path / "r" / "stability.jsonl"
+    path.parent.mkdir()
+    lines = [to_line(run.run_start())] + [to_line(r) for r in run.records(1, 30)]
+    path.write_text("".join(lines) + '{"torn')
+    monkeypatch.setattr(reader, "CHUNK_BYTES", 700)  # smaller than one step line
+    tail = JsonlTail(path)
+    assert len(tail.poll()) <= 1 and not tail.caught_up
+    store = load_run(path.parent)
+    assert store.summary()["last_step"] == 30 and store.summary()["events"] == 1
+    assert store.tail.skipped_total == 1  # the torn last line, counted once the end is reached
+    assert store.view()["scalars"]["loss"]["x"] == list(range(1, 31))
