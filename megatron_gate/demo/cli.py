@@ -65,6 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("megatron-gate-demo"),
                         help="output folder (default %(default)s)")  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--figures-dir", type=Path, default=None,
+                        help="also write the report's figures as PNG files here")  # fmt: skip
 
 
 def train_config(
@@ -149,14 +151,21 @@ def print_paths(out: Path, run_dirs: list[Path], report: Path) -> None:
     print(f"  {report}   (open in a browser; self-contained)")
 
 
-def finish(out: Path, run_dirs: list[Path], *, title: str, settings: dict) -> Path:
+def finish(
+    out: Path,
+    run_dirs: list[Path],
+    *,
+    title: str,
+    settings: dict,
+    figures_dir: Path | None = None,
+) -> Path:
     """Summary table on stdout and `OUT/report.html` from what is on disk."""
     from megatron_gate.demo.report import load_run, markdown_table, summary_rows, write_demo_report
 
     runs = [load_run(d) for d in run_dirs if (d / "stability.jsonl").exists()]
     print("\n" + markdown_table(summary_rows(runs)))
     report = out / "report.html"
-    write_demo_report(runs, report, title=title, settings=settings)
+    write_demo_report(runs, report, title=title, settings=settings, figures_dir=figures_dir)
     print_paths(out, [run.run_dir for run in runs], report)
     return report
 
@@ -194,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
         interrupted = True
     settings = {**vars(args), "data": corpus.name, "warmup_steps": config.warmup}
     title = f"megatron-gate demo: baseline vs gated ({args.granularity}) at lr {config.lr:g}"
-    finish(args.out, run_dirs, title=title, settings=settings)
+    finish(args.out, run_dirs, title=title, settings=settings, figures_dir=args.figures_dir)
     if interrupted:
         print("Interrupted: the report covers what finished.", file=sys.stderr)
         return 130

@@ -210,6 +210,17 @@ def _color(name: str, index: int) -> str:
     return COLORS.get(name, f"C{index}")
 
 
+def smoothed(values: Sequence[float], *, weight: float = 0.9) -> list[float]:
+    """Exponential moving average with bias correction; non-finite values are carried over."""
+    out, average, total = [], 0.0, 0.0
+    for value in values:
+        if math.isfinite(value):
+            average = weight * average + (1 - weight) * value
+            total = weight * total + (1 - weight)
+        out.append(average / total if total else math.nan)
+    return out
+
+
 def _spike_steps(run: RunLog, metric: str) -> list[int]:
     return [int(e["step"]) for e in run.events if e.get("detector") == f"{metric}_spike"]
 
@@ -222,7 +233,8 @@ def curves_figure(runs: Sequence[RunLog]) -> Any:
         color = _color(run.name, index)
         for ax, metric in zip(axes, ("loss", "grad_norm"), strict=True):
             values = run.scalars.get(metric, [])
-            ax.plot(run.steps, values, color=color, lw=0.9, alpha=0.85, label=run.name)
+            ax.plot(run.steps, values, color=color, lw=0.6, alpha=0.3)
+            ax.plot(run.steps, smoothed(values), color=color, lw=1.6, label=f"{run.name} (EMA)")
             by_step = dict(zip(run.steps, values, strict=True))
             spikes = [s for s in _spike_steps(run, metric) if s in by_step]
             ax.scatter(spikes, [by_step[s] for s in spikes], marker="x", s=40, color=color,
@@ -230,7 +242,9 @@ def curves_figure(runs: Sequence[RunLog]) -> Any:
         if run.validation:
             steps, values = zip(*run.validation, strict=True)
             axes[0].plot(steps, values, "o--", color=color, ms=4, lw=0.8, label=f"{run.name} val")
-    for ax, title in zip(axes, ("loss (train; o = validation)", "global grad norm"), strict=True):
+    for ax, title in zip(
+        axes, ("loss (train, faint: per step; o: validation)", "global grad norm"), strict=True
+    ):
         ax.set_yscale("log")
         ax.set_xlabel("step")
         ax.set_title(title)
