@@ -36,8 +36,9 @@ def test_every_named_version_has_a_patch() -> None:
 
 @pytest.mark.parametrize("patch", PATCHES, ids=_version)
 def test_patch_applies_to_its_version(patch: Path, tmp_path: Path) -> None:
-    context = DATA / "megatron_lm" / _version(patch)
-    shutil.copytree(context, tmp_path, dirs_exist_ok=True)
+    # Stored as .context so that formatters leave the upstream lines as they are.
+    context = DATA / "megatron_lm" / _version(patch) / "pretrain_gpt.py.context"
+    shutil.copy(context, tmp_path / "pretrain_gpt.py")
     subprocess.run(["git", "apply", "--check", str(patch)], cwd=tmp_path, check=True)
     subprocess.run(["patch", "-p1", "--dry-run", "-i", str(patch)], cwd=tmp_path, check=True,
                    capture_output=True)  # fmt: skip
