@@ -219,7 +219,8 @@ class GatedSelfAttention(SelfAttention):
         ranks_per_group = self._groups_shared_by_ranks()
         if ranks_per_group == 1:
             return per_head
-        heads = self.num_attention_heads_per_partition
+        # Megatron sets num_attention_heads_per_partition to the whole group's heads here.
+        heads = self.qkv_layout.heads_per_group // ranks_per_group
         start = (get_pg_rank(self.pg_collection.tp) % ranks_per_group) * heads
         return per_head[:, :, start : start + heads, :]
 

@@ -6,7 +6,9 @@ few CUDA-only calls that a model build, a training step and pipeline schedules m
 - `cuda_device_to_cpu`: a torch-function mode that maps `device="cuda"`/`cuda:N`/`N` arguments,
   `Tensor.cuda()`, `Tensor.to("cuda")` and `pin_memory()` to the CPU (Megatron allocates on
   `torch.cuda.current_device()` and on `device="cuda"` literals in many places);
-- `cuda_current_device`: `torch.cuda.current_device()` answers 0 (the mode maps it to the CPU);
+- `cuda_current_device`: `torch.cuda.current_device()` answers `"cpu"`, so allocations on "the current
+  device" land on the CPU even where the mode is not active (autograd's backward of Megatron's
+  communication functions);
 - `cuda_rng`: `torch.cuda` seeding and RNG state (the model-parallel RNG tracker) live in a shadow
   CPU generator;
 - `cuda_synchronize`: `torch.cuda.synchronize()` and stream waits are no-ops;
@@ -89,7 +91,7 @@ def _replace(owner: Any, name: str, replacement: Callable[..., Any]) -> None:
 
 
 def _patch_current_device() -> None:
-    _replace(torch.cuda, "current_device", lambda: 0)
+    _replace(torch.cuda, "current_device", lambda: "cpu")
 
 
 def _patch_rng() -> None:

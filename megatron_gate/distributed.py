@@ -8,7 +8,9 @@ failing rank's traceback is re-raised in the caller.
 from __future__ import annotations
 
 import os
+import queue as queue_module
 import socket
+import time
 import traceback
 from collections.abc import Callable
 from contextlib import closing
@@ -70,6 +72,27 @@ def _entry(rank: int, world_size: int, port: int, worker: Worker, payload: Any, 
             dist.destroy_process_group()
 
 
+def _collect(
+    processes: list[Any], queue: Any, results: dict[int, Any], failures: list[str], timeout: float
+) -> None:
+    """Gather one report per rank; stop at the first failure, a silent death or the timeout."""
+    deadline = time.monotonic() + timeout
+    while len(results) < len(processes) and not failures:
+        try:
+            rank, ok, value = queue.get(timeout=1.0)
+        except queue_module.Empty:
+            dead = [p for p in processes if p.exitcode not in (None, 0)]
+            if dead:
+                failures.append(f"a rank exited with code {dead[0].exitcode} before reporting")
+            elif time.monotonic() > deadline:
+                failures.append(f"no result within {timeout:.0f} s")
+            continue
+        if ok:
+            results[rank] = value
+        else:
+            failures.append(f"rank {rank} failed:\n{value}")
+
+
 def launch(
     worker: Worker, *, world_size: int = 2, payload: Any = None, timeout: float = 600
 ) -> list[Any]:
@@ -87,13 +110,7 @@ def launch(
     results: dict[int, Any] = {}
     failures: list[str] = []
     try:
-        for _ in processes:
-            rank, ok, value = queue.get(timeout=timeout)
-            if ok:
-                results[rank] = value
-            else:
-                failures.append(f"rank {rank} failed:\n{value}")
-                break
+        _collect(processes, queue, results, failures, timeout)
     finally:
         for process in processes:
             process.join(timeout=5 if failures else timeout)

@@ -72,7 +72,11 @@ class QkvLayout:
         # [..., g * group_rows, ...] -> [..., g, group_rows, ...]
         grouped = mixed.unflatten(dim, (groups, self.group_rows))
         parts = torch.split(grouped, list(self.segment_sizes.values()), dim=dim + 1)
-        return {name: part for name, part in zip(SEGMENTS, parts, strict=False) if name != "gate_padding"}
+        return {
+            name: part
+            for name, part in zip(SEGMENTS, parts, strict=False)
+            if name != "gate_padding"
+        }
 
     def fuse_groups(self, segments: dict[str, torch.Tensor], dim: int = 0) -> torch.Tensor:
         """Inverse of `split_groups` for full tensors: `{segment: [..., g, rows, ...]}` -> fused.

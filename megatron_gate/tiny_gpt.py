@@ -10,7 +10,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 
 def tiny_config(**overrides: Any) -> TransformerConfig:
-    """A small fp32 `TransformerConfig` (2 layers, hidden 64, 4 heads, 2 query groups, no dropout)."""
+    """A small fp32 `TransformerConfig`: 2 layers, hidden 64, 4 heads, 2 query groups, no dropout,
+    no linear biases (as in Qwen/Llama-style models)."""
     fields: dict[str, Any] = dict(
         num_layers=2,
         hidden_size=64,
@@ -19,6 +20,7 @@ def tiny_config(**overrides: Any) -> TransformerConfig:
         use_cpu_initialization=True,
         params_dtype=torch.float32,
         hidden_dropout=0.0,
+        add_bias_linear=False,
         attention_dropout=0.0,
         bias_dropout_fusion=False,
         apply_rope_fusion=False,

@@ -17,3 +17,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def megatron_world() -> None:
+    """This pytest process as a one-rank gloo world with Megatron's parallel state (TP=PP=1)."""
+    import torch.distributed as dist
+
+    from megatron_gate.distributed import free_port, init_model_parallel, init_process_group
+
+    if not dist.is_initialized():
+        init_process_group(0, 1, free_port())
+    init_model_parallel(tp=1, pp=1)
