@@ -147,8 +147,9 @@ class GatedSelfAttention(SelfAttention):
         """Zero padding rows; freeze the bias rows that the config says must stay zero."""
         weight = self.linear_qkv.weight
         padding = self._rank_rows(self._segment_mask("gate_padding")).to(weight.device)
-        with torch.no_grad():
-            weight[padding] = 0
+        if bool(padding.any()):  # headwise + FP8 only
+            with torch.no_grad():
+                weight[padding] = 0
         bias = getattr(self.linear_qkv, "bias", None)
         if not isinstance(bias, torch.Tensor) or bias.numel() != padding.numel():
             return
