@@ -31,6 +31,7 @@ from typing import Any
 from megatron_gate.dashboard.server import Dashboard, DashboardHTTPServer
 from megatron_gate.dashboard.store import RunStore
 from megatron_gate.dashboard.synthetic import SyntheticRun, write_run
+from megatron_gate.monitor.schema import JSONL_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "dashboard_scale.json"
@@ -135,12 +136,15 @@ def main() -> int:
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    load_at_start = os.getloadavg()[0]
     work = args.keep or Path(tempfile.mkdtemp(prefix="dashboard_scale_"))
     try:
         run = SyntheticRun(name="scale", num_layers=args.layers, gated_layers=range(1, args.layers + 1, 2),
                            spike_steps=range(7_777, args.steps, 10_000))  # fmt: skip
         start = time.perf_counter()
-        path = write_run(work / "scale", steps=args.steps, run=run)
+        path = work / "scale" / JSONL_NAME
+        if not (args.keep and path.exists()):  # --keep DIR again: reuse the file written before
+            write_run(path.parent, steps=args.steps, run=run)
         write_seconds = time.perf_counter() - start
         print(
             f"wrote {path} ({path.stat().st_size / 1e9:.2f} GB) in {write_seconds:.0f} s",
@@ -149,11 +153,15 @@ def main() -> int:
 
         rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         store = RunStore(path.parent)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         store.refresh(final=True)
         read_seconds = time.perf_counter() - start
+        read_cpu_seconds = time.process_time() - cpu_start
         rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        print(f"read in {read_seconds:.1f} s", flush=True)
+        print(f"read in {read_seconds:.1f} s ({read_cpu_seconds:.1f} s CPU)", flush=True)
+        cpu_start = time.process_time()
+        store.view(points=1300, heatmap_buckets=433)
+        view_cpu_seconds = time.process_time() - cpu_start
 
         dashboard = Dashboard([store])
         dashboard.start_polling()
@@ -182,6 +190,9 @@ def main() -> int:
             "jsonl_bytes": path.stat().st_size,
             "write_seconds": round(write_seconds, 1),
             "read_seconds": round(read_seconds, 1),
+            "read_cpu_seconds": round(read_cpu_seconds, 1),
+            "view_full_run_cpu_seconds": round(view_cpu_seconds, 3),
+            "load_average_at_start": load_at_start,
             "server_peak_rss_increase_mb": round((rss_after - rss_before) / 1024),
             "http": http_numbers,
             "browser": browser_numbers,

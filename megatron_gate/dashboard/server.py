@@ -168,7 +168,10 @@ class DashboardHandler(http.server.BaseHTTPRequestHandler):
         if gzipped:
             self.send_header("Content-Encoding", "gzip")
         self.end_headers()
-        self.wfile.write(body)
+        try:
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            log.debug("client went away before %s was sent", self.path)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (base class's name)
         log.debug("%s " + format, self.address_string(), *args)

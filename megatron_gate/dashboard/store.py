@@ -62,6 +62,10 @@ class _Batch:
         default_factory=lambda: {m: [] for m in HEATMAP_METRICS}
     )
 
+    def clear(self) -> None:
+        for column in (self.steps, self.layer_steps, *self.scalars.values(), *self.layers.values()):
+            column.clear()
+
 
 def _float(value: Any) -> float:
     return float(value) if isinstance(value, (int, float)) else float("nan")
@@ -133,7 +137,7 @@ class RunStore:
             # replace the old ones from this step on.
             self._flush(batch)
             self._truncate_from(step)
-            batch.__init__()
+            batch.clear()
         scalars = record.get("scalars") or {}
         batch.steps.append(step)
         for metric in SCALARS:
