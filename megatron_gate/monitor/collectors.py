@@ -269,7 +269,11 @@ class LayerCollector:
                 ("gate_below", number),
                 total=(gate < schema.GATE_SPARSITY_THRESHOLD).sum(),
             )
-            histogram = torch.histc(gate, bins=schema.GATE_HISTOGRAM_BINS, min=0.0, max=1.0)
+            # Bin index of each value (1.0 falls into the last bin); bincount is far cheaper
+            # than histc on the CPU and equal to it on equal-width bins over [0, 1].
+            bins = schema.GATE_HISTOGRAM_BINS
+            index = (gate * bins).long().clamp_(max=bins - 1)
+            histogram = torch.bincount(index.reshape(-1), minlength=bins).float()
             previous = self.gate_histogram.get(number)
             self.gate_histogram[number] = histogram if previous is None else previous + histogram
 
@@ -441,41 +445,57 @@ def _grad(param: torch.nn.Parameter) -> torch.Tensor | None:
 
 # ---------------------------------------------------------------------- scalars
 class ScalarBuffer:
-    """`[log_interval, len(SCALARS)]` device buffer of per-step scalars; no host reads."""
+    """Per-step scalars of one log interval, without host reads.
+
+    Tensor values (the loss, a grad norm from `clip_grad_norm_`) are copied into a
+    `[log_interval, len(SCALARS)]` device buffer: one small copy per value, no sync. Python
+    numbers (the learning rate, tokens/s) stay on the host. `merged()` joins both at log time;
+    NaN/Inf is found there from the stored values themselves.
+    """
 
     def __init__(self, rows: int, device: torch.device) -> None:
         self.rows = rows
         self.names = schema.SCALARS
-        self.values = torch.zeros(rows, len(self.names), dtype=torch.float64, device=device)
-        self.present = [[0.0] * len(self.names) for _ in range(rows)]
-        self.non_finite = torch.zeros(rows, dtype=torch.float32, device=device)
+        self.columns = {name: column for column, name in enumerate(self.names)}
+        self.device_values = torch.zeros(rows, len(self.names), dtype=torch.float64, device=device)
+        self.on_device = [[False] * len(self.names) for _ in range(rows)]
+        self.host_values: list[list[float | None]] = [[None] * len(self.names) for _ in range(rows)]
         self.steps: list[int | None] = [None] * rows
 
     def record(self, row: int, step: int, scalars: dict[str, float | torch.Tensor | None]) -> None:
-        """Write one step's scalars into `row` (tensors are copied on the device)."""
+        """Write one step's scalars into `row`."""
         self.steps[row] = step
-        flags = []
-        for column, name in enumerate(self.names):
-            value = scalars.get(name)
-            if value is None:
-                self.present[row][column] = 0.0
-                continue
-            self.present[row][column] = 1.0
+        for name, value in scalars.items():
+            column = self.columns[name]
             if isinstance(value, torch.Tensor):
-                value = value.detach().reshape(()).double()
-                self.values[row, column] = value
-                flags.append(~torch.isfinite(value))
+                with torch.no_grad():  # the buffer must not join the autograd graph
+                    self.device_values[row, column] = (
+                        value if value.dim() == 0 else value.reshape(())
+                    )
+                self.on_device[row][column] = True
+                self.host_values[row][column] = None
             else:
-                self.values[row, column] = float(value)
-                if not math.isfinite(float(value)):
-                    self.non_finite[row] = 1.0
-        if flags:
-            flag = torch.stack(flags).any().float()
-            self.non_finite[row] = torch.maximum(self.non_finite[row], flag)
+                self.on_device[row][column] = False
+                self.host_values[row][column] = None if value is None else float(value)
+
+    def merged(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(values with absent entries 0, presence 0/1, per-row non-finite flag), on the device."""
+        device = self.device_values.device
+        host = torch.tensor(
+            [[0.0 if v is None else v for v in row] for row in self.host_values],
+            dtype=torch.float64,
+        ).to(device)
+        on_device = torch.tensor(self.on_device).to(device)
+        present = on_device | torch.tensor(
+            [[v is not None for v in row] for row in self.host_values]
+        ).to(device)
+        values = torch.where(on_device, self.device_values, host)
+        non_finite = (~torch.isfinite(values) & present).any(dim=1).double()
+        values = torch.where(present, values, torch.zeros_like(values))
+        return values, present.double(), non_finite
 
     def clear(self) -> None:
         """Forget the recorded steps (after they were read)."""
         self.steps = [None] * self.rows
-        for row in self.present:
-            row[:] = [0.0] * len(self.names)
-        self.non_finite.zero_()
+        self.on_device = [[False] * len(self.names) for _ in range(self.rows)]
+        self.host_values = [[None] * len(self.names) for _ in range(self.rows)]

@@ -148,7 +148,8 @@ class StabilityMonitor:
         self._grad_sumsq: torch.Tensor | None = None
         self._last_end: float | None = None
         self.sinks = SinkGroup(
-            self._build_sinks(tensorboard_writer, extra_sinks) if self.is_writer else []
+            self._build_sinks(tensorboard_writer, extra_sinks) if self.is_writer else [],
+            background=True,
         )
         self._write(
             {
@@ -365,13 +366,11 @@ class StabilityMonitor:
         self._rows = min(self._rows + 1, self.buffer.rows)
 
     def _packed_row(self) -> torch.Tensor:
-        rows = self.buffer.rows
-        present = torch.tensor(self.buffer.present, dtype=torch.float64).to(self.device)
+        values_, present, non_finite = self.buffer.merged()
         values: dict[str, torch.Tensor] = {
-            # Absent entries hold stale values: zero them so the sum stays right.
-            "scalars/sum": self.buffer.values * present,
+            "scalars/sum": values_,
             "scalars/count": present,
-            "scalars/non_finite": self.buffer.non_finite[:rows],
+            "scalars/non_finite": non_finite,
         }
         if self._layer_step is not None and self._layer_step == self.step:
             values.update(self.layer_collector.packed_values(self.device))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 from collections.abc import Iterable
 from typing import Any
 
@@ -25,15 +27,45 @@ class Sink:
 
 
 class SinkGroup(Sink):
-    """Fans records out to several sinks; the first error of a sink warns and disables it."""
+    """Fans records out to several sinks; the first error of a sink warns and disables it.
+
+    With `background=True` the sinks run on one daemon thread fed by a queue, so that slow
+    writers (TensorBoard's protobufs, a W&B upload) never hold the training step; `close()`
+    drains the queue first.
+    """
 
     name = "group"
 
-    def __init__(self, sinks: Iterable[Sink]) -> None:
+    def __init__(self, sinks: Iterable[Sink], *, background: bool = False) -> None:
         self.sinks = list(sinks)
         self.disabled: dict[str, str] = {}
+        self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
+        if background and self.sinks:
+            self._queue = queue.Queue()
+            self._thread = threading.Thread(
+                target=self._drain, name="stability-monitor-sinks", daemon=True
+            )
+            self._thread.start()
+
+    def _drain(self) -> None:
+        assert self._queue is not None
+        while True:
+            method, args = self._queue.get()
+            self._call_now(method, *args)
+            if method == "close":
+                return
 
     def _call(self, method: str, *args: Any) -> None:
+        if self._queue is not None:
+            self._queue.put((method, args))
+            if method == "close" and self._thread is not None:
+                self._thread.join()
+                self._queue = None
+            return
+        self._call_now(method, *args)
+
+    def _call_now(self, method: str, *args: Any) -> None:
         for sink in list(self.sinks):
             try:
                 getattr(sink, method)(*args)
