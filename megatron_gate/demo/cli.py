@@ -25,7 +25,7 @@ DEFAULTS = TrainConfig(
     seq_len=128,
     batch_size=8,
     steps=300,
-    lr=1e-2,
+    lr=1e-1,
     eval_interval=50,
     checkpoint_interval=100,
 )

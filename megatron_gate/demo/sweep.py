@@ -31,13 +31,13 @@ DEFAULTS = TrainConfig(
     heads=4,
     seq_len=64,
     batch_size=8,
-    steps=200,
-    eval_interval=200,
+    steps=150,
+    eval_interval=150,
     eval_batches=4,
     checkpoint_interval=10**9,
     write_checkpoints=False,
 )
-DEFAULT_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
+DEFAULT_LRS = (3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 DEFAULT_SEEDS = (0, 1)
 
 
