@@ -1,0 +1,158 @@
+"""Megatron distributed checkpoints (torch_dist) of gated GPTs at any TP/PP layout.
+
+Why Megatron's default sharding is already right for the gate: `linear_qkv` is a
+column-parallel weight saved as one global tensor `[ng * group_rows, h]` split into equal row
+blocks, one per TP rank. Our fused rows are interleaved per query group
+(`[q | gate | k | v]` x ng, see `megatron_gate.layout`), and that global order does not depend on
+the TP size. A rank's block at any TP size is therefore a contiguous range of the same global
+tensor, and loading at another TP size hands each rank exactly the rows its heads own; a gate row
+never changes head and a K/V row never becomes a gate row. `tests/checkpoint/test_reshard.py`
+proves it for TP 2 -> 1, 1 -> 2, PP 1 -> 2, both granularities and `num_query_groups < TP`.
+(The one TP-dependent case, headwise gates padded for FP8 with `ng < tp`, is refused up front.)
+
+On-disk layout (Megatron-LM's, so `--load DIR --finetune` finds it)::
+
+    DIR/latest_checkpointed_iteration.txt   "release"
+    DIR/release/                            torch_dist checkpoint of {"model": sharded_state_dict}
+    DIR/megatron_gate_model.json            the GptShape (megatron-gate's own record)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_gate.checkpoint.model import SHAPE_FILE, GptShape
+from megatron_gate.checkpoint.safe_io import (
+    CheckpointError,
+    check_output,
+    commit,
+    partial_path,
+)
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+RELEASE = "release"
+
+
+def resolve_checkpoint_dir(path: str | Path) -> Path:
+    """The torch_dist directory of `path`: itself, or the iteration its Megatron-LM tracker names."""
+    path = Path(path)
+    tracker = path / TRACKER_FILE
+    if tracker.is_file():
+        iteration = tracker.read_text().strip()
+        name = RELEASE if iteration == RELEASE else f"iter_{int(iteration):07d}"
+        path = path / name
+    if not (path / "metadata.json").is_file():
+        raise CheckpointError(
+            f"{path} is not a torch_dist checkpoint (no metadata.json); pass the checkpoint "
+            f"directory or its Megatron-LM root (with {TRACKER_FILE})."
+        )
+    return path
+
+
+def read_shape(path: str | Path, model_config: str | Path | None = None) -> GptShape:
+    """The `GptShape` of a checkpoint: `model_config` when given, else the one saved beside it."""
+    if model_config is not None:
+        return GptShape.load_json(model_config)
+    path = Path(path)
+    for candidate in (path / SHAPE_FILE, path.parent / SHAPE_FILE):
+        if candidate.is_file():
+            return GptShape.load_json(candidate)
+    return GptShape.load_json(path / SHAPE_FILE)  # raises, naming --model-config
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _shared_partial(directory: Path) -> Path:
+    """Rank 0's temporary path, agreed on by every rank."""
+    chosen = [str(partial_path(directory))]
+    if dist.is_initialized():
+        dist.broadcast_object_list(chosen, src=0)
+    return Path(chosen[0])
+
+
+def save_distributed(
+    model: torch.nn.Module, directory: str | Path, *, shape: GptShape, force: bool = False
+) -> Path:
+    """Save `model` (this rank's part) as a torch_dist checkpoint; every rank calls it.
+
+    Written into a temporary sibling first and renamed by rank 0 when all ranks are done.
+    """
+    from megatron.core import dist_checkpointing
+
+    directory = check_output(directory, force=force)
+    partial = _shared_partial(directory)
+    if _rank() == 0:
+        (partial / RELEASE).mkdir(parents=True)
+    _barrier()
+    try:
+        dist_checkpointing.save({"model": model.sharded_state_dict()}, str(partial / RELEASE))
+        _barrier()
+        if _rank() == 0:
+            (partial / TRACKER_FILE).write_text(RELEASE + "\n")
+            shape.save_json(partial / SHAPE_FILE)
+            commit(partial, directory, force=force)
+    except BaseException:
+        if _rank() == 0 and partial.exists():
+            import shutil
+
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    _barrier()
+    return directory
+
+
+def _expected_global_shapes(sharded_state_dict: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Storage key -> global shape of every tensor the model will ask the checkpoint for."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for value in nested_values(sharded_state_dict):
+        if isinstance(value, ShardedTensorFactory):
+            # SwiGLU's fc1 is stored as two tensors (`key_w`, `key_v`) built by the factory.
+            built = value.build()
+            values = nested_values(built) if isinstance(built, dict) else [built]
+        else:
+            values = [value]
+        for tensor in values:
+            if isinstance(tensor, ShardedTensor):
+                shapes[tensor.key] = tuple(tensor.global_shape)
+    return shapes
+
+
+def check_checkpoint_shapes(sharded_state_dict: dict[str, Any], checkpoint_dir: Path) -> None:
+    """Raise a `CheckpointError` naming the first tensor missing from, or mis-shaped in, the file."""
+    from megatron.core import dist_checkpointing
+
+    stored = dist_checkpointing.load_tensors_metadata(str(checkpoint_dir))
+    for key, expected in _expected_global_shapes(sharded_state_dict).items():
+        if key not in stored:
+            raise CheckpointError(f"{checkpoint_dir}: tensor {key} is missing from the checkpoint.")
+        found = tuple(stored[key].global_shape)
+        if found != expected:
+            raise CheckpointError(
+                f"{checkpoint_dir}: tensor {key} has global shape {list(found)}, the model expects "
+                f"{list(expected)}; check the model config (heads, query groups, gate granularity)."
+            )
+
+
+def load_distributed(model: torch.nn.Module, directory: str | Path) -> None:
+    """Load a torch_dist checkpoint saved at any TP/PP layout into `model` (every rank calls it)."""
+    from megatron.core import dist_checkpointing
+
+    checkpoint_dir = resolve_checkpoint_dir(directory)
+    sharded = {"model": model.sharded_state_dict()}
+    check_checkpoint_shapes(sharded, checkpoint_dir)
+    state = dist_checkpointing.load(sharded, str(checkpoint_dir))
+    model.load_state_dict(state["model"])
