@@ -198,6 +198,14 @@ def grad_norm(model: torch.nn.Module) -> torch.Tensor:
     return squares.sqrt()
 
 
+def clip_gradients(model: torch.nn.Module, *, max_norm: float, norm: float) -> None:
+    """Scale every gradient by `max_norm / norm` when `0 < max_norm < norm`."""
+    if 0 < max_norm < norm:
+        for param in model.parameters():
+            if param.grad is not None:
+                param.grad.mul_(max_norm / (norm + 1e-6))
+
+
 def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     """AdamW; biases and norm weights (1-D) get no weight decay."""
     decay = [p for p in model.parameters() if p.ndim >= 2]
@@ -401,11 +409,8 @@ def train_variant(
                 # The weights are lost: stop here rather than train on NaN.
                 result.status = "aborted"
                 break
-            if config.clip_grad > 0 and norm > config.clip_grad:
-                for param in model.parameters():
-                    if param.grad is not None:
-                        param.grad.mul_(config.clip_grad / (norm + 1e-6))
             if not decision.skip_step:
+                clip_gradients(model, max_norm=config.clip_grad, norm=norm)
                 optimizer.step()
             if step % config.eval_interval == 0 or step == config.steps:
                 result.final_validation_loss = validation_loss(model, eval_set)
