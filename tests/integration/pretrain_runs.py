@@ -19,6 +19,8 @@ REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
 DATA = Path(__file__).resolve().parent / "data"
 MIN_SCRIPT = EXAMPLES / "pretrain_gpt_min.py"
+SMOKE_SCRIPT = EXAMPLES / "cpu_smoke_test.sh"
+SMOKE_MONITOR = EXAMPLES / "monitor_smoke.yaml"
 LEGACY_SCRIPT = EXAMPLES / "pretrain_gpt_legacy.py"
 
 # A 2-layer, hidden-64 GPT on the CPU: the flags of examples/cpu_smoke_test.sh.
@@ -59,11 +61,8 @@ class PretrainRun:
         return [line for line in self.output.splitlines() if line.startswith(prefix)]
 
 
-def run_pretrain(
-    script: Path, *args: str, nproc: int = 1, timeout: float = 240, cpu_flags: bool = True
-) -> PretrainRun:
-    """`[torchrun] -m megatron_gate.run SCRIPT <tiny GPT flags> ARGS`; returns code and output."""
-    env = {
+def _environment() -> dict[str, str]:
+    return {
         **os.environ,
         # examples/ too: test scripts reuse the minimal script's data and loss functions.
         "PYTHONPATH": os.pathsep.join([str(REPO), str(EXAMPLES), os.environ.get("PYTHONPATH", "")]),
@@ -71,6 +70,26 @@ def run_pretrain(
         "OMP_NUM_THREADS": "1",
         "PYTHONWARNINGS": "ignore",
     }
+
+
+def run_smoke_script(
+    out: Path, *args: str, iterations: int = 6, timeout: float = 240
+) -> PretrainRun:
+    """`bash examples/cpu_smoke_test.sh ARGS` (the script CI runs), writing under `out`."""
+    env = {**_environment(), "OUT": str(out), "ITERS": str(iterations),
+           "PYTHON": sys.executable, "MASTER_PORT": str(free_port())}  # fmt: skip
+    result = subprocess.run(
+        ["bash", str(SMOKE_SCRIPT), *args], env=env, cwd=REPO, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+    return PretrainRun(result.returncode, result.stdout + result.stderr)
+
+
+def run_pretrain(
+    script: Path, *args: str, nproc: int = 1, timeout: float = 240, cpu_flags: bool = True
+) -> PretrainRun:
+    """`[torchrun] -m megatron_gate.run SCRIPT <tiny GPT flags> ARGS`; returns code and output."""
+    env = _environment()
     port = str(free_port())
     if nproc == 1:  # no launcher: the env:// variables torchrun would set
         env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",

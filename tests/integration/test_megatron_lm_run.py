@@ -9,7 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from pretrain_runs import LEGACY_SCRIPT, MIN_SCRIPT, run_pretrain
+from pretrain_runs import (
+    LEGACY_SCRIPT,
+    MIN_SCRIPT,
+    SMOKE_MONITOR,
+    run_pretrain,
+    run_smoke_script,
+)
 
 from megatron_gate.megatron_lm.monitor_hooks import STATE_KEY
 from megatron_gate.monitor import schema
@@ -49,14 +55,10 @@ def _assert_loss_falls(losses: dict[int, float]) -> None:
     assert last < first - 0.05, losses
 
 
-def test_world_size_1_gated_monitored_checkpointed_and_resumed(tmp_path: Path) -> None:
-    save, tensorboard = tmp_path / "ckpt", tmp_path / "tb"
-    monitor_yaml = _write_monitor_yaml(tmp_path / "monitor.yaml")
-    common = ["--gated-attention", "headwise", "--stability-config", str(monitor_yaml),
-              "--save", str(save), "--save-interval", "3", "--ckpt-format", "torch",
-              "--tensorboard-dir", str(tensorboard)]  # fmt: skip
-
-    first = run_pretrain(MIN_SCRIPT, "--train-iters", "6", *common)
+def test_cpu_smoke_example_gated_monitored_checkpointed_and_resumed(tmp_path: Path) -> None:
+    """examples/cpu_smoke_test.sh (world size 1), then a resumed run from its checkpoint."""
+    save, tensorboard = tmp_path / "checkpoints", tmp_path / "tensorboard"
+    first = run_smoke_script(tmp_path, "--ckpt-format", "torch")
     assert first.returncode == 0, first.output[-3000:]
     assert first.lines("megatron-gate: gated attention on layers 1-2 of 2 | granularity headwise "
                        "| backend local | TP=1 PP=1 DP=1 CP=1 | monitor sinks: jsonl, tensorboard")  # fmt: skip
@@ -79,8 +81,9 @@ def test_world_size_1_gated_monitored_checkpointed_and_resumed(tmp_path: Path) -
     assert saved["step"] == 6
 
     resumed = run_pretrain(
-        MIN_SCRIPT, "--train-iters", "8", "--load", str(save),
-        "--override-opt_param-scheduler", *common,
+        MIN_SCRIPT, "--train-iters", "8", "--load", str(save), "--save", str(save),
+        "--save-interval", "3", "--ckpt-format", "torch", "--override-opt_param-scheduler",
+        "--gated-attention", "headwise", "--stability-config", str(SMOKE_MONITOR),
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.output[-3000:]
     assert resumed.lines("megatron-gate: stability monitor state restored from the checkpoint "
