@@ -1,0 +1,238 @@
+"""`convert`: Hugging Face Qwen3-Next or the paper's Qwen3 <-> Megatron gated GPT checkpoints.
+
+Formats on disk:
+- `hf` / `paper`: a Hugging Face model directory, `config.json` + `model.safetensors` (read also
+  as `model.safetensors.index.json` + shards; written as one file).
+- `megatron`, `--megatron-format torch` (default): one file `torch.save`d with
+  `{"format": FULL_FORMAT, "model_config": GptShape dict, "model": full TP=1/PP=1 state dict}`,
+  keys as `GPTModel.state_dict()` with Megatron's local modules.
+- `megatron`, `--megatron-format torch_dist`: a Megatron-LM checkpoint directory
+  (`latest_checkpointed_iteration.txt` = release, `release/` torch_dist) loadable at any TP/PP,
+  plus `megatron_gate_model.json` (see `megatron_gate.checkpoint.reshard`).
+
+Every input is validated (config, tensor names and shapes) before anything is written; outputs
+go to a temporary path renamed at the end; an existing output needs `force=True`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_gate.checkpoint import hf_qwen3_next, paper_qwen3
+from megatron_gate.checkpoint.model import GptShape, check_full_state_dict
+from megatron_gate.checkpoint.safe_io import (
+    CheckpointError,
+    atomic_output,
+    check_output,
+    load_torch,
+    save_torch,
+)
+
+FULL_FORMAT = "megatron-gate/full-state-dict/1"
+HF_WEIGHTS = "model.safetensors"
+HF_INDEX = "model.safetensors.index.json"
+SIDES = ("hf", "paper", "megatron")
+MEGATRON_FORMATS = ("torch", "torch_dist")
+
+
+# ------------------------------------------------------------------ Hugging Face directories
+def read_hf_dir(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """`(config.json dict, tensors)` of a Hugging Face model directory (safetensors only)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{path} has no config.json; pass a Hugging Face model directory.")
+    config = json.loads(config_file.read_text())
+    if (path / HF_WEIGHTS).is_file():
+        files = [path / HF_WEIGHTS]
+    elif (path / HF_INDEX).is_file():
+        weight_map = json.loads((path / HF_INDEX).read_text())["weight_map"]
+        files = [path / name for name in sorted(set(weight_map.values()))]
+    else:
+        raise CheckpointError(
+            f"{path} has neither {HF_WEIGHTS} nor {HF_INDEX}; only safetensors checkpoints convert."
+        )
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        tensors.update(load_file(str(file)))
+    return config, tensors
+
+
+def write_hf_dir(
+    path: str | Path, config: dict[str, Any], tensors: dict[str, torch.Tensor], *, force: bool
+) -> Path:
+    """Write `config.json` + `model.safetensors` atomically."""
+    from safetensors.torch import save_file
+
+    with atomic_output(path, force=force, directory=True) as partial:
+        (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        contiguous = {name: tensor.contiguous() for name, tensor in tensors.items()}
+        save_file(contiguous, str(partial / HF_WEIGHTS), metadata={"format": "pt"})
+    return Path(path)
+
+
+# ------------------------------------------------------------------ Megatron checkpoints
+def read_megatron(
+    path: str | Path, *, model_config: str | Path | None = None
+) -> tuple[GptShape, dict[str, torch.Tensor]]:
+    """`(shape, full state dict)` of a Megatron checkpoint (full file or torch_dist directory)."""
+    path = Path(path)
+    if path.is_dir():
+        from megatron_gate.checkpoint.reshard import read_shape
+
+        shape = read_shape(path, model_config)
+        state = load_full_from_distributed(path, shape)
+    else:
+        saved = load_torch(path)
+        if not isinstance(saved, dict) or saved.get("format") != FULL_FORMAT:
+            raise CheckpointError(
+                f"{path} is not a megatron-gate full state-dict file (no format={FULL_FORMAT!r}); "
+                "pass a torch_dist directory or a file written by megatron-gate."
+            )
+        shape = (
+            GptShape.load_json(model_config)
+            if model_config
+            else GptShape.from_dict(saved["model_config"])
+        )
+        state = saved["model"]
+    check_full_state_dict(state, shape, source=str(path))
+    return shape, state
+
+
+def write_megatron(
+    path: str | Path,
+    shape: GptShape,
+    state: dict[str, torch.Tensor],
+    *,
+    megatron_format: str = "torch",
+    force: bool,
+) -> Path:
+    """Write a full state dict as a `torch` file or a torch_dist directory."""
+    check_full_state_dict(state, shape, source="converted model")
+    if megatron_format == "torch":
+        payload = {"format": FULL_FORMAT, "model_config": shape.to_dict(), "model": state}
+        return save_torch(payload, path, force=force)
+    if megatron_format == "torch_dist":
+        return save_full_as_distributed(path, shape, state, force=force)
+    raise CheckpointError(
+        f"megatron_format={megatron_format!r}; use one of {', '.join(MEGATRON_FORMATS)}."
+    )
+
+
+def _storage_shape(shape: GptShape) -> GptShape:
+    """The shape a local model needs to hold `shape`'s tensors (zero-centred norms: same tensors,
+    only their meaning differs, and the local RMSNorm cannot be built zero-centred)."""
+    return shape.replace(layernorm_zero_centered_gamma=False)
+
+
+def _load_full_worker(_rank: int, _world: int, payload: tuple[str, dict]) -> dict[str, Any]:
+    from megatron_gate.checkpoint.model import build_gpt_from_shape
+    from megatron_gate.checkpoint.reshard import load_distributed
+    from megatron_gate.distributed import init_model_parallel
+
+    path, shape_fields = payload
+    init_model_parallel(tp=1, pp=1)
+    model = build_gpt_from_shape(_storage_shape(GptShape.from_dict(shape_fields)))
+    load_distributed(model, path)
+    # numpy arrays travel by value; torch tensors would be shared-memory handles that die with
+    # this process before the parent reads them.
+    state = model.state_dict()
+    return {k: v.detach().numpy() for k, v in state.items() if not k.endswith("_extra_state")}
+
+
+def _save_full_worker(_rank: int, _world: int, payload: tuple) -> None:
+    from megatron_gate.checkpoint.model import build_gpt_from_shape
+    from megatron_gate.checkpoint.reshard import save_distributed
+    from megatron_gate.distributed import init_model_parallel
+
+    path, shape_fields, state, force = payload
+    shape = GptShape.from_dict(shape_fields)
+    init_model_parallel(tp=1, pp=1)
+    model = build_gpt_from_shape(_storage_shape(shape))
+    model.load_state_dict(state, strict=False)  # keys checked by write_megatron
+    save_distributed(model, path, shape=shape, force=force)
+
+
+def load_full_from_distributed(path: Path, shape: GptShape) -> dict[str, torch.Tensor]:
+    """Full state dict of a torch_dist checkpoint (loaded at TP=1/PP=1 in one gloo process)."""
+    from megatron_gate.distributed import launch
+
+    arrays = launch(_load_full_worker, world_size=1, payload=(str(path), shape.to_dict()))[0]
+    return {key: torch.from_numpy(array) for key, array in arrays.items()}
+
+
+def save_full_as_distributed(
+    path: str | Path, shape: GptShape, state: dict[str, torch.Tensor], *, force: bool
+) -> Path:
+    """Write a full state dict as a torch_dist checkpoint (one gloo process, TP=1/PP=1)."""
+    from megatron_gate.distributed import launch
+
+    check_output(path, force=force)
+    launch(_save_full_worker, world_size=1, payload=(str(path), shape.to_dict(), state, force))
+    return Path(path)
+
+
+# ------------------------------------------------------------------ conversion
+def _to_megatron(side: str, path: Path, *, zero_centered_gamma: bool):  # -> (shape, state)
+    config, tensors = read_hf_dir(path)
+    if side == "hf":
+        shape = hf_qwen3_next.shape_from_config(config, zero_centered_gamma=zero_centered_gamma)
+        return shape, hf_qwen3_next.hf_to_megatron(tensors, shape)
+    shape = paper_qwen3.shape_from_config(config)
+    return shape, paper_qwen3.paper_to_megatron(tensors, shape)
+
+
+def _from_megatron(
+    side: str, shape: GptShape, state: dict[str, torch.Tensor]
+):  # -> (config, tensors)
+    if side == "hf":
+        return hf_qwen3_next.config_from_shape(shape), hf_qwen3_next.megatron_to_hf(state, shape)
+    return paper_qwen3.config_from_shape(shape), paper_qwen3.megatron_to_paper(state, shape)
+
+
+def convert(
+    source: str | Path,
+    output: str | Path,
+    *,
+    from_format: str,
+    to_format: str,
+    force: bool = False,
+    megatron_format: str = "torch",
+    zero_centered_gamma: bool = False,
+    model_config: str | Path | None = None,
+) -> Path:
+    """Convert the checkpoint at `source` from `from_format` to `to_format` and write `output`.
+
+    `from_format` / `to_format`: "hf" (Qwen3-Next), "paper" (the authors' gated Qwen3) or
+    "megatron"; exactly one side is "megatron". `zero_centered_gamma` stores Qwen3-Next norm
+    weights unchanged for a Megatron model with `layernorm_zero_centered_gamma=True` (TE norms);
+    off, Megatron gets the scale `1 + w` that its local RMSNorm needs.
+    """
+    for name, value in (("--from", from_format), ("--to", to_format)):
+        if value not in SIDES:
+            raise CheckpointError(f"{name} {value!r} is unknown; use one of {', '.join(SIDES)}.")
+    if (from_format == "megatron") == (to_format == "megatron"):
+        raise CheckpointError(
+            f"--from {from_format} --to {to_format}: exactly one side must be megatron "
+            "(convert hf -> megatron -> paper in two steps where the models agree)."
+        )
+    if megatron_format not in MEGATRON_FORMATS:
+        raise CheckpointError(
+            f"--megatron-format {megatron_format!r}; use one of {', '.join(MEGATRON_FORMATS)}."
+        )
+    source = Path(source)
+    if not source.exists():
+        raise CheckpointError(f"input {source} does not exist.")
+    check_output(output, force=force)
+    if to_format == "megatron":
+        shape, state = _to_megatron(from_format, source, zero_centered_gamma=zero_centered_gamma)
+        return write_megatron(output, shape, state, megatron_format=megatron_format, force=force)
+    shape, state = read_megatron(source, model_config=model_config)
+    config, tensors = _from_megatron(to_format, shape, state)
+    return write_hf_dir(output, config, tensors, force=force)
