@@ -50,7 +50,8 @@ class Dashboard:
         self._thread = threading.Thread(target=self._poll_loop, name="dashboard-poll", daemon=True)
 
     def start_polling(self) -> None:
-        self.refresh()
+        """Read the runs in the background (first at once), so the page answers while a large
+        run is still being read."""
         self._thread.start()
 
     def stop_polling(self) -> None:
@@ -63,11 +64,12 @@ class Dashboard:
             store.refresh()
 
     def _poll_loop(self) -> None:
-        while not self._stop.wait(self.poll_seconds):
+        while not self._stop.is_set():
             try:
                 self.refresh()
             except Exception:  # a reading error must not end the live page
                 log.exception("reading the runs failed; retrying")
+            self._stop.wait(self.poll_seconds)
 
     def status(self) -> dict[str, Any]:
         return {"time": time.time(), "runs": [s.summary() for s in self.stores.values()]}

@@ -87,7 +87,7 @@ class RunStore:
         self.start: dict[str, Any] = {}
         self.end: dict[str, Any] | None = None
         self.events: list[dict[str, Any]] = []
-        self.version = 0  # bumped whenever new records arrive; the page polls it
+        self.version = 0  # bumped whenever records arrive; the page refetches when it changes
         self.num_layers = 0
         self._lock = threading.Lock()
         self._steps = _Column(np.int64)
@@ -103,12 +103,10 @@ class RunStore:
             if records:
                 with self._lock:
                     self._ingest(records)
+                    self.version += 1
                 arrived += len(records)
             if self.tail.caught_up:
                 break
-        if arrived:
-            with self._lock:
-                self.version += 1
         return arrived
 
     def _ingest(self, records: Iterable[dict[str, Any]]) -> None:

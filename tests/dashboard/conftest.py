@@ -31,6 +31,7 @@ def serve() -> Iterator[Callable[..., DashboardHTTPServer]]:
 
     def start(run_dirs: Sequence[Path], *, poll_seconds: float = 0.2) -> DashboardHTTPServer:
         dashboard = Dashboard([RunStore(d) for d in run_dirs], poll_seconds=poll_seconds)
+        dashboard.refresh()  # what is on disk now is served from the first request on
         dashboard.start_polling()
         server = DashboardHTTPServer(dashboard, host="127.0.0.1", port=0)
         threading.Thread(target=server.serve_forever, daemon=True).start()
