@@ -5,9 +5,9 @@
 For each depth (2, 4, 8 layers), in one process, interleaved (A B A B ...) so that machine noise
 hits both arms alike:
 
-- default cadence: blocks of `layer_interval` (100) training steps with the monitor at its
-  default config vs blocks without it; ratio of block times (so the block holds exactly the
-  default mix: 10 log steps, 1 per-layer step), median over repetitions;
+- default cadence: every step of a 100-step cadence period (10 log steps, 1 per-layer step)
+  with the default monitor and without it, back to back in alternating order; the medians
+  per position over repetitions are summed: ratio of the sums;
 - fully logged step: log_interval = layer_interval = 1 (every statistic, every step) vs none;
   ratio of per-step medians;
 - probe: the attention-sink probe on one layer's query/key vs that layer's core attention
@@ -101,30 +101,45 @@ def _monitor(trainer: Trainer, run_dir: str, **overrides: Any) -> Any:
 
 
 def default_cadence(layers: int, args: argparse.Namespace, run_dir: str) -> dict[str, Any]:
-    """Blocks of `layer_interval` steps with the default monitor vs without, interleaved."""
+    """The default config over whole cadence periods, step by step against no monitor.
+
+    Step i of a period runs once without the monitor and once with it (cadence position i:
+    10 log steps and 1 per-layer step in 100), alternating which goes first; per position the
+    median over repetitions is kept, and the overhead is the ratio of the summed medians.
+    """
     trainer = Trainer(layers, args)
     monitor = _monitor(trainer, run_dir)
-    block = monitor.config.layer_interval
+    period = monitor.config.layer_interval
     for _ in range(3):
         trainer.step()
         trainer.step(monitor)
-    ratios, with_times, without_times = [], [], []
-    for _ in range(args.repetitions):
-        # Align the monitored block to the cadence: it holds the default mix of steps.
-        trainer.step_index = 0
-        plain = sum(trainer.step() for _ in range(block))
-        trainer.step_index = 0
-        monitored = sum(trainer.step(monitor) for _ in range(block))
-        ratios.append(monitored / plain)
-        with_times.append(monitored / block)
-        without_times.append(plain / block)
+    with_times: list[list[float]] = [[] for _ in range(period)]
+    without_times: list[list[float]] = [[] for _ in range(period)]
+    for repetition in range(args.repetitions):
+        for position in range(period):
+            trainer.step_index = position
+            if (repetition + position) % 2:
+                without_times[position].append(trainer.step())
+                trainer.step_index = position
+                with_times[position].append(trainer.step(monitor))
+            else:
+                with_times[position].append(trainer.step(monitor))
+                trainer.step_index = position
+                without_times[position].append(trainer.step())
     monitor.close()
+    with_total = sum(statistics.median(times) for times in with_times)
+    without_total = sum(statistics.median(times) for times in without_times)
     return {
-        "block_steps": block,
-        "median_ratio": statistics.median(ratios),
-        "ratios": ratios,
-        "median_step_s_with": statistics.median(with_times),
-        "median_step_s_without": statistics.median(without_times),
+        "period_steps": period,
+        "repetitions": args.repetitions,
+        "median_ratio": with_total / without_total,
+        "mean_step_s_with": with_total / period,
+        "mean_step_s_without": without_total / period,
+        "median_unlogged_step_ratio": statistics.median(
+            statistics.median(w) / statistics.median(o)
+            for position, (w, o) in enumerate(zip(with_times, without_times, strict=True))
+            if position % monitor.config.log_interval
+        ),
     }
 
 
@@ -136,9 +151,13 @@ def fully_logged(layers: int, args: argparse.Namespace, run_dir: str) -> dict[st
         trainer.step()
         trainer.step(monitor)
     with_times, without_times = [], []
-    for _ in range(args.steps):
-        without_times.append(trainer.step())
-        with_times.append(trainer.step(monitor))
+    for index in range(args.steps):
+        if index % 2:
+            without_times.append(trainer.step())
+            with_times.append(trainer.step(monitor))
+        else:
+            with_times.append(trainer.step(monitor))
+            without_times.append(trainer.step())
     monitor.close()
     with_median, without_median = statistics.median(with_times), statistics.median(without_times)
     return {
@@ -213,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=256)
     parser.add_argument("--probe-queries", type=int, default=8)
-    parser.add_argument("--repetitions", type=int, default=3, help="default-cadence blocks")
+    parser.add_argument("--repetitions", type=int, default=5, help="default-cadence periods")
     parser.add_argument("--steps", type=int, default=30, help="steps per arm, fully logged")
     parser.add_argument("--probe-repetitions", type=int, default=20)
     parser.add_argument(

@@ -30,6 +30,8 @@ from megatron_gate.monitor.reduction import PackLayout
 logger = logging.getLogger(__name__)
 
 ACTIVATIONS = ("residual", "attention_output", "mlp_output")
+# sigmoid(gate) < 0.1 is exactly the first of 10 equal bins: the histogram gives the sparsity.
+_SPARSITY_IS_FIRST_BIN = schema.GATE_SPARSITY_THRESHOLD * schema.GATE_HISTOGRAM_BINS == 1.0
 
 
 # ---------------------------------------------------------------------- rank position
@@ -195,6 +197,7 @@ class LayerCollector:
         self._handles: list[Any] = []
         self._observers: list[tuple[list, Any]] = []
         self._warned: set[str] = set()
+        self._position_cache: dict[tuple[int, str], torch.Tensor] = {}
         if probe_queries and position.context_parallel_size > 1:
             logger.warning(
                 "stability monitor: the attention-sink probe is off with context parallelism "
@@ -251,10 +254,13 @@ class LayerCollector:
             tensor = _output_tensor(output)
             if tensor is None:
                 return
+            tensor = tensor.detach()
+            # aminmax reads the tensor once without an |h| copy (vector_norm(inf) is slow on CPU)
+            low, high = torch.aminmax(tensor)
             self.stats.add(
                 (kind, number),
-                maximum=torch.linalg.vector_norm(tensor.detach(), math.inf, dtype=torch.float32),
-                total=torch.linalg.vector_norm(tensor.detach(), 2, dtype=torch.float32).square(),
+                maximum=torch.maximum(high, -low),
+                total=torch.linalg.vector_norm(tensor, 2, dtype=torch.float32).square(),
                 count=float(tensor.numel()),
             )
 
@@ -265,19 +271,27 @@ class LayerCollector:
             # [sq, b, np, hn | 1] pre-sigmoid gate -> values in (0, 1)
             gate = torch.sigmoid(gate_logits.float())
             self.stats.add(("gate", number), total=gate.sum(), count=float(gate.numel()))
-            self.stats.add(
-                ("gate_below", number),
-                total=(gate < schema.GATE_SPARSITY_THRESHOLD).sum(),
-            )
             # Bin index of each value (1.0 falls into the last bin); bincount is far cheaper
             # than histc on the CPU and equal to it on equal-width bins over [0, 1].
             bins = schema.GATE_HISTOGRAM_BINS
             index = (gate * bins).long().clamp_(max=bins - 1)
             histogram = torch.bincount(index.reshape(-1), minlength=bins).float()
+            if _SPARSITY_IS_FIRST_BIN:
+                below = histogram[0]
+            else:
+                below = (gate < schema.GATE_SPARSITY_THRESHOLD).sum()
+            self.stats.add(("gate_below", number), total=below)
             previous = self.gate_histogram.get(number)
             self.gate_histogram[number] = histogram if previous is None else previous + histogram
 
         return _guarded("gate", observe, self._warned)
+
+    def _positions(self, seq_len: int, device: torch.device) -> torch.Tensor:
+        """Sampled query positions, cached per (length, device): the same every step."""
+        key = (seq_len, str(device))
+        if key not in self._position_cache:
+            self._position_cache[key] = sample_positions(seq_len, self.probe_queries, device=device)
+        return self._position_cache[key]
 
     def _probe_hook(self, number: int, core: torch.nn.Module) -> Any:
         def hook(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -286,7 +300,7 @@ class LayerCollector:
             mask = args[3] if len(args) > 3 else kwargs.get("attention_mask")
             if query is None or key is None or query.dim() != 4 or key.dim() != 4:
                 return
-            positions = sample_positions(query.shape[0], self.probe_queries, device=query.device)
+            positions = self._positions(query.shape[0], query.device)
             if positions.numel() == 0:
                 return
             share_sum, share_count, max_logit = probe_attention(
@@ -359,7 +373,12 @@ def _softmax_scale(core: torch.nn.Module, head_dim: int) -> float:
 
 # ---------------------------------------------------------------------- parameters
 class ParameterCollector:
-    """Per-layer gradient and update sums of squares, each parameter counted once across ranks."""
+    """Per-layer gradient and update sums of squares, each parameter counted once across ranks.
+
+    All parameters of this rank form one flat list with a group index per parameter (layer
+    i + 1 -> i, everything else -> `num_layers`), so that one `_foreach_norm` and one
+    `index_add_` give every layer's sum of squares.
+    """
 
     def __init__(
         self,
@@ -370,19 +389,22 @@ class ParameterCollector:
         position: RankPosition,
     ) -> None:
         self.num_layers = num_layers
+        self.params: list[torch.nn.Parameter] = []
+        self.groups: list[int] = []
         in_layers: set[int] = set()
-        self.layer_params: dict[int, list[torch.nn.Parameter]] = {}
         for number, layer in layers.items():
-            params = [p for p in layer.parameters() if self._counted_here(p, position)]
-            self.layer_params[number] = params
-            in_layers.update(id(p) for p in layer.parameters())
-        self.other_params = [
-            p
-            for model in models
-            for p in model.parameters()
-            if id(p) not in in_layers and self._counted_here(p, position)
-        ]
-        self._snapshot: dict[int, list[torch.Tensor]] | None = None
+            for param in layer.parameters():
+                in_layers.add(id(param))
+                if self._counted_here(param, position):
+                    self.params.append(param)
+                    self.groups.append(number - 1)
+        for model in models:
+            for param in model.parameters():
+                if id(param) not in in_layers and self._counted_here(param, position):
+                    in_layers.add(id(param))
+                    self.params.append(param)
+                    self.groups.append(num_layers)
+        self._snapshot: list[torch.Tensor] | None = None
         self.update_sumsq: torch.Tensor | None = None  # [num_layers + 1], last entry: the rest
 
     @staticmethod
@@ -394,42 +416,39 @@ class ParameterCollector:
             getattr(param, "tensor_model_parallel", False)
         )
 
-    def _groups(self) -> list[list[torch.nn.Parameter]]:
-        numbers = range(1, self.num_layers + 1)
-        return [self.layer_params.get(n, []) for n in numbers] + [self.other_params]
-
-    @staticmethod
-    def _sumsq(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    def _group_sumsq(
+        self, tensors: list[torch.Tensor], groups: list[int], device: torch.device
+    ) -> torch.Tensor:
+        """`[num_layers + 1]`: sum of squared norms of `tensors` by group."""
+        result = torch.zeros(self.num_layers + 1, device=device)
         if not tensors:
-            return torch.zeros((), device=device)
-        norms = torch._foreach_norm([t.detach() for t in tensors], 2)
-        return torch.stack([n.float() for n in norms]).square().sum().to(device)
+            return result
+        norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
+        squares = torch.stack(norms).square().to(device)
+        return result.index_add_(0, torch.tensor(groups, device=device), squares)
 
     def grad_sumsq(self, device: torch.device) -> torch.Tensor:
         """`[num_layers + 1]` sums of squared gradients (Megatron's `main_grad` when present)."""
-        values = []
-        for params in self._groups():
-            grads = [_grad(p) for p in params]
-            values.append(self._sumsq([g for g in grads if g is not None], device))
-        return torch.stack(values)
+        grads, groups = [], []
+        for param, group in zip(self.params, self.groups, strict=True):
+            grad = _grad(param)
+            if grad is not None:
+                grads.append(grad.detach())
+                groups.append(group)
+        return self._group_sumsq(grads, groups, device)
 
     def take_snapshot(self) -> None:
         """Copy the parameters (before an optimizer step whose update will be measured)."""
-        self._snapshot = {
-            index: [p.detach().clone() for p in params]
-            for index, params in enumerate(self._groups())
-        }
+        if self.params:
+            self._snapshot = list(torch._foreach_mul([p.detach() for p in self.params], 1.0))
 
     def measure_update(self, device: torch.device) -> None:
         """`update_sumsq` = per-layer ||p_now - p_snapshot||^2; drops the snapshot."""
         if self._snapshot is None:
             return
-        values = []
-        for index, params in enumerate(self._groups()):
-            before = self._snapshot[index]
-            deltas = [p.detach() - old for p, old in zip(params, before, strict=True)]
-            values.append(self._sumsq(deltas, device))
-        self.update_sumsq = torch.stack(values)
+        # snapshot - now = -update, in place: no third copy of the parameters
+        torch._foreach_sub_(self._snapshot, [p.detach() for p in self.params])
+        self.update_sumsq = self._group_sumsq(self._snapshot, self.groups, device)
         self._snapshot = None
 
     @property

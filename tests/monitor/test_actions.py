@@ -161,3 +161,43 @@ def test_abort_saves_and_exits_non_zero(one_rank_world: None, tmp_path: Path) ->
     records = read_records(tmp_path)
     assert records[-1]["kind"] == "run_end" and records[-1]["status"] == "aborted"
     assert any(r["kind"] == "event" and r["action"] == "abort" for r in records)
+
+
+def test_lr_backoff_on_megatron_optimizer_and_scheduler(one_rank_world: None) -> None:
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    model = tiny_gated_gpt()
+    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model)
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=1e-3, min_lr=1e-5, clip_grad=0.0), [ddp]
+    )
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=1e-3,
+        min_lr=1e-5,
+        lr_warmup_steps=2,
+        lr_decay_steps=10,
+        lr_decay_style="cosine",
+        start_wd=0.0,
+        end_wd=0.0,
+        wd_incr_steps=10,
+        wd_incr_style="constant",
+    )
+    backoff = LearningRateBackoff(factor=0.5, steps=2)
+    used, scheduled = [], []
+    for step in range(5):
+        scheduled.append([group["lr"] for group in optimizer.param_groups])
+        if step == 1:
+            backoff.trigger()
+        backoff.apply(optimizer)
+        used.append([group["lr"] for group in optimizer.param_groups])
+        backoff.advance()
+        scheduler.step(1)
+    factors = [1.0, 0.5, 0.5, 1.0, 1.0]
+    assert len(used[0]) >= 1
+    for step, factor in enumerate(factors):
+        assert used[step] == pytest.approx([lr * factor for lr in scheduled[step]], rel=1e-12)
+    assert scheduled[3][0] > 0  # warm-up over: the test sees real learning rates

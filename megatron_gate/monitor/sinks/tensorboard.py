@@ -10,7 +10,13 @@ from megatron_gate.monitor.sinks.base import Sink
 
 
 class TensorBoardSink(Sink):
-    """Writes `step` records as scalars and `event` records as `stability/events/<detector>`."""
+    """Writes `step` records as scalars and `event` records as `stability/events/<detector>`.
+
+    All values of one record go into ONE `Summary` protobuf (one event in the file) instead of
+    one `add_scalar` call per value: `add_scalar` costs ~0.1-0.6 ms each on a busy CPU, and a
+    per-layer record holds hundreds of values. Writers without a file writer (tensorboardX,
+    W&B's TB shim) get plain `add_scalar` calls.
+    """
 
     name = "tensorboard"
 
@@ -27,17 +33,32 @@ class TensorBoardSink(Sink):
     def write(self, record: dict[str, Any]) -> None:
         """Scalars of steps and events."""
         kind, step = record["kind"], record.get("step")
+        values: list[tuple[str, float]] = []
         if kind == "step":
             for name, value in record["scalars"].items():
                 if value is not None:
-                    self.writer.add_scalar(schema.tensorboard_tag(name), value, step)
-            for name, values in (record.get("layers") or {}).items():
-                for index, value in enumerate(values):
+                    values.append((schema.tensorboard_tag(name), value))
+            for name, per_layer in (record.get("layers") or {}).items():
+                for index, value in enumerate(per_layer):
                     if value is not None:
-                        self.writer.add_scalar(schema.tensorboard_tag(name, index + 1), value, step)
+                        values.append((schema.tensorboard_tag(name, index + 1), value))
         elif kind == "event":
-            tag = schema.tensorboard_tag(f"events/{record['detector']}")
-            self.writer.add_scalar(tag, record["value"], step)
+            values.append((schema.tensorboard_tag(f"events/{record['detector']}"), record["value"]))
+        if values:
+            self._write_values(values, step)
+
+    def _write_values(self, values: list[tuple[str, float]], step: int) -> None:
+        file_writer = getattr(self.writer, "_get_file_writer", None)
+        if file_writer is None:
+            for tag, value in values:
+                self.writer.add_scalar(tag, value, step)
+            return
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        summary = Summary(
+            value=[Summary.Value(tag=tag, simple_value=float(value)) for tag, value in values]
+        )
+        file_writer().add_summary(summary, step)
 
     def flush(self) -> None:
         """Flush the writer."""
