@@ -79,15 +79,24 @@ def write_hf_dir(
 
 # ------------------------------------------------------------------ Megatron checkpoints
 def read_megatron(
-    path: str | Path, *, model_config: str | Path | None = None
+    path: str | Path,
+    *,
+    model_config: str | Path | None = None,
+    shape_changes: dict[str, Any] | None = None,
 ) -> tuple[GptShape, dict[str, torch.Tensor]]:
-    """`(shape, full state dict)` of a Megatron checkpoint (full file or torch_dist directory)."""
-    path = Path(path)
-    if path.is_dir():
-        from megatron_gate.checkpoint.reshard import read_shape
+    """`(shape, full state dict)` of a Megatron checkpoint (full file or torch_dist directory).
 
+    The shape comes from `model_config` (a `GptShape` JSON) when given, else from the
+    checkpoint; `shape_changes` are applied to it before the tensors are checked against it.
+    """
+    from megatron_gate.checkpoint.reshard import read_shape
+
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"input {path} does not exist.")
+    saved = None
+    if path.is_dir():
         shape = read_shape(path, model_config)
-        state = load_full_from_distributed(path, shape)
     else:
         saved = load_torch(path)
         if not isinstance(saved, dict) or saved.get("format") != FULL_FORMAT:
@@ -100,7 +109,8 @@ def read_megatron(
             if model_config
             else GptShape.from_dict(saved["model_config"])
         )
-        state = saved["model"]
+    shape = shape.replace(**(shape_changes or {}))
+    state = saved["model"] if saved is not None else load_full_from_distributed(path, shape)
     check_full_state_dict(state, shape, source=str(path))
     return shape, state
 
@@ -139,7 +149,10 @@ def _load_full_worker(_rank: int, _world: int, payload: tuple[str, dict]) -> dic
     path, shape_fields = payload
     init_model_parallel(tp=1, pp=1)
     model = build_gpt_from_shape(_storage_shape(GptShape.from_dict(shape_fields)))
-    load_distributed(model, path)
+    try:
+        load_distributed(model, path)
+    except CheckpointError as error:
+        return {"error": str(error)}  # re-raised by the parent as the same clear error
     # numpy arrays travel by value; torch tensors would be shared-memory handles that die with
     # this process before the parent reads them.
     state = model.state_dict()
@@ -164,6 +177,8 @@ def load_full_from_distributed(path: Path, shape: GptShape) -> dict[str, torch.T
     from megatron_gate.distributed import launch
 
     arrays = launch(_load_full_worker, world_size=1, payload=(str(path), shape.to_dict()))[0]
+    if isinstance(arrays.get("error"), str):
+        raise CheckpointError(arrays["error"])
     return {key: torch.from_numpy(array) for key, array in arrays.items()}
 
 

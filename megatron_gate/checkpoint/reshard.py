@@ -156,3 +156,67 @@ def load_distributed(model: torch.nn.Module, directory: str | Path) -> None:
     check_checkpoint_shapes(sharded, checkpoint_dir)
     state = dist_checkpointing.load(sharded, str(checkpoint_dir))
     model.load_state_dict(state["model"])
+
+
+def _verify_worker(rank: int, world_size: int, payload: tuple) -> int:
+    from megatron.core import parallel_state
+
+    from megatron_gate.checkpoint.model import build_gpt_from_shape
+    from megatron_gate.distributed import init_model_parallel
+
+    path, shape_fields, tp, pp = payload
+    shape = GptShape.from_dict(shape_fields).replace(layernorm_zero_centered_gamma=False)
+    init_model_parallel(tp=tp, pp=pp)
+    model = build_gpt_from_shape(
+        shape,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        pipeline_model_parallel_size=pp,
+        pipeline_dtype=torch.float32,
+    )
+    load_distributed(model, path)
+    return sum(param.numel() for param in model.parameters())
+
+
+def verify_loadable(path: str | Path, shape: GptShape, *, tp: int, pp: int) -> list[int]:
+    """Load a torch_dist checkpoint at TP=`tp`, PP=`pp` in `tp * pp` gloo CPU processes.
+
+    Returns each rank's number of loaded parameters; raises if any rank cannot load.
+    """
+    from megatron_gate.distributed import launch
+
+    payload = (str(path), shape.to_dict(), tp, pp)
+    return launch(_verify_worker, world_size=tp * pp, payload=payload)
+
+
+def reshard(
+    source: str | Path,
+    output: str | Path,
+    *,
+    megatron_format: str = "torch_dist",
+    force: bool = False,
+    model_config: str | Path | None = None,
+    check_layout: tuple[int, int] | None = None,
+) -> Path:
+    """Rewrite a Megatron checkpoint as a torch_dist directory (loadable at any TP/PP) or as one
+    full state-dict file; optionally prove the torch_dist output loads at `check_layout` (tp, pp).
+    """
+    from megatron_gate.checkpoint.convert import read_megatron, write_megatron
+
+    if check_layout is not None and megatron_format != "torch_dist":
+        raise CheckpointError("--check-tp/--check-pp need --megatron-format torch_dist.")
+    check_output(output, force=force)
+    shape, state = read_megatron(source, model_config=model_config)
+    if check_layout is not None:
+        tp, _ = check_layout
+        if shape.num_attention_heads % tp or (
+            shape.num_query_groups % tp and tp % shape.num_query_groups
+        ):
+            raise CheckpointError(
+                f"--check-tp {tp}: {shape.num_attention_heads} heads / {shape.num_query_groups} "
+                "query groups cannot be split over that many ranks."
+            )
+    written = write_megatron(output, shape, state, megatron_format=megatron_format, force=force)
+    if check_layout is not None:
+        verify_loadable(written, shape, tp=check_layout[0], pp=check_layout[1])
+    return written

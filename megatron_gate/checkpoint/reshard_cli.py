@@ -1,0 +1,36 @@
+"""`megatron-gate reshard IN OUT`: rewrite a Megatron checkpoint as torch_dist (any TP/PP) or as
+one full state-dict file, optionally proving it loads at a given TP/PP layout."""
+
+from __future__ import annotations
+
+import argparse
+
+from megatron_gate.checkpoint.cli_common import add_io_arguments, report_errors
+from megatron_gate.checkpoint.reshard import reshard
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `megatron-gate reshard`."""
+    add_io_arguments(parser)
+    parser.add_argument(
+        "--check-tp",
+        type=int,
+        default=None,
+        help="after writing, load the torch_dist output at this TP size (gloo, CPU)",
+    )
+    parser.add_argument("--check-pp", type=int, default=1, help="pipeline size for --check-tp")  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    """Reshard; 0 on success, 2 on bad input (nothing written)."""
+    layout = None if args.check_tp is None else (args.check_tp, args.check_pp)
+    return report_errors(
+        lambda: reshard(
+            args.input,
+            args.output,
+            megatron_format=args.megatron_format or "torch_dist",
+            force=args.force,
+            model_config=args.model_config,
+            check_layout=layout,
+        )
+    )
