@@ -208,9 +208,10 @@ class RunStore:
             scalars = {}
             for metric in SCALARS:
                 values = self._scalars[metric].values[lo:hi]
-                if np.isnan(values).all():
-                    continue  # not logged by this run
-                x, y = minmax_series(steps, values, points)
+                logged = ~np.isnan(values)  # e.g. update norms exist on per-layer steps only
+                if not logged.any():
+                    continue
+                x, y = minmax_series(steps[logged], values[logged], points)
                 scalars[metric] = {"x": x.tolist(), "y": rounded(y)}
             lo, hi = _index_range(self._layer_steps.values, start, end)
             heatmaps = {}

@@ -95,3 +95,21 @@ def test_a_directory_of_runs_stands_for_its_runs(tmp_path: Path, two_runs: list[
     empty = tmp_path / "not-started"
     empty.mkdir()
     assert find_run_dirs([empty, two_runs[0]]) == [empty, two_runs[0]]
+
+
+def test_sparse_scalars_draw_only_their_logged_steps(tmp_path: Path) -> None:
+    run = SyntheticRun(name="r", num_layers=2)
+    path = tmp_path / "r" / JSONL_NAME
+    path.parent.mkdir()
+    lines = [to_line(run.run_start())]
+    for step in range(1, 21):
+        (record,) = run.step(step, with_layers=step % 5 == 0)
+        if step % 5:
+            record["scalars"]["update_norm"] = None  # the monitor measures it on layer steps only
+        lines.append(to_line(record))
+    path.write_text("".join(lines))
+    view = load_run(tmp_path / "r").view()
+    assert view["scalars"]["update_norm"]["x"] == [5, 10, 15, 20]
+    assert None not in view["scalars"]["update_norm"]["y"]
+    assert view["scalars"]["loss"]["x"] == list(range(1, 21))
+    assert view["heatmaps"]["max_abs_residual"]["x"] == [5, 10, 15, 20]

@@ -70,8 +70,13 @@
   }
 
   // ---- line charts: runs overlaid, events as markers ----
+  // An event sits on the chart of its own metric; events of other metrics (per-layer
+  // detectors, NaN/Inf) sit on the loss curve.
+  const OWN_CHART = new Set(["grad_norm", "update_norm"]);
+
   function eventTrace(run, i, metric) {
-    const events = run.events.filter((e) => e.at && e.at[metric] !== null);
+    const onThisChart = (e) => (OWN_CHART.has(e.metric) ? e.metric === metric : metric === "loss");
+    const events = run.events.filter((e) => onThisChart(e) && e.at && e.at[metric] !== null);
     return {
       type: "scatter", mode: "markers", name: `${run.name} events`, legendgroup: run.name,
       x: events.map((e) => e.step), y: events.map((e) => e.at[metric]),
