@@ -210,6 +210,13 @@ def _color(name: str, index: int) -> str:
     return COLORS.get(name, f"C{index}")
 
 
+def _log_y(ax: Any) -> None:
+    """Log y scale when the axes hold positive data (an empty or all-NaN run stays linear)."""
+    ys = [float(y) for line in ax.get_lines() for y in line.get_ydata()]
+    if any(math.isfinite(y) and y > 0 for y in ys):
+        ax.set_yscale("log")
+
+
 def smoothed(values: Sequence[float], *, weight: float = 0.9) -> list[float]:
     """Exponential moving average with bias correction; non-finite values are carried over."""
     out, average, total = [], 0.0, 0.0
@@ -245,7 +252,7 @@ def curves_figure(runs: Sequence[RunLog]) -> Any:
     for ax, title in zip(
         axes, ("loss (train, faint: per step; o: validation)", "global grad norm"), strict=True
     ):
-        ax.set_yscale("log")
+        _log_y(ax)
         ax.set_xlabel("step")
         ax.set_title(title)
         ax.grid(alpha=0.3)
@@ -462,7 +469,7 @@ def sweep_figure(runs: Sequence[Any], summaries: Sequence[Any]) -> Any:
                 ax.scatter(*zip(*points, strict=True), color=color, s=10, alpha=0.5)
             ax.set_xscale("log")
             if log:
-                ax.set_yscale("log")
+                _log_y(ax)
             ax.set_title(title, fontsize=10)
             ax.set_xlabel("peak learning rate")
             ax.grid(alpha=0.3)

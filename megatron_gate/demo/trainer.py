@@ -4,8 +4,8 @@
     results = train_runs(config, [VARIANTS["baseline"], VARIANTS["gated_headwise"]],
                          data=None, out_dir=Path("demo-out"))
 
-Each run gets `out_dir/<variant>/` holding `stability.jsonl` (the monitor schema), `tensorboard/`
-and `checkpoint/` (the last one, replaced atomically). On the CPU the model runs through
+Each run gets `out_dir/<variant>/` holding `stability.jsonl` (the monitor schema), `tensorboard/`,
+`validation.jsonl` and `checkpoint/` (`latest.json` names the last complete `step_NNNNNN/`). On the CPU the model runs through
 `megatron_gate.cpu`; `tp > 1` spawns one gloo process per tensor-parallel rank
 (`megatron_gate.distributed.launch`). On a GPU, Transformer Engine layers are used when present.
 Ctrl-C stops the current run cleanly: its last checkpoint and JSONL stay whole, its status is
@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -243,6 +244,9 @@ def validation_loss(
 
 
 # ---------------------------------------------------------------------- checkpoints
+LATEST_CHECKPOINT = "latest.json"
+
+
 def save_checkpoint(
     run_dir: Path,
     *,
@@ -253,17 +257,38 @@ def save_checkpoint(
     meta: dict[str, Any],
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write `checkpoint/tp_rank_XX.pt` (and `meta.json` on rank 0) atomically."""
-    folder = run_dir / "checkpoint"
+    """Write `checkpoint/step_NNNNNN/tp_rank_XX.pt` on every rank, then (after a barrier) point
+    `checkpoint/latest.json` at it and remove the older step folders.
+
+    `latest.json` only ever names a folder that every rank has finished, so an interrupted save
+    leaves the previous checkpoint in force.
+    """
+    from megatron.core import parallel_state
+
+    root = run_dir / "checkpoint"
+    folder = root / f"step_{step:06d}"
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"tp_rank_{rank:02d}.pt"
     state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict()}
     state.update(extra or {})
-    _atomic_write(path, lambda tmp: torch.save(state, tmp))
+    _atomic_write(folder / f"tp_rank_{rank:02d}.pt", lambda tmp: torch.save(state, tmp))
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        dist.barrier(group=parallel_state.get_tensor_model_parallel_group())
     if rank == 0:
-        text = json.dumps({**meta, "step": step}, indent=2)
-        _atomic_write(folder / "meta.json", lambda tmp: tmp.write_text(text))
-    return path
+        text = json.dumps({**meta, "step": step, "folder": folder.name}, indent=2)
+        _atomic_write(root / LATEST_CHECKPOINT, lambda tmp: tmp.write_text(text))
+        for old in root.glob("step_*"):
+            if old != folder:
+                shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def latest_checkpoint(run_dir: Path) -> tuple[dict[str, Any], Path] | None:
+    """`(latest.json contents, its step folder)` of a run, or None before the first save."""
+    path = Path(run_dir) / "checkpoint" / LATEST_CHECKPOINT
+    if not path.exists():
+        return None
+    meta = json.loads(path.read_text())
+    return meta, path.parent / meta["folder"]
 
 
 def _atomic_write(path: Path, write: Any) -> None:
@@ -426,8 +451,7 @@ def train_variant(
     except StabilityAbort:
         result.status = "aborted"
     finally:
-        saved = result.status in ("completed", "interrupted") and result.steps_done
-        if saved and config.write_checkpoints:
+        if config.write_checkpoints and _may_save_at_end(result, tp=config.tp):
             checkpoint(result.steps_done)
         monitor.close(result.status)
         bar.close(result.status)
@@ -436,6 +460,14 @@ def train_variant(
         result.final_train_loss = sum(finite_losses) / len(finite_losses)
     result.seconds = time.time() - start
     return result
+
+
+def _may_save_at_end(result: RunResult, *, tp: int) -> bool:
+    """Save the final state when completed; when interrupted only at TP=1 (the other ranks may
+    be stopped at another point, and the last complete checkpoint stays in force)."""
+    if result.steps_done == 0:
+        return False
+    return result.status == "completed" or (result.status == "interrupted" and tp == 1)
 
 
 def _count_spikes(counts: dict[str, int], events: Any) -> dict[str, int]:
