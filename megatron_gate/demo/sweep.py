@@ -31,8 +31,8 @@ DEFAULTS = TrainConfig(
     heads=4,
     seq_len=64,
     batch_size=8,
-    steps=150,
-    eval_interval=150,
+    steps=100,
+    eval_interval=100,
     eval_batches=4,
     checkpoint_interval=10**9,
     write_checkpoints=False,
@@ -167,8 +167,9 @@ def plan_runs(args: argparse.Namespace) -> tuple[list[tuple], list[TrainConfig]]
     if unknown:
         raise DemoInputError(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}.")
     runs, configs = [], []
-    for lr in lrs:
-        for seed in seeds:
+    # Seed-major order: an interrupted sweep still has whole LR curves for the first seeds.
+    for seed in seeds:
+        for lr in lrs:
             config = train_config(args, DEFAULTS, lr=lr, seed=seed)
             configs.append(config)
             for name in names:
