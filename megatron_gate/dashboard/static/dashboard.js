@@ -105,7 +105,7 @@
         margin: { l: 60, r: 16, t: 36, b: 36 }, uirevision: "keep",
         xaxis: { title: { text: "step" } },
         yaxis: chart.log ? { type: "log", dtick: 1, exponentformat: "power" } : { type: "linear" },
-        legend: { orientation: "h", y: 1.12, x: 1, xanchor: "right" },
+        legend: { orientation: "h", y: 1.12, x: 0.3, xanchor: "left" },
         paper_bgcolor: "#fff", plot_bgcolor: "#fff",
       };
       Plotly.react("chart-" + chart.metric, traces, layout, PLOT_CONFIG);
