@@ -39,17 +39,30 @@ def add_model_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig) 
     """Flags shared by `demo` and `sweep`: model size, data, parallelism."""
     add = parser.add_argument
     add("--steps", type=int, default=defaults.steps, help="training steps (default %(default)d)")
-    add("--layers", type=int, default=defaults.layers, help="transformer layers")
-    add("--hidden", type=int, default=defaults.hidden, help="hidden size")
-    add("--heads", type=int, default=defaults.heads, help="attention heads")
-    add("--seq-len", type=int, default=defaults.seq_len, help="sequence length (tokens)")
-    add("--batch-size", type=int, default=defaults.batch_size, help="sequences per step")
+    add(
+        "--layers",
+        type=int,
+        default=defaults.layers,
+        help="transformer layers (default %(default)d)",
+    )
+    add("--hidden", type=int, default=defaults.hidden, help="hidden size (default %(default)d)")
+    add("--heads", type=int, default=defaults.heads, help="attention heads (default %(default)d)")
+    add(
+        "--seq-len",
+        type=int,
+        default=defaults.seq_len,
+        help="sequence length in tokens (default %(default)d)",
+    )
+    add(
+        "--batch-size",
+        type=int,
+        default=defaults.batch_size,
+        help="sequences per step (default %(default)d)",
+    )
     add("--tp", type=int, default=1, help="tensor-parallel size (CPU: one gloo process per rank)")
     add("--data", default=None, metavar="PATH",
         help="text file, folder of text files, or Megatron indexed dataset prefix (.bin/.idx); "
         "default: the embedded corpus (this Python's standard library)")  # fmt: skip
-    add("--checkpoint-interval", type=int, default=defaults.checkpoint_interval,
-        help="steps between checkpoints (and one at the end; default %(default)d)")  # fmt: skip
     add("--overwrite", action="store_true", help="replace earlier runs in --out")
 
 
@@ -64,6 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="gate granularity of the gated run (default %(default)s)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("megatron-gate-demo"),
                         help="output folder (default %(default)s)")  # fmt: skip
+    parser.add_argument("--checkpoint-interval", type=int, default=DEFAULTS.checkpoint_interval,
+                        help="steps between checkpoints (and one at the end; default %(default)d)")  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--figures-dir", type=Path, default=None,
                         help="also write the report's figures as PNG files here")  # fmt: skip
@@ -85,7 +100,9 @@ def train_config(
         tp=args.tp,
         log_interval=max(1, min(defaults.log_interval, args.steps // 10)),
         eval_interval=max(1, min(defaults.eval_interval, args.steps // 4)),
-        checkpoint_interval=max(1, args.checkpoint_interval),
+        checkpoint_interval=max(
+            1, getattr(args, "checkpoint_interval", defaults.checkpoint_interval)
+        ),
         write_checkpoints=defaults.write_checkpoints,
     )
 

@@ -1,6 +1,6 @@
 """`megatron-gate sweep`: learning-rate sensitivity (Wortsman et al., 2023) at toy scale.
 
-    megatron-gate sweep                                  # 5 variants x 5 LRs x 2 seeds
+    megatron-gate sweep                                  # 5 variants x 6 LRs x 2 seeds
     megatron-gate sweep --lrs 1e-3,1e-2,1e-1 --seeds 0 --variants baseline,gated_headwise
 
 Every variant (baseline, qk-layernorm, gated headwise, gated elementwise, gated + qk-layernorm)
