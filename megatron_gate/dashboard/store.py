@@ -71,6 +71,15 @@ def _float(value: Any) -> float:
     return float(value) if isinstance(value, (int, float)) else float("nan")
 
 
+def _model(run_start: dict[str, Any]) -> dict[str, Any]:
+    """The `model` part of a run_start record, with `num_layers` an int (0 when unusable)."""
+    model = run_start.get("model")
+    model = dict(model) if isinstance(model, dict) else {}
+    layers = model.get("num_layers")
+    model["num_layers"] = layers if isinstance(layers, int) and 0 < layers < 1_000_000 else 0
+    return model
+
+
 def _layer_row(values: Any, num_layers: int) -> list[float]:
     """A per-layer list (null for layers without the metric) as exactly `num_layers` floats."""
     row = [_float(v) for v in values[:num_layers]] if isinstance(values, list) else []
@@ -120,15 +129,21 @@ class RunStore:
             elif kind == "run_start":
                 self.start = record
                 self.end = None
-                self.num_layers = self.num_layers or int(
-                    record.get("model", {}).get("num_layers", 0)
-                )
+                self.num_layers = self.num_layers or _model(record).get("num_layers", 0)
             else:
                 self.end = record
         self._flush(batch)
 
     def _add_step(self, batch: _Batch, record: dict[str, Any]) -> None:
         step = record["step"]
+        scalars = record.get("scalars")
+        scalars = scalars if isinstance(scalars, dict) else {}
+        layers = record.get("layers")
+        layers = layers if isinstance(layers, dict) else {}
+        if layers and not self.num_layers:
+            self.num_layers = max(
+                (len(v) for v in layers.values() if isinstance(v, list)), default=0
+            )
         last = batch.steps[-1] if batch.steps else self._last_step()
         if last is not None and step <= last:
             # The run went back (a rollback or a restart from a checkpoint): the new records
@@ -136,16 +151,10 @@ class RunStore:
             self._flush(batch)
             self._truncate_from(step)
             batch.clear()
-        scalars = record.get("scalars") or {}
         batch.steps.append(step)
         for metric in SCALARS:
             batch.scalars[metric].append(_float(scalars.get(metric)))
-        layers = record.get("layers")
-        if isinstance(layers, dict):
-            if not self.num_layers:
-                self.num_layers = max(
-                    (len(v) for v in layers.values() if isinstance(v, list)), default=0
-                )
+        if layers and self.num_layers:
             batch.layer_steps.append(step)
             for metric in HEATMAP_METRICS:
                 batch.layers[metric].append(_layer_row(layers.get(metric), self.num_layers))
@@ -177,7 +186,7 @@ class RunStore:
         """Small per-run facts for the status poll and the page's header."""
         with self._lock:
             steps = self._steps.values
-            model = self.start.get("model", {}) if self.start else {}
+            model = _model(self.start)
             return {
                 "name": self.name,
                 "version": self.version,

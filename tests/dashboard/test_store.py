@@ -113,3 +113,27 @@ def test_sparse_scalars_draw_only_their_logged_steps(tmp_path: Path) -> None:
     assert None not in view["scalars"]["update_norm"]["y"]
     assert view["scalars"]["loss"]["x"] == list(range(1, 21))
     assert view["heatmaps"]["max_abs_residual"]["x"] == [5, 10, 15, 20]
+
+
+def test_records_with_odd_field_types_do_not_break_the_store(tmp_path: Path) -> None:
+    run = SyntheticRun(name="r", num_layers=2)
+    path = tmp_path / "r" / JSONL_NAME
+    path.parent.mkdir()
+    start = run.run_start() | {"model": {"num_layers": "two"}}
+    odd_steps = [
+        {"schema": start["schema"], "kind": "step", "step": 1, "scalars": [1, 2]},
+        {
+            "schema": start["schema"],
+            "kind": "step",
+            "step": 2,
+            "scalars": {"loss": "x"},
+            "layers": [],
+        },
+        {"schema": start["schema"], "kind": "step", "step": 3, "layers": {"max_abs_residual": 5}},
+    ]
+    path.write_text("".join(to_line(r) for r in [start, *odd_steps, *run.records(4, 6)]))
+    store = load_run(tmp_path / "r")
+    view = store.view()
+    assert view["scalars"]["loss"]["x"] == [4, 5, 6]  # steps 1-3 carry no usable loss
+    assert store.summary()["num_layers"] == 2 and store.summary()["last_step"] == 6
+    assert len(view["heatmaps"]["max_abs_residual"]["z"]) == 2
