@@ -150,6 +150,7 @@ def summary_rows(runs: Sequence[RunLog]) -> list[dict[str, str]]:
                 "final val loss": _fmt(run.final_validation_loss(), 4),
                 "loss spikes": str(run.spike_count("loss_spike")),
                 "grad-norm spikes": str(run.spike_count("grad_norm_spike")),
+                "all events": str(len(run.events)),
                 "max abs(h) per layer": " / ".join(_fmt(v) for v in max_h) or "-",
                 "first-token share": _fmt(_mean(run.final_layers("first_token_attention_share"))),
                 "max attn logit": _fmt(max(run.final_layers("max_attention_logit") or [math.nan])),
@@ -217,6 +218,14 @@ def _log_y(ax: Any) -> None:
         ax.set_yscale("log")
 
 
+def _plain_ticks(ax: Any) -> None:
+    """Decimal tick labels on a log axis (2.5, 3, 4 rather than 2.5 x 10^0)."""
+    from matplotlib.ticker import FormatStrFormatter
+
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+
+
 def smoothed(values: Sequence[float], *, weight: float = 0.9) -> list[float]:
     """Exponential moving average with bias correction; non-finite values are carried over."""
     out, average, total = [], 0.0, 0.0
@@ -255,6 +264,7 @@ def curves_figure(runs: Sequence[RunLog]) -> Any:
         _log_y(ax)
         ax.set_xlabel("step")
         ax.set_title(title)
+    _plain_ticks(axes[0])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     return figure
@@ -382,21 +392,32 @@ def html_settings(settings: dict[str, Any]) -> str:
     return f"<table><tbody>{rows}</tbody></table>"
 
 
+def event_counts(runs: Sequence[RunLog]) -> list[dict[str, str]]:
+    """Events per detector (rows) and run (columns)."""
+    detectors = sorted({str(e.get("detector")) for run in runs for e in run.events})
+    return [
+        {"detector": d, **{run.name: str(run.spike_count(d)) for run in runs}} for d in detectors
+    ]
+
+
 def _events_section(runs: Sequence[RunLog], limit: int = 30) -> str:
     rows = [
         {"run": run.name, "step": str(e.get("step")), "detector": str(e.get("detector")),
-         "message": str(e.get("message", ""))}
+         "layer": str(e.get("layer") or "-"), "message": str(e.get("message", ""))}
         for run in runs for e in run.events
     ]  # fmt: skip
     if not rows:
-        return "<h2>Events</h2><p>No spike detected.</p>"
+        return "<h2>Monitor events</h2><p>No detector fired.</p>"
     shown = html_table(rows[:limit])
     more = (
         f"<p>... and {len(rows) - limit} more (see the JSONL files).</p>"
         if len(rows) > limit
         else ""
     )
-    return f"<h2>Events</h2>{shown}{more}"
+    return (
+        f"<h2>Monitor events</h2>{html_table(event_counts(runs))}"
+        f"<p>First {min(limit, len(rows))}:</p>{shown}{more}"
+    )
 
 
 def write_text_atomic(path: Path, text: str) -> None:
