@@ -264,9 +264,9 @@ def curves_figure(runs: Sequence[RunLog]) -> Any:
         _log_y(ax)
         ax.set_xlabel("step")
         ax.set_title(title)
-    _plain_ticks(axes[0])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    _plain_ticks(axes[0])
     return figure
 
 
