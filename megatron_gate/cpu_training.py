@@ -6,7 +6,8 @@ CUDA-only calls; `enable_cpu_training_runtime()` applies the model runtime and r
 - `allow_no_cuda`: `initialize_megatron` asserts CUDA unless `allow_no_cuda=True`, which
   `pretrain` cannot pass;
 - `one_device`: with `torch.cuda.device_count() == 0`, `initialize.py` silently skips the
-  model-parallel groups and seeds; the CPU counts as one device and `set_device` is a no-op;
+  model-parallel groups and seeds; the CPU counts as one device (`is_available()` stays False)
+  and `set_device` is a no-op;
 - `cuda_tensor_type_names`: `Tensor.type()` answers `torch.cuda.FloatTensor` for a CPU float
   tensor (gradient clipping and the fp16/bf16 optimizers assert CUDA tensor types);
 - `device_arch`: `validate_args` reads the GPU architecture for TP/CP > 1; the CPU answers 0,
@@ -66,6 +67,9 @@ def _patch_allow_no_cuda() -> None:
 
 
 def _patch_one_device() -> None:
+    # `is_available` stays False: with PYTORCH_NVML_BASED_CUDA_CHECK=1 (DeepSpeed sets it) it
+    # would answer from `device_count`, and DataLoaders would then pin memory on CUDA.
+    _replace(torch.cuda, "is_available", lambda: False)
     _replace(torch.cuda, "device_count", lambda: 1)
     _replace(torch.cuda, "set_device", _no_op)
 

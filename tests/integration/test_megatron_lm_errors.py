@@ -10,22 +10,15 @@ from megatron_gate.run import ERROR_EXIT_CODE
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize(
-    ("spec", "message"),
-    [
-        (("megatron_gate.spec", "headwise_specs"),
-         "--spec megatron_gate.spec headwise_specs: megatron_gate.spec has no 'headwise_specs'"),
-        (("megatron_gate.specs", "headwise_spec"),
-         "--spec megatron_gate.specs headwise_spec: module 'megatron_gate.specs' cannot be "
-         "imported"),
-    ],
-    ids=["wrong-name", "wrong-module"],
-)  # fmt: skip
-def test_wrong_spec_stops_before_training(spec: tuple[str, str], message: str) -> None:
+def test_wrong_spec_stops_before_training() -> None:
     # Megatron itself would log the failed import and train its default, ungated spec.
-    run = run_pretrain(MIN_SCRIPT, "--train-iters", "2", "--spec", *spec)
+    run = run_pretrain(MIN_SCRIPT, "--train-iters", "2", "--spec", "megatron_gate.spec",
+                       "headwise_specs")  # fmt: skip
     assert run.returncode == ERROR_EXIT_CODE, run.output[-3000:]
-    assert f"megatron-gate: error: {message}" in run.output
+    assert (
+        "megatron-gate: error: --spec megatron_gate.spec headwise_specs: megatron_gate.spec has "
+        "no 'headwise_specs'" in run.output
+    )
     assert not run.losses()
 
 
@@ -40,14 +33,3 @@ def test_model_without_gate_stops_at_start_up() -> None:
         "GatedSelfAttention layer (2 self-attention layers, none gated)" in run.output
     )
     assert not run.losses()
-
-
-def test_conflicting_gate_requests_stop() -> None:
-    run = run_pretrain(
-        MIN_SCRIPT, "--train-iters", "2", "--gated-attention", "headwise",
-        "--spec", "megatron_gate.spec", "elementwise_spec",
-    )  # fmt: skip
-    assert run.returncode == ERROR_EXIT_CODE, run.output[-3000:]
-    assert "--gated-attention headwise conflicts with a spec that is already gated elementwise" in (
-        run.output
-    )

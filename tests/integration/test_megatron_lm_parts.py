@@ -17,6 +17,7 @@ from megatron_gate.deepspeed.engine_monitor import monitor_config_from
 from megatron_gate.megatron_lm.arguments import (
     add_megatron_gate_args,
     chain_args_providers,
+    check_spec_importable,
     gate_config_from_args,
     gating_requested,
 )
@@ -78,6 +79,24 @@ def test_flags_in_a_megatron_style_parser() -> None:
     assert args.their_flag == 3
     assert gating_requested(parser.parse_args(["--spec", "megatron_gate.spec", "headwise"]))
     assert not gating_requested(parser.parse_args([]))
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (
+            ["megatron_gate.specs", "headwise_spec"],
+            "module 'megatron_gate.specs' cannot be imported",
+        ),
+        (["megatron_gate.spec", "headwise_specs"], "megatron_gate.spec has no 'headwise_specs'"),
+        (["megatron_gate.spec"], "expected MODULE NAME"),
+    ],
+)
+def test_spec_that_megatron_would_silently_drop(spec: list[str], message: str) -> None:
+    with pytest.raises(GateConfigError, match=message):
+        check_spec_importable(argparse.Namespace(spec=spec))
+    check_spec_importable(argparse.Namespace(spec=["megatron_gate.spec", "headwise_spec"]))
+    check_spec_importable(argparse.Namespace(spec=["local"]))
 
 
 def test_report_across_pipeline_stages_and_the_start_up_line() -> None:
