@@ -158,6 +158,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="output folder (default %(default)s)")  # fmt: skip
 
 
+def coarse_to_fine(values: Sequence[float]) -> list[float]:
+    """Sorted values reordered ends first, then repeated midpoints: [1, 6, 3, 2, 4, 5] style."""
+    ordered = sorted(values)
+    result: list[float] = []
+    spans = [(0, len(ordered) - 1)]
+    while spans:
+        low, high = spans.pop(0)
+        for index in (low, high):
+            if ordered[index] not in result:
+                result.append(ordered[index])
+        if high - low > 1:
+            middle = (low + high) // 2
+            result.append(ordered[middle])
+            spans += [(low, middle), (middle, high)]
+    return result
+
+
+def complete_groups(runs: Sequence[SweepRun]) -> list[SweepRun]:
+    """Runs of the (lr, seed) pairs that every variant finished (an interrupted sweep's tail
+    would otherwise compare variants on different learning rates)."""
+    variants = {r.variant for r in runs}
+    done = {(r.lr, r.seed, r.variant) for r in runs if r.status != "interrupted"}
+    return [r for r in runs if all((r.lr, r.seed, v) in done for v in variants)]
+
+
 def plan_runs(args: argparse.Namespace) -> tuple[list[tuple], list[TrainConfig]]:
     """(variant, config, run dir) for every variant x LR x seed; raises `DemoInputError`."""
     lrs = _csv(float, args.lrs, "--lrs")
@@ -167,9 +192,9 @@ def plan_runs(args: argparse.Namespace) -> tuple[list[tuple], list[TrainConfig]]
     if unknown:
         raise DemoInputError(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}.")
     runs, configs = [], []
-    # Seed-major order: an interrupted sweep still has whole LR curves for the first seeds.
+    # Seed-major, coarse-to-fine LR order: an interrupted sweep still spans the LR range.
     for seed in seeds:
-        for lr in lrs:
+        for lr in coarse_to_fine(lrs):
             config = train_config(args, DEFAULTS, lr=lr, seed=seed)
             configs.append(config)
             for name in names:
@@ -211,7 +236,8 @@ def write_results(args: argparse.Namespace, runs: Sequence[SweepRun]) -> None:
     """`sweep.json` (every run), `sweep.md` (tables) and `sweep.html` (tables and plot)."""
     from megatron_gate.demo.report import markdown_table, write_sweep_report, write_text_atomic
 
-    summaries = summarise(runs) if runs else []
+    compared = complete_groups(runs)
+    summaries = summarise(compared) if compared else []
     sensitivity, per_run = sensitivity_rows(summaries), run_rows(runs)
     command = "megatron-gate sweep " + " ".join(sys.argv[2:])
     payload = {"command": command, "runs": [asdict(r) for r in runs],
@@ -251,6 +277,8 @@ def run_rows(runs: Sequence[SweepRun]) -> list[dict[str, str]]:
     def fmt(value: float) -> str:
         return f"{value:.4g}" if math.isfinite(value) else "-"
 
+    order = {name: index for index, name in enumerate(VARIANTS)}
+    ordered = sorted(runs, key=lambda r: (order.get(r.variant, len(order)), r.lr, r.seed))
     return [
         {
             "variant": r.variant,
@@ -263,5 +291,5 @@ def run_rows(runs: Sequence[SweepRun]) -> list[dict[str, str]]:
             "first-token share": fmt(r.first_token_share),
             "spikes": str(r.spikes),
         }
-        for r in runs
+        for r in ordered
     ]

@@ -75,3 +75,16 @@ def test_tiny_sweep_end_to_end(tmp_path: Path, capsys) -> None:  # noqa: ANN001
     assert "data:image/png;base64," in html and "gated_headwise" in html
     assert (out / "sweep.png").stat().st_size > 1000
     assert "[8/8]" in capsys.readouterr().err
+
+
+def test_coarse_to_fine_order_spans_the_range_first() -> None:
+    lrs = [1e-2, 3e-3, 1.0, 3e-2, 1e-1, 3e-1]
+    order = sweep.coarse_to_fine(lrs)
+    assert sorted(order) == sorted(lrs)
+    assert order[:3] == [3e-3, 1.0, 3e-2]
+
+
+def test_complete_groups_drops_lrs_some_variant_did_not_finish() -> None:
+    runs = [_run("a", 1e-3, 0, 3.0), _run("b", 1e-3, 0, 2.0), _run("a", 1e-2, 0, 2.5)]
+    kept = sweep.complete_groups(runs)
+    assert [(r.variant, r.lr) for r in kept] == [("a", 1e-3), ("b", 1e-3)]
