@@ -50,10 +50,9 @@ class RunLog:
     def last_step(self) -> int:
         return self.steps[-1] if self.steps else 0
 
-    def spike_count(self, metric: str) -> int:
-        return sum(
-            1 for e in self.events if e.get("metric") == metric and "spike" in e.get("detector", "")
-        )
+    def event_count(self, detector: str) -> int:
+        """Events of one detector (e.g. "loss_spike", "attention_logit_growth")."""
+        return sum(1 for e in self.events if e.get("detector") == detector)
 
     def final_layers(self, metric: str) -> list[float]:
         """The metric per layer at the last logged step ([] when never logged)."""
@@ -148,8 +147,8 @@ def summary_rows(runs: Sequence[RunLog]) -> list[dict[str, str]]:
                 "steps": str(run.last_step),
                 "final train loss": _fmt(run.final_train_loss(), 4),
                 "final val loss": _fmt(run.final_validation_loss(), 4),
-                "loss spikes": str(run.spike_count("loss_spike")),
-                "grad-norm spikes": str(run.spike_count("grad_norm_spike")),
+                "loss spikes": str(run.event_count("loss_spike")),
+                "grad-norm spikes": str(run.event_count("grad_norm_spike")),
                 "all events": str(len(run.events)),
                 "max abs(h) per layer": " / ".join(_fmt(v) for v in max_h) or "-",
                 "first-token share": _fmt(_mean(run.final_layers("first_token_attention_share"))),
@@ -304,9 +303,13 @@ def heatmap_figure(runs: Sequence[RunLog], metric: str, *, title: str, log: bool
     return figure
 
 
+def _has_finite(grid: list[list[float]]) -> bool:
+    return any(math.isfinite(v) for row in grid for v in row)
+
+
 def gate_figure(runs: Sequence[RunLog]) -> Any | None:
     """Gate sparsity and mean gate per layer over steps, for the gated runs."""
-    gated = [run for run in runs if run.layers.get("gate_mean")]
+    gated = [run for run in runs if _has_finite(run.layers.get("gate_mean", []))]
     if not gated:
         return None
     plt = _pyplot()
@@ -396,7 +399,7 @@ def event_counts(runs: Sequence[RunLog]) -> list[dict[str, str]]:
     """Events per detector (rows) and run (columns)."""
     detectors = sorted({str(e.get("detector")) for run in runs for e in run.events})
     return [
-        {"detector": d, **{run.name: str(run.spike_count(d)) for run in runs}} for d in detectors
+        {"detector": d, **{run.name: str(run.event_count(d)) for run in runs}} for d in detectors
     ]
 
 

@@ -80,7 +80,7 @@ def read_sweep_run(run_dir: Path) -> SweepRun:
         max_attention_logit=_finite_max(run.layers.get("max_attention_logit", [])),
         max_abs_residual=_finite_max(run.layers.get("max_abs_residual", [])),
         first_token_share=sum(share) / len(share) if share else math.nan,
-        spikes=run.spike_count("loss_spike") + run.spike_count("grad_norm_spike"),
+        spikes=run.event_count("loss_spike") + run.event_count("grad_norm_spike"),
     )
 
 
