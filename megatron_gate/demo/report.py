@@ -316,8 +316,8 @@ def gate_figure(runs: Sequence[RunLog]) -> Any | None:
     figure, axes = plt.subplots(1, 2, figsize=(12, 3.6))
     for run in gated:
         for ax, metric in zip(axes, ("gate_sparsity", "gate_mean"), strict=True):
-            grid = run.layers[metric]
-            for layer in range(len(grid[0])):
+            grid = run.layers.get(metric)
+            for layer in range(len(grid[0]) if grid else 0):
                 ax.plot(run.layer_steps, [row[layer] for row in grid], lw=1,
                         label=f"{run.name} layer {layer + 1}")  # fmt: skip
     axes[0].set_title(f"gate sparsity: share of sigmoid(gate) < {schema.GATE_SPARSITY_THRESHOLD}")
