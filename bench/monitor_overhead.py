@@ -5,13 +5,16 @@
 For each depth (2, 4, 8 layers), in one process, interleaved (A B A B ...) so that machine noise
 hits both arms alike:
 
-- default cadence: every step of a 100-step cadence period (10 log steps, 1 per-layer step)
-  with the default monitor and without it, back to back in alternating order; the medians
-  per position over repetitions are summed: ratio of the sums;
-- fully logged step: log_interval = layer_interval = 1 (every statistic, every step) vs none;
-  ratio of per-step medians;
+- default cadence: whole 100-step cadence periods (10 log steps, 1 per-layer step) with the
+  default monitor vs without, in ABBA order; per pair the ratio of process CPU time (robust on
+  an oversubscribed machine; includes the sink thread) and of wall time; medians over pairs;
+- fully logged: blocks of steps with log_interval = layer_interval = 1 (every statistic,
+  every step) vs without, the same way;
 - probe: the attention-sink probe on one layer's query/key vs that layer's core attention
   forward on the same inputs; ratio of medians.
+
+- attributed: in a separate monitored run, the wall time spent inside monitor code (its
+  calls, hooks, and sinks run inline) as a share of the same steps: total / (total - monitor).
 
 A training step is forward + backward + `torch.optim.AdamW` step of a headwise-gated GPT
 (`megatron_gate.tiny_gpt`). Quote the ratios, not the absolute times (shared, noisy machine).
@@ -70,9 +73,8 @@ class Trainer:
         self.tokens_per_step = args.batch * args.seq
         self.step_index = 0
 
-    def step(self, monitor: Any = None) -> float:
-        """One training step; returns its wall time in seconds."""
-        start = time.perf_counter()
+    def step(self, monitor: Any = None) -> None:
+        """One training step."""
         step = self.step_index
         if monitor is not None:
             monitor.start_step(step)
@@ -86,7 +88,42 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step_index += 1
-        return time.perf_counter() - start
+
+    def block(self, steps: int, monitor: Any = None) -> tuple[float, float]:
+        """(wall s, process CPU s) of `steps` steps from cadence position 0, sink writes included."""
+        self.step_index = 0
+        wall, cpu = time.perf_counter(), time.process_time()
+        for _ in range(steps):
+            self.step(monitor)
+        if monitor is not None:
+            monitor.sinks.wait()  # the background sink thread's work belongs to this block
+        return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def _compare(trainer: Trainer, monitor: Any, steps: int, repetitions: int) -> dict[str, Any]:
+    """Blocks with and without the monitor in ABBA order; medians of per-pair ratios."""
+    trainer.block(2)
+    trainer.block(2, monitor)
+    wall_ratios, cpu_ratios, plain_walls = [], [], []
+    for repetition in range(repetitions):
+        if repetition % 2:
+            plain = trainer.block(steps)
+            monitored = trainer.block(steps, monitor)
+        else:
+            monitored = trainer.block(steps, monitor)
+            plain = trainer.block(steps)
+        wall_ratios.append(monitored[0] / plain[0])
+        cpu_ratios.append(monitored[1] / plain[1])
+        plain_walls.append(plain[0] / steps)
+    return {
+        "block_steps": steps,
+        "repetitions": repetitions,
+        "median_cpu_time_ratio": statistics.median(cpu_ratios),
+        "median_wall_time_ratio": statistics.median(wall_ratios),
+        "cpu_time_ratios": cpu_ratios,
+        "wall_time_ratios": wall_ratios,
+        "median_step_s_without": statistics.median(plain_walls),
+    }
 
 
 def _monitor(trainer: Trainer, run_dir: str, **overrides: Any) -> Any:
@@ -100,71 +137,82 @@ def _monitor(trainer: Trainer, run_dir: str, **overrides: Any) -> Any:
     )
 
 
-def default_cadence(layers: int, args: argparse.Namespace, run_dir: str) -> dict[str, Any]:
-    """The default config over whole cadence periods, step by step against no monitor.
+class Attribution:
+    """Wall time spent inside the monitor: its calls, its hooks, its sinks (written inline)."""
 
-    Step i of a period runs once without the monitor and once with it (cadence position i:
-    10 log steps and 1 per-layer step in 100), alternating which goes first; per position the
-    median over repetitions is kept, and the overhead is the ratio of the summed medians.
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def timed(self, function: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+
+        return wrapper
+
+
+def attributed(
+    layers: int, args: argparse.Namespace, run_dir: str, steps: int, **overrides: Any
+) -> dict[str, Any]:
+    """Share of the monitored steps' own wall time spent in monitor code.
+
+    Both numbers come from the same steps, so machine load scales them alike: the most stable
+    estimate on a busy machine. Sinks run inline here so that their time is counted.
     """
+    from megatron_gate.monitor import collectors
+    from megatron_gate.monitor.sinks import SinkGroup
+
+    attribution = Attribution()
+    original_guard = collectors._guarded
+    collectors._guarded = lambda kind, hook, warned: attribution.timed(
+        original_guard(kind, hook, warned)
+    )
+    try:
+        trainer = Trainer(layers, args)
+        monitor = _monitor(trainer, run_dir, **overrides)
+        monitor.sinks.close()
+        monitor.sinks = SinkGroup(monitor.sinks.sinks)  # inline: sink time is attributed
+        monitor.start_step = attribution.timed(monitor.start_step)
+        monitor.end_step = attribution.timed(monitor.end_step)
+        trainer.block(2, monitor)
+        attribution.seconds = 0.0
+        total = 0.0
+        for _ in range(args.attributed_repetitions):
+            total += trainer.block(steps, monitor)[0]
+        monitor.close()
+    finally:
+        collectors._guarded = original_guard
+    return {
+        "steps": steps * args.attributed_repetitions,
+        "monitor_s": attribution.seconds,
+        "total_s": total,
+        "ratio": total / (total - attribution.seconds),
+    }
+
+
+def default_cadence(layers: int, args: argparse.Namespace, run_dir: str) -> dict[str, Any]:
+    """Whole 100-step cadence periods (10 log steps, 1 per-layer step) with vs without."""
     trainer = Trainer(layers, args)
     monitor = _monitor(trainer, run_dir)
-    period = monitor.config.layer_interval
-    for _ in range(3):
-        trainer.step()
-        trainer.step(monitor)
-    with_times: list[list[float]] = [[] for _ in range(period)]
-    without_times: list[list[float]] = [[] for _ in range(period)]
-    for repetition in range(args.repetitions):
-        for position in range(period):
-            trainer.step_index = position
-            if (repetition + position) % 2:
-                without_times[position].append(trainer.step())
-                trainer.step_index = position
-                with_times[position].append(trainer.step(monitor))
-            else:
-                with_times[position].append(trainer.step(monitor))
-                trainer.step_index = position
-                without_times[position].append(trainer.step())
+    result = _compare(trainer, monitor, monitor.config.layer_interval, args.repetitions)
     monitor.close()
-    with_total = sum(statistics.median(times) for times in with_times)
-    without_total = sum(statistics.median(times) for times in without_times)
-    return {
-        "period_steps": period,
-        "repetitions": args.repetitions,
-        "median_ratio": with_total / without_total,
-        "mean_step_s_with": with_total / period,
-        "mean_step_s_without": without_total / period,
-        "median_unlogged_step_ratio": statistics.median(
-            statistics.median(w) / statistics.median(o)
-            for position, (w, o) in enumerate(zip(with_times, without_times, strict=True))
-            if position % monitor.config.log_interval
-        ),
-    }
+    result["attributed"] = attributed(layers, args, run_dir + "-attributed", 100)
+    return result
 
 
 def fully_logged(layers: int, args: argparse.Namespace, run_dir: str) -> dict[str, Any]:
-    """Every step logged with every per-layer statistic vs no monitor, step by step."""
+    """Every step logged with every per-layer statistic vs no monitor."""
     trainer = Trainer(layers, args)
     monitor = _monitor(trainer, run_dir, log_interval=1, layer_interval=1)
-    for _ in range(3):
-        trainer.step()
-        trainer.step(monitor)
-    with_times, without_times = [], []
-    for index in range(args.steps):
-        if index % 2:
-            without_times.append(trainer.step())
-            with_times.append(trainer.step(monitor))
-        else:
-            with_times.append(trainer.step(monitor))
-            without_times.append(trainer.step())
+    result = _compare(trainer, monitor, args.logged_block, args.logged_repetitions)
     monitor.close()
-    with_median, without_median = statistics.median(with_times), statistics.median(without_times)
-    return {
-        "median_ratio": with_median / without_median,
-        "median_step_s_with": with_median,
-        "median_step_s_without": without_median,
-    }
+    result["attributed"] = attributed(
+        layers, args, run_dir + "-attributed", args.logged_block, log_interval=1, layer_interval=1
+    )
+    return result
 
 
 def probe_cost(
@@ -232,8 +280,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=256)
     parser.add_argument("--probe-queries", type=int, default=8)
-    parser.add_argument("--repetitions", type=int, default=5, help="default-cadence periods")
-    parser.add_argument("--steps", type=int, default=30, help="steps per arm, fully logged")
+    parser.add_argument("--repetitions", type=int, default=4, help="default-cadence periods")
+    parser.add_argument("--logged-block", type=int, default=10, help="steps per logged block")
+    parser.add_argument("--logged-repetitions", type=int, default=8)
+    parser.add_argument("--attributed-repetitions", type=int, default=2)
     parser.add_argument("--probe-repetitions", type=int, default=20)
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (1: no spin-waiting on a busy CPU)"
@@ -280,9 +330,13 @@ def main(argv: list[str] | None = None) -> int:
             logged = fully_logged(layers, args, f"{run_dir}/logged{layers}")
             results["by_layers"][str(layers)] = {"default_cadence": cadence, "fully_logged": logged}
             print(
-                f"{layers} layers: default cadence {cadence['median_ratio']:.4f}x, "
-                f"fully logged step {logged['median_ratio']:.4f}x "
-                f"(step {logged['median_step_s_without'] * 1e3:.1f} ms)",
+                f"{layers} layers (step {cadence['median_step_s_without'] * 1e3:.1f} ms): "
+                f"default cadence {cadence['attributed']['ratio']:.4f}x attributed, "
+                f"{cadence['median_cpu_time_ratio']:.4f}x CPU A/B, "
+                f"{cadence['median_wall_time_ratio']:.4f}x wall A/B; fully logged "
+                f"{logged['attributed']['ratio']:.4f}x attributed, "
+                f"{logged['median_cpu_time_ratio']:.4f}x CPU A/B, "
+                f"{logged['median_wall_time_ratio']:.4f}x wall A/B",
                 flush=True,
             )
     output = Path(args.output)

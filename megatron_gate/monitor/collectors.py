@@ -163,20 +163,6 @@ class Accumulator:
         self.count.clear()
 
 
-def _per_layer(
-    values: dict[Any, torch.Tensor],
-    keys: Sequence[Any],
-    neutral: float,
-    device: torch.device,
-) -> torch.Tensor:
-    """`[len(keys)]` (or `[len(keys), n]`) tensor of `values[key]`, `neutral` where missing."""
-    present = [values[key] for key in keys if key in values]
-    if not present:
-        return torch.full((len(keys),), neutral, device=device)
-    filler = torch.full_like(present[0], neutral)
-    return torch.stack([values.get(key, filler) for key in keys])
-
-
 # ---------------------------------------------------------------------- layer collector
 class LayerCollector:
     """Activation, gate and attention-sink statistics of the transformer layers on this rank."""
@@ -317,50 +303,79 @@ class LayerCollector:
         return _guarded("attention-sink probe", hook, self._warned)
 
     # -------------------------------------------------------------- packing
+    # Packed key-major blocks ([key 0: layers 1..L | key 1: layers 1..L | ...]) and the
+    # slot names they unpack to: few, large pieces keep the logged step's op count low.
+    MAX_KEYS: tuple[tuple[str, str], ...] = (
+        ("residual", "residual/max"),
+        ("attention_output", "attention_output/max"),
+        ("mlp_output", "mlp_output/max"),
+        ("probe", "probe/max_logit"),
+    )
+    SUM_KEYS: tuple[tuple[str, str], ...] = (
+        ("residual", "residual/sumsq"),
+        ("attention_output", "attention_output/sumsq"),
+        ("mlp_output", "mlp_output/sumsq"),
+        ("gate", "gate/sum"),
+        ("gate_below", "gate/below"),
+        ("probe", "probe/share_sum"),
+    )
+    COUNT_KEYS: tuple[tuple[str, str], ...] = (
+        ("residual", "residual/count"),
+        ("attention_output", "attention_output/count"),
+        ("mlp_output", "mlp_output/count"),
+        ("gate", "gate/count"),
+        ("probe", "probe/share_count"),
+    )
+
     def add_slots(self, layout: PackLayout) -> None:
         """Declare this collector's slots (identical on every rank)."""
         count = self.num_layers
-        for kind in ACTIVATIONS:
-            layout.add(f"{kind}/max", count, "max")
-            layout.add(f"{kind}/sumsq", count, "sum")
-            layout.add(f"{kind}/count", count, "sum")
-        layout.add("gate/sum", count, "sum")
-        layout.add("gate/count", count, "sum")
-        layout.add("gate/below", count, "sum")
+        layout.add("layers/max", len(self.MAX_KEYS) * count, "max")
+        layout.add("layers/sum", len(self.SUM_KEYS) * count, "sum")
+        layout.add("layers/count", len(self.COUNT_KEYS) * count, "sum")
         layout.add("gate/histogram", count * schema.GATE_HISTOGRAM_BINS, "sum")
-        layout.add("probe/share_sum", count, "sum")
-        layout.add("probe/share_count", count, "sum")
-        layout.add("probe/max_logit", count, "max")
 
     def packed_values(self, device: torch.device) -> dict[str, torch.Tensor]:
-        """Slot name -> per-layer tensor on `device` (layer i + 1 at index i)."""
+        """Slot name -> flat tensor on `device` (neutral where a layer is not on this rank)."""
         numbers = range(1, self.num_layers + 1)
         stats = self.stats
-        values: dict[str, torch.Tensor] = {}
-
-        def counts(kind: str) -> torch.Tensor:
-            return torch.tensor([stats.count.get((kind, n), 0.0) for n in numbers]).to(device)
-
-        for kind in ACTIVATIONS:
-            keys = [(kind, n) for n in numbers]
-            values[f"{kind}/max"] = _per_layer(stats.maximum, keys, -math.inf, device)
-            values[f"{kind}/sumsq"] = _per_layer(stats.total, keys, 0.0, device)
-            values[f"{kind}/count"] = counts(kind)
-        values["gate/sum"] = _per_layer(stats.total, [("gate", n) for n in numbers], 0.0, device)
-        values["gate/count"] = counts("gate")
-        values["gate/below"] = _per_layer(
-            stats.total, [("gate_below", n) for n in numbers], 0.0, device
-        )
-        values["gate/histogram"] = (
-            _per_layer(self.gate_histogram, list(numbers), 0.0, device).reshape(-1)
-            if self.gate_histogram
-            else torch.zeros(self.num_layers * schema.GATE_HISTOGRAM_BINS, device=device)
-        )
-        probes = [("probe", n) for n in numbers]
-        values["probe/share_sum"] = _per_layer(stats.total, probes, 0.0, device)
-        values["probe/share_count"] = counts("probe")
-        values["probe/max_logit"] = _per_layer(stats.maximum, probes, -math.inf, device)
+        max_keys = [(kind, n) for kind, _ in self.MAX_KEYS for n in numbers]
+        sum_keys = [(kind, n) for kind, _ in self.SUM_KEYS for n in numbers]
+        values = {
+            "layers/max": _stacked(stats.maximum, max_keys, -math.inf, device),
+            "layers/sum": _stacked(stats.total, sum_keys, 0.0, device),
+            "layers/count": torch.tensor(
+                [stats.count.get((kind, n), 0.0) for kind, _ in self.COUNT_KEYS for n in numbers],
+                dtype=torch.float64,
+            ),
+        }
+        if self.gate_histogram:
+            values["gate/histogram"] = _stacked(self.gate_histogram, list(numbers), 0.0, device)
         return values
+
+    def unpack(self, values: dict[str, list[float]]) -> dict[str, list[float]]:
+        """Reduced blocks -> per-statistic lists of `num_layers` values, by slot name."""
+        count = self.num_layers
+        named: dict[str, list[float]] = {}
+        for block, keys in (
+            ("layers/max", self.MAX_KEYS),
+            ("layers/sum", self.SUM_KEYS),
+            ("layers/count", self.COUNT_KEYS),
+        ):
+            for index, (_, name) in enumerate(keys):
+                named[name] = values[block][index * count : (index + 1) * count]
+        return named
+
+
+def _stacked(
+    values: dict[Any, torch.Tensor], keys: Sequence[Any], neutral: float, device: torch.device
+) -> torch.Tensor:
+    """One flat tensor of `values[key]` in `keys` order, `neutral` where missing."""
+    present = [values[key] for key in keys if key in values]
+    if not present:
+        return torch.full((len(keys),), neutral, device=device)
+    filler = torch.full_like(present[0], neutral)
+    return torch.stack([values.get(key, filler) for key in keys]).reshape(-1)
 
 
 def _softmax_scale(core: torch.nn.Module, head_dim: int) -> float:
@@ -405,6 +420,7 @@ class ParameterCollector:
                     self.params.append(param)
                     self.groups.append(num_layers)
         self._snapshot: list[torch.Tensor] | None = None
+        self._index_cache: dict[tuple[tuple[int, ...], str], torch.Tensor] = {}
         self.update_sumsq: torch.Tensor | None = None  # [num_layers + 1], last entry: the rest
 
     @staticmethod
@@ -425,7 +441,10 @@ class ParameterCollector:
             return result
         norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
         squares = torch.stack(norms).square().to(device)
-        return result.index_add_(0, torch.tensor(groups, device=device), squares)
+        key = (tuple(groups), str(device))
+        if key not in self._index_cache:
+            self._index_cache[key] = torch.tensor(groups, device=device)
+        return result.index_add_(0, self._index_cache[key], squares)
 
     def grad_sumsq(self, device: torch.device) -> torch.Tensor:
         """`[num_layers + 1]` sums of squared gradients (Megatron's `main_grad` when present)."""
@@ -449,6 +468,10 @@ class ParameterCollector:
         # snapshot - now = -update, in place: no third copy of the parameters
         torch._foreach_sub_(self._snapshot, [p.detach() for p in self.params])
         self.update_sumsq = self._group_sumsq(self._snapshot, self.groups, device)
+        self._snapshot = None
+
+    def discard_snapshot(self) -> None:
+        """Forget a pending snapshot (the parameters were reloaded, e.g. by a rollback)."""
         self._snapshot = None
 
     @property

@@ -410,7 +410,6 @@ class StabilityMonitor:
                 self._write({**record, "time": now})
             for event in events:
                 self._write({"kind": "event", "time": now, **event.to_dict()})
-            self.sinks.flush()
         except Exception as error:  # noqa: BLE001
             self._warn_once("flush", error)
         finally:
@@ -422,6 +421,7 @@ class StabilityMonitor:
 
     def _records(self, values: dict[str, list[float]]) -> list[dict[str, Any]]:
         """`step` records of the buffered steps from the reduced values."""
+        values = {**values, **self.layer_collector.unpack(values)}
         names = schema.SCALARS
         sums, counts = values["scalars/sum"], values["scalars/count"]
         records = []
@@ -495,8 +495,11 @@ class StabilityMonitor:
             finally:
                 self.close("aborted")
             raise StabilityAbort(decision.abort)
-        if decision.rollback is not None and self.on_rollback is not None:
-            self.on_rollback(decision.rollback)
+        if decision.rollback is not None:
+            # The parameters are about to be reloaded: a pending update measurement is void.
+            self.parameters.discard_snapshot()
+            if self.on_rollback is not None:
+                self.on_rollback(decision.rollback)
 
     def _write(self, record: dict[str, Any]) -> None:
         if self.enabled and self.is_writer:

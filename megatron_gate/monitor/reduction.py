@@ -14,6 +14,7 @@ for a 32-layer model); it is gathered only on logged steps.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -37,6 +38,7 @@ class PackLayout:
     def __init__(self) -> None:
         self.slots: dict[str, Slot] = {}
         self.width = 0
+        self._cache: dict[tuple[str, str], torch.Tensor] = {}
 
     def add(self, name: str, size: int, op: str) -> Slot:
         """Append a slot; names must be unique and `op` one of `REDUCE_OPS`."""
@@ -49,8 +51,17 @@ class PackLayout:
         self.width += size
         return slot
 
+    def _cached(self, name: str, device: torch.device | str, build: Any) -> torch.Tensor:
+        key = (name, str(device))
+        if key not in self._cache:
+            self._cache[key] = build(device)
+        return self._cache[key]
+
     def neutral(self, *, device: torch.device | str = "cpu") -> torch.Tensor:
         """A `[width]` row of neutral elements (what a rank without the statistic sends)."""
+        return self._cached("neutral", device, self._build_neutral)
+
+    def _build_neutral(self, device: torch.device | str) -> torch.Tensor:
         row = torch.zeros(self.width, dtype=torch.float64, device=device)
         for slot in self.slots.values():
             if slot.op == "max":
@@ -59,6 +70,9 @@ class PackLayout:
 
     def max_mask(self, *, device: torch.device | str = "cpu") -> torch.Tensor:
         """Boolean `[width]`: True where the column is reduced by max."""
+        return self._cached("max_mask", device, self._build_max_mask)
+
+    def _build_max_mask(self, device: torch.device | str) -> torch.Tensor:
         mask = torch.zeros(self.width, dtype=torch.bool, device=device)
         for slot in self.slots.values():
             if slot.op == "max":
@@ -68,15 +82,24 @@ class PackLayout:
     def pack(
         self, values: dict[str, torch.Tensor], *, device: torch.device | str = "cpu"
     ) -> torch.Tensor:
-        """`[width]` float64 row: each named value flattened into its slot, neutral elsewhere."""
-        row = self.neutral(device=device)
-        for name, value in values.items():
-            slot = self.slots[name]
-            flat = value.detach().reshape(-1).to(device=device, dtype=torch.float64)
-            if flat.numel() != slot.size:
-                raise ValueError(f"slot {name!r} holds {slot.size} values, got {flat.numel()}")
-            row[slot.start : slot.start + slot.size] = flat
-        return row
+        """`[width]` float64 row: each named value flattened into its slot, neutral elsewhere.
+
+        One `cat` of the pieces in slot order (few ops on a logged step).
+        """
+        unknown = set(values) - set(self.slots)
+        if unknown:
+            raise ValueError(f"unknown slots {sorted(unknown)}")
+        neutral = self.neutral(device=device)
+        pieces = []
+        for name, slot in self.slots.items():
+            value = values.get(name)
+            if value is None:
+                pieces.append(neutral[slot.start : slot.start + slot.size])
+                continue
+            if value.numel() != slot.size:
+                raise ValueError(f"slot {name!r} holds {slot.size} values, got {value.numel()}")
+            pieces.append(value.detach().reshape(-1).to(device=device, dtype=torch.float64))
+        return torch.cat(pieces)
 
     def combine(self, rows: torch.Tensor) -> torch.Tensor:
         """`[world, width]` gathered rows -> `[width]`: max columns by max, sum columns by sum."""

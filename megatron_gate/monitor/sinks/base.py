@@ -20,7 +20,7 @@ class Sink:
         """Take one record (`record["kind"]` is one of `schema.RECORD_KINDS`)."""
 
     def flush(self) -> None:
-        """Push buffered output out (called after each log step)."""
+        """Push buffered output out (writers flush on their own schedule and at close)."""
 
     def close(self) -> None:
         """Release files, threads and connections."""
@@ -52,9 +52,17 @@ class SinkGroup(Sink):
         assert self._queue is not None
         while True:
             method, args = self._queue.get()
-            self._call_now(method, *args)
+            try:
+                self._call_now(method, *args)
+            finally:
+                self._queue.task_done()
             if method == "close":
                 return
+
+    def wait(self) -> None:
+        """Block until the background thread has written everything queued so far."""
+        if self._queue is not None:
+            self._queue.join()
 
     def _call(self, method: str, *args: Any) -> None:
         if self._queue is not None:
@@ -62,6 +70,7 @@ class SinkGroup(Sink):
             if method == "close" and self._thread is not None:
                 self._thread.join()
                 self._queue = None
+                self._thread = None
             return
         self._call_now(method, *args)
 
