@@ -134,9 +134,13 @@ def test_failure_while_writing_leaves_old_output(tmp_path: Path) -> None:
     assert _listing(tmp_path) == ["hf_out"]
 
 
+class PickledObject:
+    """A class no library allow-lists for weights-only loading."""
+
+
 def test_torch_load_is_weights_only(tmp_path: Path) -> None:
     path = tmp_path / "code.pt"
-    torch.save({"model": {}, "hook": Path("x")}, path)  # a pickled class, not plain data
+    torch.save({"model": {}, "hook": PickledObject()}, path)  # a pickled object, not plain data
     with pytest.raises(CheckpointError, match="weights_only=True"):
         load_torch(path)
 
