@@ -1,11 +1,12 @@
 """megatron-gate inside Megatron-LM's own training loop, without editing the training script.
 
-`enable_megatron_gate()` wraps four functions of `megatron.training` (idempotent):
+`enable_megatron_gate()` wraps these functions of `megatron.training` (idempotent):
 
     parse_args                  add our flags; check `--spec`; gate GPTModel's layer spec
     pretrain                    run an older-API script on the 0.19 loop; close the monitor
-    setup_model_and_optimizer   start-up check (no silent no-op), start-up line, attach monitor
-    train_step / training_log   the stability monitor's per-step hooks (see `monitor_hooks`)
+    setup_model_and_optimizer   start-up check (no silent no-op), start-up line, start the monitor
+    train_step, checkpointing   the stability monitor's per-step and checkpoint hooks
+                                (see `monitor_hooks`)
 
 `python -m megatron_gate.run` calls it before running the script; a script edited with one of
 `patches/` calls it itself.
