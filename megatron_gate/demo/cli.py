@@ -16,7 +16,15 @@ import sys
 from pathlib import Path
 
 from megatron_gate.demo.data import BYTE_VOCAB_SIZE, DataError, check_corpus_size, load_corpus
-from megatron_gate.demo.trainer import VARIANTS, RunPlan, TrainConfig, Variant, execute
+from megatron_gate.demo.trainer import (
+    VARIANTS,
+    RunPlan,
+    TrainConfig,
+    Variant,
+    demo_monitor_config,
+    execute,
+)
+from megatron_gate.monitor import MonitorConfigError
 
 DEFAULTS = TrainConfig(
     layers=4,
@@ -80,6 +88,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-interval", type=int, default=DEFAULTS.checkpoint_interval,
                         help="steps between checkpoints (and one at the end; default %(default)d)")  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--monitor-config", default=None, metavar="YAML",
+                        help="stability monitor config (docs/monitor.md) instead of the demo's")  # fmt: skip
+    parser.add_argument("--monitor-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one monitor key, e.g. detectors.loss_spike.action=lr_backoff "
+                        "(repeatable)")  # fmt: skip
     parser.add_argument("--figures-dir", type=Path, default=None,
                         help="also write the report's figures as PNG files here")  # fmt: skip
 
@@ -196,14 +209,20 @@ def run(args: argparse.Namespace) -> int:
         validate(config, vocab_size=corpus.vocab_size)
         check_corpus_size(corpus, seq_len=config.seq_len)
         variants = demo_variants(args.granularity)
+        monitor = demo_monitor_config(
+            layer_interval=config.log_interval,
+            overrides=args.monitor_set,
+            yaml_path=args.monitor_config,
+        )
         prepare_out(args.out, [v.name for v in variants], overwrite=args.overwrite)
-    except (DemoInputError, DataError) as error:
+    except (DemoInputError, DataError, MonitorConfigError) as error:
         print(f"megatron-gate demo: error: {error}", file=sys.stderr)
         return 2
     run_dirs = [args.out / v.name for v in variants]
     plan = RunPlan(
         runs=[(v, config, str(d)) for v, d in zip(variants, run_dirs, strict=True)],
         data=args.data,
+        monitor_config=monitor,
         progress="off" if args.quiet else "bar",
     )
     print(

@@ -340,17 +340,26 @@ VALIDATION_JSONL = "validation.jsonl"
 SPIKE_DETECTORS = ("loss_spike", "grad_norm_spike", "update_norm_spike")
 
 
-def demo_monitor_config(*, layer_interval: int) -> Any:
-    """The monitor settings of the demo: per-layer metrics every `layer_interval` steps, no console."""
+def demo_monitor_config(
+    *, layer_interval: int, overrides: list[str] | None = None, yaml_path: str | None = None
+) -> Any:
+    """The demo's monitor settings: per-layer metrics every `layer_interval` steps, no console.
+
+    `overrides` are `--monitor-set KEY=VALUE` items applied on top; a `yaml_path`
+    (`--monitor-config`) replaces the demo settings. Raises `MonitorConfigError`.
+    """
+    import argparse
+
     from megatron_gate.monitor import MonitorConfig
 
-    return MonitorConfig.from_dict(
-        {
-            "log_interval": layer_interval,
-            "layer_interval": layer_interval,
-            "sinks": {"console": False},
-        }
+    defaults = [f"log_interval={layer_interval}", f"layer_interval={layer_interval}",
+                "sinks.console=false"]  # fmt: skip
+    flags = argparse.Namespace(
+        monitor_config=yaml_path,
+        monitor_set=(list(overrides or []) if yaml_path else defaults + list(overrides or [])),
+        no_monitor=False,
     )
+    return MonitorConfig.from_cli_args(flags)
 
 
 def append_validation(run_dir: Path, step: int, loss: float) -> None:

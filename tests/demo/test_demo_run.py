@@ -39,7 +39,8 @@ def tiny_demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        code = main(["demo", "--steps", "6", *TINY, "--out", str(out), "--quiet"])
+        code = main(["demo", "--steps", "6", *TINY, "--out", str(out), "--quiet",
+                     "--monitor-set", "probe_queries=4"])  # fmt: skip
     assert code == 0
     return out, stdout.getvalue()
 
@@ -50,6 +51,8 @@ def test_demo_writes_runs_report_and_summary(tiny_demo: tuple[Path, str]) -> Non
         run_dir = out / name
         records = _records(run_dir)
         assert records[0]["kind"] == "run_start" and records[0]["run"] == name
+        assert records[0]["config"]["probe_queries"] == 4  # --monitor-set reached the monitor
+        assert records[0]["config"]["layer_interval"] == 1  # the demo's cadence for 6 steps
         assert records[-1] == {**records[-1], "kind": "run_end", "status": "completed"}
         steps = _step_scalars(run_dir)
         assert sorted(steps) == list(range(1, 7))

@@ -31,6 +31,8 @@ def _demo_args(tmp_path: Path, case: str) -> tuple[list[str], str]:
         (out / "baseline").mkdir(parents=True)
         (out / "baseline" / "stability.jsonl").write_text("{}\n")
         return [], "already holds a run"
+    if case == "monitor-key-unknown":
+        return ["--monitor-set", "detectors.loss_spike.zscore=3"], "unknown monitor config key"
     if case == "steps-zero":
         return ["--steps", "0"], "--steps 0: must be a positive integer"
     raise AssertionError(case)
@@ -38,7 +40,7 @@ def _demo_args(tmp_path: Path, case: str) -> tuple[list[str], str]:
 
 CASES = [
     "lr-zero", "lr-negative", "data-missing", "data-empty", "heads-not-divisible-by-tp",
-    "hidden-not-divisible-by-heads", "out-is-a-file", "out-holds-a-run", "steps-zero",
+    "hidden-not-divisible-by-heads", "out-is-a-file", "out-holds-a-run", "steps-zero", "monitor-key-unknown",
 ]  # fmt: skip
 
 
