@@ -17,8 +17,11 @@ Hooks on the engine instance (nothing of DeepSpeed is changed for other engines)
 
 The configuration comes from a `"stability_monitor"` block of the DeepSpeed config or from our
 YAML; the monitor also writes through DeepSpeed's own monitor backends (TensorBoard, W&B, CSV
-configured in the DeepSpeed config). `save_checkpoint` / `load_checkpoint` keep the monitor's
-state in DeepSpeed checkpoints (`client_state`).
+configured in the DeepSpeed config) with the monitor's `DeepSpeedMonitorSink`.
+`save_checkpoint` / `load_checkpoint` keep the monitor's state in DeepSpeed checkpoints
+(`client_state`). `megatron_gate.monitor.deepspeed.DeepSpeedStabilityHook` is the variant for
+loops that hand each step to the monitor; this module hooks an unchanged loop, the pipeline
+engine's `train_batch` included.
 """
 
 from __future__ import annotations
@@ -32,8 +35,8 @@ from typing import Any
 import torch
 
 from megatron_gate.megatron_lm.patching import wrap
-from megatron_gate.monitor import Decision, MonitorConfig, RollbackRequest, StabilityMonitor, schema
-from megatron_gate.monitor.sinks import Sink
+from megatron_gate.monitor import Decision, MonitorConfig, RollbackRequest, StabilityMonitor
+from megatron_gate.monitor.deepspeed import DeepSpeedMonitorSink
 
 logger = logging.getLogger(__name__)
 
@@ -59,32 +62,6 @@ def monitor_config_from(
     ):
         return MonitorConfig.from_dict(source.get(DS_CONFIG_KEY) or {})
     return MonitorConfig.from_dict(source)
-
-
-class DeepSpeedMonitorSink(Sink):
-    """Writes step scalars and events through DeepSpeed's `MonitorMaster` (its TensorBoard,
-    W&B, CSV backends), with the monitor's tags (`stability/...`)."""
-
-    def __init__(self, ds_monitor: Any) -> None:
-        self.ds_monitor = ds_monitor
-
-    def write(self, record: dict[str, Any]) -> None:
-        if record["kind"] == "step":
-            step = record["step"]
-            events = [
-                (schema.tensorboard_tag(name), value, step)
-                for name, value in record["scalars"].items()
-                if value is not None
-            ]
-        elif record["kind"] == "event":
-            tag = f"{schema.TENSORBOARD_PREFIX}events/{record['detector']}"
-            events = [
-                (tag, record["value"] if record["value"] is not None else 0.0, record["step"])
-            ]
-        else:
-            return
-        if events:
-            self.ds_monitor.write_events(events)
 
 
 @contextlib.contextmanager
