@@ -71,11 +71,12 @@ def _shadow_manual_seed(seed: int) -> None:
     _SHADOW_CUDA_GENERATOR.manual_seed(int(seed))
 
 
-def _no_op(*_args: Any, **_kwargs: Any) -> None:
+def no_op(*_args: Any, **_kwargs: Any) -> None:
+    """Stand-in for CUDA calls that have nothing to do on the CPU."""
     return None
 
 
-def _replace(owner: Any, name: str, replacement: Callable[..., Any]) -> None:
+def replace_attribute(owner: Any, name: str, replacement: Callable[..., Any]) -> None:
     """Set `owner.name = replacement`, keeping the original reachable as `__wrapped__`."""
     original = getattr(owner, name, None)
     if getattr(original, "_megatron_gate_cpu", False):
@@ -91,23 +92,23 @@ def _replace(owner: Any, name: str, replacement: Callable[..., Any]) -> None:
 
 
 def _patch_current_device() -> None:
-    _replace(torch.cuda, "current_device", lambda: "cpu")
+    replace_attribute(torch.cuda, "current_device", lambda: "cpu")
 
 
 def _patch_rng() -> None:
     from megatron.core.tensor_parallel import random as megatron_random
 
     for owner in (torch.cuda, torch.cuda.random):
-        _replace(owner, "get_rng_state", _shadow_get_rng_state)
-        _replace(owner, "set_rng_state", _shadow_set_rng_state)
-        _replace(owner, "manual_seed", _shadow_manual_seed)
-        _replace(owner, "manual_seed_all", _shadow_manual_seed)
-    _replace(megatron_random, "_get_cuda_rng_state", _shadow_get_rng_state)
-    _replace(megatron_random, "_set_cuda_rng_state", _shadow_set_rng_state)
+        replace_attribute(owner, "get_rng_state", _shadow_get_rng_state)
+        replace_attribute(owner, "set_rng_state", _shadow_set_rng_state)
+        replace_attribute(owner, "manual_seed", _shadow_manual_seed)
+        replace_attribute(owner, "manual_seed_all", _shadow_manual_seed)
+    replace_attribute(megatron_random, "_get_cuda_rng_state", _shadow_get_rng_state)
+    replace_attribute(megatron_random, "_set_cuda_rng_state", _shadow_set_rng_state)
 
 
 def _patch_synchronize() -> None:
-    _replace(torch.cuda, "synchronize", _no_op)
+    replace_attribute(torch.cuda, "synchronize", no_op)
 
 
 def _patch_dynamo() -> None:

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from megatron_gate.cpu import CpuPatch, _no_op, _replace, enable_cpu_runtime
+from megatron_gate.cpu import CpuPatch, enable_cpu_runtime, no_op, replace_attribute
 
 logger = logging.getLogger(__name__)
 
@@ -63,15 +63,15 @@ def _patch_allow_no_cuda() -> None:
     replacement = _initialize_megatron_without_cuda(getattr(original, "__wrapped__", original))
     # `training.py` imported the function by name: patch both bindings.
     for owner in (initialize, training):
-        _replace(owner, "initialize_megatron", replacement)
+        replace_attribute(owner, "initialize_megatron", replacement)
 
 
 def _patch_one_device() -> None:
     # `is_available` stays False: with PYTORCH_NVML_BASED_CUDA_CHECK=1 (DeepSpeed sets it) it
     # would answer from `device_count`, and DataLoaders would then pin memory on CUDA.
-    _replace(torch.cuda, "is_available", lambda: False)
-    _replace(torch.cuda, "device_count", lambda: 1)
-    _replace(torch.cuda, "set_device", _no_op)
+    replace_attribute(torch.cuda, "is_available", lambda: False)
+    replace_attribute(torch.cuda, "device_count", lambda: 1)
+    replace_attribute(torch.cuda, "set_device", no_op)
 
 
 _TYPE_MODE: CudaTensorTypeNames | None = None
@@ -88,7 +88,7 @@ def _patch_device_arch() -> None:
     from megatron.training import arguments
 
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
-    _replace(arguments, "get_device_arch_version", lambda: 0)
+    replace_attribute(arguments, "get_device_arch_version", lambda: 0)
 
 
 class _CpuStream(torch.cpu.Stream):
@@ -105,10 +105,10 @@ _CURRENT_STREAM = _CpuStream()
 
 
 def _patch_streams() -> None:
-    _replace(torch.cuda, "Stream", lambda *_args, **_kwargs: _CpuStream())
-    _replace(torch.cuda, "current_stream", lambda *_args, **_kwargs: _CURRENT_STREAM)
-    _replace(torch.cuda, "default_stream", lambda *_args, **_kwargs: _CURRENT_STREAM)
-    _replace(torch.cuda, "stream", lambda _stream=None: contextlib.nullcontext())
+    replace_attribute(torch.cuda, "Stream", lambda *_args, **_kwargs: _CpuStream())
+    replace_attribute(torch.cuda, "current_stream", lambda *_args, **_kwargs: _CURRENT_STREAM)
+    replace_attribute(torch.cuda, "default_stream", lambda *_args, **_kwargs: _CURRENT_STREAM)
+    replace_attribute(torch.cuda, "stream", lambda _stream=None: contextlib.nullcontext())
 
 
 def _patch_memory_stats() -> None:
@@ -118,7 +118,7 @@ def _patch_memory_stats() -> None:
         "memory_reserved",
         "max_memory_reserved",
     ):
-        _replace(torch.cuda, name, lambda *_args, **_kwargs: 0)
+        replace_attribute(torch.cuda, name, lambda *_args, **_kwargs: 0)
 
 
 TRAINING_PATCHES: tuple[CpuPatch, ...] = (
@@ -162,4 +162,4 @@ def prebuilt_dataset_helpers() -> None:
         except ImportError:
             original()
 
-    _replace(utils, "compile_helpers", compile_helpers)
+    replace_attribute(utils, "compile_helpers", compile_helpers)
