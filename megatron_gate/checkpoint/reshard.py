@@ -8,7 +8,8 @@ the TP size. A rank's block at any TP size is therefore a contiguous range of th
 tensor, and loading at another TP size hands each rank exactly the rows its heads own; a gate row
 never changes head and a K/V row never becomes a gate row. `tests/checkpoint/test_reshard.py`
 proves it for TP 2 -> 1, 1 -> 2, PP 1 -> 2, both granularities and `num_query_groups < TP`.
-(The one TP-dependent case, headwise gates padded for FP8 with `ng < tp`, is refused up front.)
+The one TP-dependent case, headwise gates padded for FP8 with `ng < tp` (the padding grows with
+TP), reloads only at its own TP size: `load_distributed` reports the `linear_qkv` shape mismatch.
 
 On-disk layout (Megatron-LM's, so `--load DIR --finetune` finds it)::
 
@@ -19,6 +20,7 @@ On-disk layout (Megatron-LM's, so `--load DIR --finetune` finds it)::
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -104,8 +106,6 @@ def save_distributed(
             commit(partial, directory, force=force)
     except BaseException:
         if _rank() == 0 and partial.exists():
-            import shutil
-
             shutil.rmtree(partial, ignore_errors=True)
         raise
     _barrier()

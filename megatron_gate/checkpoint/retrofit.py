@@ -5,9 +5,10 @@ The construction (exact, for both granularities):
     gate rows of linear_qkv = 0          sigmoid(0) = 0.5 for every head and channel
     linear_proj.weight     *= 2          linear_proj(2 W)(0.5 a) = W a
 
-so the first forward of the gated model equals the non-gated model's (bit for bit in fp32 and
-bf16: multiplying by 0.5 and 2 only changes exponents). The gate starts "half open" and
-input-independent, and its gradient is not zero (d out / d gate = 0.25 * W_proj a), so training
+so the first forward of the gated model equals the non-gated model's bit for bit (tested in
+fp32; multiplying by 0.5 and 2 only changes exponents, so bf16 behaves the same barring
+subnormals). The gate starts "half open" and input-independent, and its gradient is not zero
+(dL/d gate = 0.25 * (W_proj^T dL/d out) * a, with the doubled W_proj), so training
 moves it away from 0.5 from the first step on; no loss jump at the switch. Biases: `linear_proj`
 bias is unchanged, gate bias rows (if `linear_qkv` has a bias) are zero.
 Alternatives such as a large positive gate bias (sigmoid ~ 1) are only approximate and need a

@@ -53,6 +53,17 @@ def _load(shape: GptShape, state: dict[str, torch.Tensor]) -> torch.nn.Module:
     return model
 
 
+def _gate_grad_norm(model: torch.nn.Module, shape: GptShape) -> float:
+    """Norm of the loss gradient reaching the (zero) gate rows: the gate must start learning."""
+    tokens = torch.randint(
+        0, PLAIN.vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(0)
+    )
+    logits = model(tokens, position_ids(BATCH, SEQ), causal_mask(SEQ))
+    logits.float().pow(2).mean().backward()
+    grad = model.decoder.layers[0].self_attention.linear_qkv.weight.grad
+    return shape.qkv_layout().split_weight(grad)["gate"].norm().item()
+
+
 def _randomise_biases(model: torch.nn.Module) -> None:
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -76,6 +87,7 @@ def _worker(_rank: int, _world: int, _payload: Any) -> dict[str, Any]:
                 "equal": torch.equal(logits, reference),
                 "max_diff": (logits - reference).abs().max().item(),
                 "gated_class": type(gated.decoder.layers[0].self_attention).__name__,
+                "gate_grad": _gate_grad_norm(gated, shape),
             }
     # Megatron's native elementwise gate: same rows, imported unchanged.
     native = build_gpt_from_shape(PLAIN, attention_output_gate=True).eval()
@@ -100,6 +112,7 @@ def test_retrofit_gives_identical_logits(results: dict, granularity: str, bias: 
     result = results[f"{granularity}-bias{bias}"]
     assert result["gated_class"] == "GatedSelfAttention"
     assert result["equal"], result["max_diff"]
+    assert result["gate_grad"] > 0
 
 
 def test_native_attention_output_gate_imports_unchanged(results: dict, tmp_path: Path) -> None:
