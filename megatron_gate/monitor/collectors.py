@@ -452,22 +452,25 @@ class ParameterCollector:
         for param, group in zip(self.params, self.groups, strict=True):
             grad = _grad(param)
             if grad is not None:
-                grads.append(grad.detach())
+                grads.append(grad)
                 groups.append(group)
-        return self._group_sumsq(grads, groups, device)
+        with torch.no_grad():
+            return self._group_sumsq(grads, groups, device)
 
     def take_snapshot(self) -> None:
         """Copy the parameters (before an optimizer step whose update will be measured)."""
         if self.params:
-            self._snapshot = list(torch._foreach_mul([p.detach() for p in self.params], 1.0))
+            with torch.no_grad():  # no per-parameter detach: one foreach copy
+                self._snapshot = list(torch._foreach_mul(self.params, 1.0))
 
     def measure_update(self, device: torch.device) -> None:
         """`update_sumsq` = per-layer ||p_now - p_snapshot||^2; drops the snapshot."""
         if self._snapshot is None:
             return
-        # snapshot - now = -update, in place: no third copy of the parameters
-        torch._foreach_sub_(self._snapshot, [p.detach() for p in self.params])
-        self.update_sumsq = self._group_sumsq(self._snapshot, self.groups, device)
+        with torch.no_grad():
+            # snapshot - now = -update, in place: no third copy of the parameters
+            torch._foreach_sub_(self._snapshot, self.params)
+            self.update_sumsq = self._group_sumsq(self._snapshot, self.groups, device)
         self._snapshot = None
 
     def discard_snapshot(self) -> None:
