@@ -91,8 +91,10 @@ def _hf_logits(path: Path) -> torch.Tensor:
         return model.eval()(_tokens()).logits
 
 
-def _megatron_logits(shape: GptShape, state: dict[str, torch.Tensor]) -> torch.Tensor:
-    model = build_gpt_from_shape(shape).eval()
+def _megatron_logits(
+    shape: GptShape, state: dict[str, torch.Tensor], **config_overrides: Any
+) -> torch.Tensor:
+    model = build_gpt_from_shape(shape, **config_overrides).eval()
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and all(key.endswith("_extra_state") for key in missing)
     with torch.no_grad():
@@ -139,6 +141,12 @@ def _worker(_rank: int, _world: int, paths: dict[str, str]) -> dict[str, Any]:
         if shape.layernorm_zero_centered_gamma:
             continue  # TE-only norms: no local model; checked bit for bit instead
         results[name] = _megatron_logits(shape, state).numpy()  # tensors cannot leave a worker
+    # Negative controls: the parity test must notice a wrong rotary convention or width.
+    shape, state = read_megatron(paths["next"])
+    results["next_interleaved_rope"] = _megatron_logits(
+        shape, state, rotary_interleaved=True
+    ).numpy()
+    results["next_full_rope"] = _megatron_logits(shape.replace(rotary_percent=1.0), state).numpy()
     for granularity in ("elementwise", "headwise"):
         results[f"paper-{granularity}"] = _paper_gate_check(granularity)
     return results
@@ -158,7 +166,7 @@ def converted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "baseline": convert(baseline_dir, tmp / "base.pt", from_format="paper", to_format="megatron"),
     }  # fmt: skip
     results = launch(_worker, world_size=1, payload={k: str(v) for k, v in paths.items()})[0]
-    for name in ("next", "baseline"):
+    for name in ("next", "baseline", "next_interleaved_rope", "next_full_rope"):
         results[name] = torch.from_numpy(results[name])
     return {
         "tmp": tmp, "hf_dir": hf_dir, "hf_logits": hf_logits, "baseline_dir": baseline_dir,
@@ -170,6 +178,13 @@ def test_qwen3_next_logits_match_megatron(converted: dict) -> None:
     diff = (converted["results"]["next"] - converted["hf_logits"]).abs().max().item()
     assert diff < LOGIT_TOL, diff
     assert converted["hf_logits"].abs().max() > 0.1  # not a trivially small output
+
+
+@pytest.mark.parametrize("control", ["next_interleaved_rope", "next_full_rope"])
+def test_wrong_rotary_convention_is_detected(converted: dict, control: str) -> None:
+    """Interleaved-pair RoPE or full-width RoPE on the same weights must not match HF."""
+    diff = (converted["results"][control] - converted["hf_logits"]).abs().max().item()
+    assert diff > 100 * LOGIT_TOL, diff
 
 
 def test_paper_baseline_logits_match_megatron(converted: dict) -> None:
