@@ -274,3 +274,29 @@ def test_headwise_cannot_become_qwen3_next() -> None:
     )  # fmt: skip
     with pytest.raises(ValueError, match="granularity='headwise'.*paper"):
         hf_qwen3_next.config_from_shape(shape)
+
+
+@pytest.mark.parametrize("granularity", ["elementwise", "headwise"])
+def test_paper_gated_files_round_trip(tmp_path: Path, granularity: str) -> None:
+    from megatron_gate.checkpoint.convert import write_hf_dir
+
+    shape = GptShape(
+        num_layers=2, hidden_size=32, ffn_hidden_size=48, num_attention_heads=4,
+        num_query_groups=2, kv_channels=8, vocab_size=VOCAB, granularity=granularity,
+        qk_layernorm=True,
+    )  # fmt: skip
+    generator = torch.Generator().manual_seed(9)
+    tensors = {
+        key: torch.randn(size, generator=generator)
+        for key, size in paper_qwen3.expected_paper_shapes(shape).items()
+    }
+    source = write_hf_dir(
+        tmp_path / "paper", paper_qwen3.config_from_shape(shape), tensors, force=False
+    )
+    megatron = convert(source, tmp_path / "m.pt", from_format="paper", to_format="megatron")
+    assert read_megatron(megatron)[0].granularity == granularity
+    back = convert(megatron, tmp_path / "back", from_format="megatron", to_format="paper")
+    config, returned = read_hf_dir(back)
+    assert paper_qwen3.granularity_of(config) == granularity
+    assert returned.keys() == tensors.keys()
+    assert all(torch.equal(tensors[k], returned[k]) for k in tensors)
