@@ -101,3 +101,40 @@ def test_console_table_and_group() -> None:
     assert "step 7" in text and "loss=2.5" in text
     assert "    1 " in text and "    2 " in text  # one row per layer
     assert "WARNING loss_spike -> alert: loss 2.5 jumped" in text
+
+
+def test_background_group_keeps_jsonl_inline(tmp_path: Path) -> None:
+    import threading
+
+    from megatron_gate.monitor.sinks import Sink
+
+    release = threading.Event()
+
+    class SlowSink(Sink):
+        name = "slow"
+
+        def __init__(self) -> None:
+            self.records: list[dict] = []
+
+        def write(self, record: dict) -> None:
+            release.wait(timeout=10)
+            self.records.append(record)
+
+    class FailingSink(Sink):
+        name = "failing"
+
+        def write(self, record: dict) -> None:
+            raise RuntimeError("boom")
+
+    slow = SlowSink()
+    group = SinkGroup([JsonlSink(tmp_path), slow, FailingSink()], background=True)
+    group.write(STEP)
+    group.write(EVENT)
+    # The slow sink still holds the thread, the JSONL lines are already on disk.
+    assert [r["kind"] for r in read_records(tmp_path)] == ["step", "event"]
+    assert slow.records == []
+    release.set()
+    group.wait()
+    assert [r["kind"] for r in slow.records] == ["step", "event"]
+    assert set(group.disabled) == {"failing"}
+    group.close()

@@ -15,6 +15,8 @@ class Sink:
     """Does nothing; subclasses override `write` (one schema record) and `close`."""
 
     name = "sink"
+    inline = False
+    """Write on the caller's thread even in a background `SinkGroup` (cheap, must not be lost)."""
 
     def write(self, record: dict[str, Any]) -> None:
         """Take one record (`record["kind"]` is one of `schema.RECORD_KINDS`)."""
@@ -31,7 +33,8 @@ class SinkGroup(Sink):
 
     With `background=True` the sinks run on one daemon thread fed by a queue, so that slow
     writers (TensorBoard's protobufs, a W&B upload) never hold the training step; `close()`
-    drains the queue first.
+    drains the queue first. Sinks marked `inline` (JSONL: one `os.write` per record) are
+    still written on the caller's thread, so a crash cannot lose queued records there.
     """
 
     name = "group"
@@ -39,9 +42,10 @@ class SinkGroup(Sink):
     def __init__(self, sinks: Iterable[Sink], *, background: bool = False) -> None:
         self.sinks = list(sinks)
         self.disabled: dict[str, str] = {}
+        self._lock = threading.Lock()
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
-        if background and self.sinks:
+        if background and any(not sink.inline for sink in self.sinks):
             self._queue = queue.Queue()
             self._thread = threading.Thread(
                 target=self._drain, name="stability-monitor-sinks", daemon=True
@@ -53,7 +57,7 @@ class SinkGroup(Sink):
         while True:
             method, args = self._queue.get()
             try:
-                self._call_now(method, *args)
+                self._call_now(method, *args, inline=False)
             finally:
                 self._queue.task_done()
             if method == "close":
@@ -66,6 +70,7 @@ class SinkGroup(Sink):
 
     def _call(self, method: str, *args: Any) -> None:
         if self._queue is not None:
+            self._call_now(method, *args, inline=True)
             self._queue.put((method, args))
             if method == "close" and self._thread is not None:
                 self._thread.join()
@@ -74,13 +79,18 @@ class SinkGroup(Sink):
             return
         self._call_now(method, *args)
 
-    def _call_now(self, method: str, *args: Any) -> None:
-        for sink in list(self.sinks):
+    def _call_now(self, method: str, *args: Any, inline: bool | None = None) -> None:
+        """Call `method` on the live sinks (only those with `sink.inline == inline` if given)."""
+        with self._lock:
+            sinks = [s for s in self.sinks if inline is None or s.inline == inline]
+        for sink in sinks:
             try:
                 getattr(sink, method)(*args)
             except Exception as error:  # noqa: BLE001 - a sink must never stop training
-                self.sinks.remove(sink)
-                self.disabled[sink.name] = f"{type(error).__name__}: {error}"
+                with self._lock:
+                    if sink in self.sinks:
+                        self.sinks.remove(sink)
+                    self.disabled[sink.name] = f"{type(error).__name__}: {error}"
                 logger.warning(
                     "stability monitor: sink %r failed in %s (%s: %s); it is disabled for the "
                     "rest of the run.",

@@ -38,6 +38,7 @@ class JsonlSink(Sink):
     """Appends records to `<run_dir>/stability.jsonl`."""
 
     name = "jsonl"
+    inline = True  # one os.write per record: cheap, and never lost in a queue on a crash
 
     def __init__(self, run_dir: str | Path) -> None:
         self.path = Path(run_dir) / schema.JSONL_NAME
