@@ -177,7 +177,7 @@ def print_paths(out: Path, run_dirs: list[Path], report: Path) -> None:
     for run_dir in run_dirs:
         print(f"  {run_dir}/stability.jsonl   (monitor JSONL)")
         print(f"  {run_dir}/tensorboard/      (tensorboard --logdir {out})")
-        print(f"  {run_dir}/checkpoint/       (last checkpoint, one file per TP rank)")
+        print(f"  {run_dir}/checkpoint/       (latest.json -> last complete step_NNNNNN/)")
     print(f"  {report}   (open in a browser; self-contained)")
 
 
