@@ -194,7 +194,9 @@ def save_full_as_distributed(
 
 
 # ------------------------------------------------------------------ conversion
-def _to_megatron(side: str, path: Path, *, zero_centered_gamma: bool):  # -> (shape, state)
+def _to_megatron(
+    side: str, path: Path, *, zero_centered_gamma: bool
+) -> tuple[GptShape, dict[str, torch.Tensor]]:
     config, tensors = read_hf_dir(path)
     if side == "hf":
         shape = hf_qwen3_next.shape_from_config(config, zero_centered_gamma=zero_centered_gamma)
@@ -205,7 +207,7 @@ def _to_megatron(side: str, path: Path, *, zero_centered_gamma: bool):  # -> (sh
 
 def _from_megatron(
     side: str, shape: GptShape, state: dict[str, torch.Tensor]
-):  # -> (config, tensors)
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     if side == "hf":
         return hf_qwen3_next.config_from_shape(shape), hf_qwen3_next.megatron_to_hf(state, shape)
     return paper_qwen3.config_from_shape(shape), paper_qwen3.megatron_to_paper(state, shape)

@@ -13,13 +13,17 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from megatron_gate.checkpoint.safe_io import CheckpointError
 from megatron_gate.layout import QkvLayout, build_layout
+
+if TYPE_CHECKING:
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_config import TransformerConfig
 
 SHAPE_FILE = "megatron_gate_model.json"
 
@@ -117,7 +121,7 @@ class GptShape:
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu}
 
 
-def transformer_config(shape: GptShape, **overrides: Any):  # -> TransformerConfig
+def transformer_config(shape: GptShape, **overrides: Any) -> TransformerConfig:
     """The fp32, CPU-friendly `TransformerConfig` of `shape`."""
     from megatron_gate.tiny_gpt import tiny_config
 
@@ -140,7 +144,7 @@ def transformer_config(shape: GptShape, **overrides: Any):  # -> TransformerConf
     return tiny_config(**fields)
 
 
-def layer_spec(shape: GptShape):  # -> ModuleSpec
+def layer_spec(shape: GptShape) -> ModuleSpec:
     """Megatron's local GPT layer spec, gated with `shape.granularity` (plain when None)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
