@@ -20,6 +20,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -519,8 +520,6 @@ class StabilityMonitor:
 
 
 def _with_scale(decision: Decision, scale: float) -> Decision:
-    from dataclasses import replace
-
     return decision if scale == decision.lr_scale else replace(decision, lr_scale=scale)
 
 
