@@ -8,6 +8,7 @@ failing rank's traceback is re-raised in the caller.
 from __future__ import annotations
 
 import os
+import pickle
 import queue as queue_module
 import socket
 import time
@@ -63,7 +64,8 @@ def init_model_parallel(*, tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 12
 def _entry(rank: int, world_size: int, port: int, worker: Worker, payload: Any, queue: Any) -> None:
     try:
         init_process_group(rank, world_size, port)
-        result = worker(rank, world_size, payload)
+        # Plain pickle bytes, not the queue's shared-memory tensors: those die with this process.
+        result = pickle.dumps(worker(rank, world_size, payload))
         queue.put((rank, True, result))
     except BaseException:  # noqa: BLE001 - reported to the parent, which re-raises
         queue.put((rank, False, traceback.format_exc()))
@@ -88,7 +90,7 @@ def _collect(
                 failures.append(f"no result within {timeout:.0f} s")
             continue
         if ok:
-            results[rank] = value
+            results[rank] = pickle.loads(value)
         else:
             failures.append(f"rank {rank} failed:\n{value}")
 
