@@ -41,29 +41,31 @@ def _gated_attention_spec(attention: ModuleSpec, gate: GateConfig) -> ModuleSpec
     return dataclasses.replace(attention, module=GatedSelfAttention, params=params)
 
 
-def gate_spec(spec: ModuleSpec, gate: GateConfig | None = None) -> ModuleSpec:
-    """Return `spec` (a layer spec or a block spec of layer specs) with every self-attention gated.
+def gate_spec(spec: Any, gate: GateConfig | None = None) -> Any:
+    """Return `spec` with every self-attention gated; the input is not modified.
 
-    The input is not modified.
+    `spec` is a layer ModuleSpec, a block ModuleSpec of layer specs, or a bare
+    `TransformerBlockSubmodules` (what MoE and heterogeneous block-spec builders return).
     """
     gate = gate or GateConfig()
-    submodules = spec.submodules
+    submodules = spec.submodules if isinstance(spec, ModuleSpec) else spec
     layer_specs = getattr(submodules, "layer_specs", None)
-    if layer_specs is not None:  # TransformerBlockSubmodules (e.g. MoE / heterogeneous blocks)
+    if layer_specs is not None:
         gated = [gate_spec(layer, gate) for layer in layer_specs]
-        return dataclasses.replace(
-            spec, submodules=dataclasses.replace(submodules, layer_specs=gated)
+        submodules = dataclasses.replace(submodules, layer_specs=gated)
+    else:
+        attention = getattr(submodules, "self_attention", None)
+        if not isinstance(spec, ModuleSpec) or not isinstance(attention, ModuleSpec):
+            raise GateConfigError(
+                f"cannot gate a spec of type {type(spec).__name__} without a self_attention "
+                "ModuleSpec; pass a GPT layer spec, a block spec or TransformerBlockSubmodules."
+            )
+        submodules = dataclasses.replace(
+            submodules, self_attention=_gated_attention_spec(attention, gate)
         )
-    attention = getattr(submodules, "self_attention", None)
-    if not isinstance(attention, ModuleSpec):
-        raise GateConfigError(
-            f"spec for {getattr(spec.module, '__name__', spec.module)} has no self_attention "
-            "ModuleSpec to gate; pass a GPT layer spec or block spec."
-        )
-    gated_attention = _gated_attention_spec(attention, gate)
-    return dataclasses.replace(
-        spec, submodules=dataclasses.replace(submodules, self_attention=gated_attention)
-    )
+    if isinstance(spec, ModuleSpec):
+        return dataclasses.replace(spec, submodules=submodules)
+    return submodules
 
 
 def gated_gpt_layer_spec(

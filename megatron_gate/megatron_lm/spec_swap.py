@@ -8,7 +8,6 @@ only `self_attention`, for both the 0.19 config-container API and older `model_p
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -51,15 +50,7 @@ def gate_layer_spec(spec: Any, gate: GateConfig) -> Any:
                 f"--gated-attention {gate.granularity} conflicts with a spec that is already "
                 f"gated {existing.granularity} (--spec megatron_gate.spec ...): use one of them."
             )
-    if isinstance(spec, ModuleSpec):
-        return gate_spec(spec, gate)
-    layer_specs = getattr(spec, "layer_specs", None)
-    if layer_specs is not None:  # a bare TransformerBlockSubmodules (MoE, heterogeneous)
-        return dataclasses.replace(spec, layer_specs=[gate_spec(s, gate) for s in layer_specs])
-    raise GateConfigError(
-        f"cannot gate a transformer_layer_spec of type {type(spec).__name__}; pass a ModuleSpec "
-        "or TransformerBlockSubmodules."
-    )
+    return gate_spec(spec, gate)
 
 
 def gating_init(original: Callable[..., None], gate: GateConfig) -> Callable[..., None]:
