@@ -498,6 +498,7 @@ def sweep_figure(runs: Sequence[Any], summaries: Sequence[Any]) -> Any:
             ax.set_xlabel("peak learning rate")
             ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
+    _plain_ticks(axes[0])
     return figure
 
 
