@@ -63,3 +63,50 @@ def causal_mask(seq_len: int) -> torch.Tensor:
 def position_ids(batch: int, seq_len: int) -> torch.Tensor:
     """`[b, s]` positions 0..s-1."""
     return torch.arange(seq_len).unsqueeze(0).expand(batch, seq_len)
+
+
+def random_batch(
+    *, batch: int, seq_len: int, vocab_size: int, seed: int = 0, with_labels: bool = True
+) -> dict[str, Any]:
+    """GPTModel keyword arguments for a random batch with an explicit causal mask.
+
+    With labels (next tokens) the model returns per-token losses; without, logits.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab_size, (batch, seq_len), generator=generator)
+    kwargs = {
+        "input_ids": tokens,
+        "position_ids": position_ids(batch, seq_len),
+        "attention_mask": causal_mask(seq_len),
+    }
+    if with_labels:
+        kwargs["labels"] = torch.roll(tokens, -1, dims=1)
+    return kwargs
+
+
+def run_pipeline(
+    model: torch.nn.Module,
+    batch: dict[str, Any],
+    *,
+    loss_fn: Any,
+    forward_only: bool = False,
+) -> list[dict[str, Any]]:
+    """One microbatch through Megatron's pipeline schedule (any PP size) on this stage's `model`.
+
+    `loss_fn(output) -> (loss, {name: tensor})` runs on the last stage; its dicts are returned.
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    def forward_step(data_iterator: Any, chunk: torch.nn.Module) -> tuple[torch.Tensor, Any]:
+        return chunk(**next(data_iterator)), loss_fn
+
+    tokens = batch["input_ids"]
+    return get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter([batch]),
+        model=[model],
+        num_microbatches=1,
+        seq_length=tokens.shape[1],
+        micro_batch_size=tokens.shape[0],
+        forward_only=forward_only,
+    )

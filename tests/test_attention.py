@@ -12,7 +12,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron_gate.attention import GatedSelfAttention
 from megatron_gate.config import GateConfig, GateConfigError
 from megatron_gate.spec import gated_gpt_layer_spec
-from megatron_gate.tiny_gpt import build_gpt, causal_mask, position_ids, tiny_config
+from megatron_gate.tiny_gpt import build_gpt, causal_mask, random_batch, tiny_config
 
 pytestmark = pytest.mark.usefixtures("megatron_world")
 
@@ -20,14 +20,7 @@ SEQ, BATCH, VOCAB = 16, 2, 128
 
 
 def _batch(seed: int = 0) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, VOCAB, (BATCH, SEQ), generator=generator)
-    return {
-        "input_ids": tokens,
-        "position_ids": position_ids(BATCH, SEQ),
-        "attention_mask": causal_mask(SEQ),
-        "labels": torch.roll(tokens, -1, dims=1),
-    }
+    return random_batch(batch=BATCH, seq_len=SEQ, vocab_size=VOCAB, seed=seed)
 
 
 def _loss_and_grads(model: torch.nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

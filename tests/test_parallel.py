@@ -15,7 +15,7 @@ import torch
 
 from megatron_gate.distributed import init_model_parallel, launch
 from megatron_gate.spec import gated_gpt_layer_spec
-from megatron_gate.tiny_gpt import build_gpt, causal_mask, position_ids, tiny_config
+from megatron_gate.tiny_gpt import build_gpt, random_batch, run_pipeline, tiny_config
 
 SEQ, BATCH, VOCAB = 16, 2, 128
 TOL = {"atol": 2e-5, "rtol": 1e-4}
@@ -33,14 +33,7 @@ CASES: list[tuple[str, str | None, dict[str, Any], int, int]] = [
 
 
 def _batch() -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(7)
-    tokens = torch.randint(0, VOCAB, (BATCH, SEQ), generator=generator)
-    return {
-        "input_ids": tokens,
-        "position_ids": position_ids(BATCH, SEQ),
-        "attention_mask": causal_mask(SEQ),
-        "labels": torch.roll(tokens, -1, dims=1),
-    }
+    return random_batch(batch=BATCH, seq_len=SEQ, vocab_size=VOCAB, seed=7)
 
 
 def _config(overrides: dict[str, Any], pp: int):  # noqa: ANN202
@@ -94,31 +87,17 @@ def _shard(full: torch.Tensor, param: torch.nn.Parameter) -> torch.Tensor:
 
 def _parallel_loss(model: torch.nn.Module, pp: int) -> float | None:
     from megatron.core import parallel_state
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     if pp == 1:
         loss = model(**_batch()).mean()
         loss.backward()
         return loss.item()
 
-    def forward_step(data_iterator, chunk):  # noqa: ANN001, ANN202
-        output = chunk(**next(data_iterator))
+    def loss_fn(output: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss = output.float().mean()
+        return loss, {"loss": loss.detach()}
 
-        def loss_func(output_tensor: torch.Tensor):  # noqa: ANN202
-            loss = output_tensor.float().mean()
-            return loss, {"loss": loss.detach()}
-
-        return output, loss_func
-
-    losses = get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=iter([_batch()]),
-        model=[model],
-        num_microbatches=1,
-        seq_length=SEQ,
-        micro_batch_size=BATCH,
-        forward_only=False,
-    )
+    losses = run_pipeline(model, _batch(), loss_fn=loss_fn)
     if parallel_state.is_pipeline_last_stage():
         return losses[0]["loss"].item()
     return None

@@ -20,7 +20,7 @@ import torch
 from megatron_gate.checkpoint.model import GptShape, build_gpt_from_shape
 from megatron_gate.checkpoint.reshard import load_distributed, save_distributed
 from megatron_gate.distributed import init_model_parallel, launch
-from megatron_gate.tiny_gpt import causal_mask, position_ids
+from megatron_gate.tiny_gpt import random_batch, run_pipeline
 
 SEQ, BATCH = 16, 2
 BASE = GptShape(
@@ -49,14 +49,9 @@ CASES: list[tuple[str, str, int, tuple[int, int], list[tuple[int, int]]]] = [
 
 
 def _batch() -> dict[str, torch.Tensor]:
-    tokens = torch.randint(
-        0, BASE.vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(3)
+    return random_batch(
+        batch=BATCH, seq_len=SEQ, vocab_size=BASE.vocab_size, seed=3, with_labels=False
     )
-    return {
-        "input_ids": tokens,
-        "position_ids": position_ids(BATCH, SEQ),
-        "attention_mask": causal_mask(SEQ),
-    }
 
 
 def _build(shape: GptShape, pp: int) -> torch.nn.Module:
@@ -109,25 +104,16 @@ def _capture_gates(model: torch.nn.Module) -> dict[int, torch.Tensor]:
 def _forward(model: torch.nn.Module, pp: int) -> torch.Tensor | None:
     """Full-vocabulary logits `[b, s, v]` on the last stage, None elsewhere."""
     from megatron.core import parallel_state
-    from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     with torch.no_grad():
         if pp == 1:
             logits = model(**_batch())
         else:
-
-            def forward_step(data, chunk):  # noqa: ANN001, ANN202
-                output = chunk(**next(data))
-                return output, lambda out: (out.sum(), {"logits": out.detach()})
-
-            stored = get_forward_backward_func()(
-                forward_step_func=forward_step,
-                data_iterator=iter([_batch()]),
-                model=[model],
-                num_microbatches=1,
-                seq_length=SEQ,
-                micro_batch_size=BATCH,
+            stored = run_pipeline(
+                model,
+                _batch(),
+                loss_fn=lambda out: (out.sum(), {"logits": out.detach()}),
                 forward_only=True,
             )
             if not parallel_state.is_pipeline_last_stage():

@@ -40,16 +40,9 @@ def test_pack_layout_combines_max_and_sum() -> None:
 
 
 def _batch() -> dict[str, torch.Tensor]:
-    from megatron_gate.tiny_gpt import causal_mask, position_ids
+    from megatron_gate.tiny_gpt import random_batch
 
-    generator = torch.Generator().manual_seed(5)
-    tokens = torch.randint(0, VOCAB, (BATCH, SEQ), generator=generator)
-    return {
-        "input_ids": tokens,
-        "position_ids": position_ids(BATCH, SEQ),
-        "attention_mask": causal_mask(SEQ),
-        "labels": torch.roll(tokens, -1, dims=1),
-    }
+    return random_batch(batch=BATCH, seq_len=SEQ, vocab_size=VOCAB, seed=5)
 
 
 def _reference_hooks(model: torch.nn.Module, reference: dict[int, dict[str, Any]]) -> list:
@@ -126,11 +119,10 @@ def _layer_grad_norms(model: torch.nn.Module) -> list[float]:
 
 def _run_case(tp: int, pp: int, run_dir: str) -> dict[str, Any]:
     from megatron.core import parallel_state
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_gate.monitor import MonitorConfig, StabilityMonitor
     from megatron_gate.spec import gated_gpt_layer_spec
-    from megatron_gate.tiny_gpt import build_gpt, tiny_config
+    from megatron_gate.tiny_gpt import build_gpt, run_pipeline, tiny_config
 
     init_model_parallel(tp=tp, pp=pp, seed=21)
     config = tiny_config(
@@ -160,18 +152,10 @@ def _run_case(tp: int, pp: int, run_dir: str) -> dict[str, Any]:
     handles = _reference_hooks(model, reference)
     monitor.start_step(0)
 
-    def forward_step(data_iterator, chunk):  # noqa: ANN001, ANN202
-        output = chunk(**next(data_iterator))
-        return output, lambda out: (out.float().mean(), {"loss": out.float().mean().detach()})
-
-    losses = get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=iter([_batch()]),
-        model=[model],
-        num_microbatches=1,
-        seq_length=SEQ,
-        micro_batch_size=BATCH,
-        forward_only=False,
+    losses = run_pipeline(
+        model,
+        _batch(),
+        loss_fn=lambda out: (out.float().mean(), {"loss": out.float().mean().detach()}),
     )
     loss = losses[0]["loss"] if parallel_state.is_pipeline_last_stage() else None
     monitor.end_step(0, loss=loss, learning_rate=0.01)
