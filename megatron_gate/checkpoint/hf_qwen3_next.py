@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from megatron_gate.checkpoint.model import GptShape
+from megatron_gate.checkpoint.model import GptShape, shape_from_hf_config
 from megatron_gate.checkpoint.safe_io import CheckpointError
 
 ARCHITECTURE = "Qwen3NextForCausalLM"
@@ -102,30 +102,17 @@ def shape_from_config(config: dict[str, Any], *, zero_centered_gamma: bool = Fal
         raise CheckpointError(
             "config.json attention_bias=true is not supported (Qwen3-Next has none)."
         )
-    if config.get("hidden_act", "silu") != "silu":
-        raise CheckpointError(f"config.json hidden_act={config['hidden_act']!r}; expected 'silu'.")
     theta, factor = _rope(config)
-    heads = config["num_attention_heads"]
-    return GptShape(
-        num_layers=config["num_hidden_layers"],
-        hidden_size=config["hidden_size"],
-        ffn_hidden_size=config["intermediate_size"],
-        num_attention_heads=heads,
-        num_query_groups=config.get("num_key_value_heads") or heads,
-        kv_channels=config.get("head_dim") or config["hidden_size"] // heads,
-        vocab_size=config["vocab_size"],
-        max_sequence_length=config.get("max_position_embeddings", 4096),
+    return shape_from_hf_config(
+        config,
         granularity="elementwise",
         rotary_percent=factor,
         rotary_base=theta,
-        normalization="RMSNorm",
-        layernorm_epsilon=config.get("rms_norm_eps", 1e-6),
         layernorm_zero_centered_gamma=zero_centered_gamma,
         qk_layernorm=True,
         gated_linear_unit=True,
         activation="silu",
         add_bias_linear=False,
-        untie_embeddings_and_output_weights=not config.get("tie_word_embeddings", False),
     )
 
 

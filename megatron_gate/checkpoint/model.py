@@ -243,3 +243,28 @@ def check_full_state_dict(
             raise CheckpointError(
                 f"{source}: tensor {key} has shape {list(found)}, expected {list(size)}."
             )
+
+
+def shape_from_hf_config(config: dict[str, Any], **architecture: Any) -> GptShape:
+    """A `GptShape` from the fields every Llama-family Hugging Face `config.json` shares.
+
+    `architecture` holds what the family decides itself (granularity, RoPE, norms, ...).
+    Raises a `CheckpointError` for an activation other than SiLU.
+    """
+    if config.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"config.json hidden_act={config['hidden_act']!r}; expected 'silu'.")
+    heads = config["num_attention_heads"]
+    return GptShape(
+        num_layers=config["num_hidden_layers"],
+        hidden_size=config["hidden_size"],
+        ffn_hidden_size=config["intermediate_size"],
+        num_attention_heads=heads,
+        num_query_groups=config.get("num_key_value_heads") or heads,
+        kv_channels=config.get("head_dim") or config["hidden_size"] // heads,
+        vocab_size=config["vocab_size"],
+        max_sequence_length=config.get("max_position_embeddings", 4096),
+        normalization="RMSNorm",
+        layernorm_epsilon=config.get("rms_norm_eps", 1e-6),
+        untie_embeddings_and_output_weights=not config.get("tie_word_embeddings", False),
+        **architecture,
+    )

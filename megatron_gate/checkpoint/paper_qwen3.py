@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from megatron_gate.checkpoint.model import GptShape
+from megatron_gate.checkpoint.model import GptShape, shape_from_hf_config
 from megatron_gate.checkpoint.safe_io import CheckpointError
 
 ARCHITECTURE = "Qwen3ForCausalLM"
@@ -62,25 +62,12 @@ def shape_from_config(config: dict[str, Any]) -> GptShape:
         raise CheckpointError("config.json use_sliding_window=true is not supported.")
     if config.get("rope_scaling"):
         raise CheckpointError("config.json rope_scaling is set; only default RoPE converts.")
-    if config.get("hidden_act", "silu") != "silu":
-        raise CheckpointError(f"config.json hidden_act={config['hidden_act']!r}; expected 'silu'.")
-    heads = config["num_attention_heads"]
-    return GptShape(
-        num_layers=config["num_hidden_layers"],
-        hidden_size=config["hidden_size"],
-        ffn_hidden_size=config["intermediate_size"],
-        num_attention_heads=heads,
-        num_query_groups=config.get("num_key_value_heads") or heads,
-        kv_channels=config.get("head_dim") or config["hidden_size"] // heads,
-        vocab_size=config["vocab_size"],
-        max_sequence_length=config.get("max_position_embeddings", 4096),
+    return shape_from_hf_config(
+        config,
         granularity=granularity_of(config),
         rotary_percent=1.0,
         rotary_base=float(config.get("rope_theta", 10000.0)),
-        normalization="RMSNorm",
-        layernorm_epsilon=config.get("rms_norm_eps", 1e-6),
         qk_layernorm=bool(config.get("use_qk_norm", True)),
-        untie_embeddings_and_output_weights=not config.get("tie_word_embeddings", False),
     )
 
 
