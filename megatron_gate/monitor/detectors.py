@@ -47,6 +47,31 @@ class Event:
         return asdict(self)
 
 
+def make_event(
+    config: DetectorConfig,
+    *,
+    step: int,
+    detector: str,
+    metric: str,
+    value: float,
+    threshold: float,
+    message: str,
+    layer: int | None = None,
+) -> Event:
+    """An `Event` carrying the severity and action that `config` sets for its detector."""
+    return Event(
+        step=step,
+        detector=detector,
+        severity=config.severity,
+        metric=metric,
+        value=value,
+        threshold=threshold,
+        layer=layer,
+        action=config.action,
+        message=message,
+    )
+
+
 def _finite(value: float | None) -> bool:
     return value is not None and math.isfinite(value)
 
@@ -118,15 +143,13 @@ class RobustSpikeDetector:
         return events
 
     def _event(self, step: int, value: float, threshold: float, message: str) -> Event:
-        return Event(
+        return make_event(
+            self.config,
             step=step,
             detector=self.name,
-            severity=self.config.severity,
             metric=self.metric,
             value=value,
             threshold=threshold,
-            layer=None,
-            action=self.config.action,
             message=message,
         )
 
@@ -192,15 +215,13 @@ class NanInfDetector:
             return []
         self.count += 1
         return [
-            Event(
+            make_event(
+                self.config,
                 step=step,
                 detector="nan_or_inf",
-                severity=self.config.severity,
                 metric="nan_or_inf",
                 value=1.0,
                 threshold=0.0,
-                layer=None,
-                action=self.config.action,
                 message=f"non-finite loss or gradient norm at step {step} "
                 f"({self.count} such steps so far)",
             )
@@ -253,15 +274,14 @@ class LayerThresholdDetector:
             if median <= 0 or value <= limit:
                 return None
             reason = f"{value / median:.1f}x its running median {median:.4g}"
-        return Event(
+        return make_event(
+            self.config,
             step=step,
             detector=self.name,
-            severity=self.config.severity,
             metric=self.metric,
             value=value,
             threshold=limit,
             layer=layer,
-            action=self.config.action,
             message=f"layer {layer} {self.metric} {value:.4g} is {reason}",
         )
 
