@@ -68,7 +68,8 @@ if [ ! -x "$venv/bin/python" ] || ! python_ok "$venv/bin/python" "$("$py" -c 'im
 fi
 venv_site=$("$venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 echo "import site; site.addsitedir('$site_dir')" > "$venv_site/_megatron_gate_deps.pth"
-if ! "$venv/bin/python" -c "import megatron_gate, sys; sys.exit(0 if megatron_gate.__file__.startswith('$root/') else 1)" 2>/dev/null; then
+# Installed (not merely importable from the current directory) and pointing at this clone?
+if [ ! -x "$venv/bin/megatron-gate" ] || ! (cd / && "$venv/bin/python" -c "import megatron_gate, sys; sys.exit(0 if megatron_gate.__file__.startswith('$root/') else 1)" 2>/dev/null); then
   "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$root" >&2
 fi
 echo "$venv/bin/python"
