@@ -18,6 +18,9 @@ echo "== ruff =="
 echo "== primary leg: $("$py" -c 'import sys, importlib.metadata as m; print("Python %d.%d" % sys.version_info[:2], "megatron-core", m.version("megatron-core"))') =="
 "$py" -m pytest -q -p no:cacheprovider "$@"
 
-floor_py=$(scripts/setup.sh 3.11) || { echo "[test] no Python 3.11 here: floor leg skipped"; exit 0; }
+status=0
+floor_py=$(scripts/setup.sh 3.11) || status=$?
+if [ "$status" -eq 3 ]; then echo "[test] no Python 3.11 here: floor leg skipped"; exit 0; fi
+if [ "$status" -ne 0 ]; then echo "[test] setting up the floor leg failed (exit $status)"; exit "$status"; fi
 echo "== floor leg: $("$floor_py" -c 'import sys, importlib.metadata as m; print("Python %d.%d" % sys.version_info[:2], "megatron-core", m.version("megatron-core"))') =="
 "$floor_py" -m pytest -q -p no:cacheprovider "${FLOOR_TESTS[@]}"
