@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from megatron_gate.checkpoint.model import GptShape, shape_from_hf_config
+from megatron_gate.checkpoint.model import GptShape, hf_config_fields, shape_from_hf_config
 from megatron_gate.checkpoint.safe_io import CheckpointError
 
 ARCHITECTURE = "Qwen3NextForCausalLM"
@@ -140,18 +140,7 @@ def config_from_shape(shape: GptShape) -> dict[str, Any]:
     return {
         "architectures": [ARCHITECTURE],
         "model_type": "qwen3_next",
-        "vocab_size": shape.vocab_size,
-        "hidden_size": shape.hidden_size,
-        "intermediate_size": shape.ffn_hidden_size,
-        "num_hidden_layers": layers,
-        "num_attention_heads": shape.num_attention_heads,
-        "num_key_value_heads": shape.num_query_groups,
-        "head_dim": shape.kv_channels,
-        "hidden_act": "silu",
-        "max_position_embeddings": shape.max_sequence_length,
-        "rms_norm_eps": shape.layernorm_epsilon,
-        "tie_word_embeddings": not shape.untie_embeddings_and_output_weights,
-        "attention_bias": False,
+        **hf_config_fields(shape),
         "rope_parameters": {
             "rope_type": "default",
             "rope_theta": shape.rotary_base,

@@ -268,3 +268,21 @@ def shape_from_hf_config(config: dict[str, Any], **architecture: Any) -> GptShap
         untie_embeddings_and_output_weights=not config.get("tie_word_embeddings", False),
         **architecture,
     )
+
+
+def hf_config_fields(shape: GptShape) -> dict[str, Any]:
+    """Inverse of `shape_from_hf_config`: the shared Llama-family `config.json` fields."""
+    return {
+        "vocab_size": shape.vocab_size,
+        "hidden_size": shape.hidden_size,
+        "intermediate_size": shape.ffn_hidden_size,
+        "num_hidden_layers": shape.num_layers,
+        "num_attention_heads": shape.num_attention_heads,
+        "num_key_value_heads": shape.num_query_groups,
+        "head_dim": shape.kv_channels,
+        "hidden_act": "silu",
+        "max_position_embeddings": shape.max_sequence_length,
+        "rms_norm_eps": shape.layernorm_epsilon,
+        "tie_word_embeddings": not shape.untie_embeddings_and_output_weights,
+        "attention_bias": False,
+    }
