@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from megatron_gate.dashboard.store import STALE_INTERVALS, STALE_MIN_SECONDS
 from megatron_gate.monitor.schema import JSONL_NAME
 
 if TYPE_CHECKING:
@@ -39,6 +41,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: any free)"
     )
     parser.add_argument(
+        "--stale-after",
+        type=float,
+        default=STALE_MIN_SECONDS,
+        metavar="SECONDS",
+        help="mark a run without run_end stale after this long without a record (default "
+        f"{STALE_MIN_SECONDS:g}; a slow run gets {STALE_INTERVALS}x its own logging interval)",
+    )
+    parser.add_argument(
         "--export",
         metavar="REPORT.html",
         type=Path,
@@ -50,32 +60,46 @@ class DashboardArgumentError(ValueError):
     """A bad command-line value, found before anything is read or served."""
 
 
-def _check(args: argparse.Namespace) -> list[Path]:
+def check_run_dirs(raw_dirs: list[str]) -> list[Path]:
+    """The run directories named on the command line (each existing), expanded by `find_run_dirs`."""
     from megatron_gate.dashboard.store import find_run_dirs
 
-    for raw in args.run_dirs:
+    for raw in raw_dirs:
         path = Path(raw)
         if not path.is_dir():
             what = "is not a directory" if path.exists() else "does not exist"
             raise DashboardArgumentError(
-                f"RUN_DIR {raw!r} {what}; pass the directory the monitor writes {JSONL_NAME} into"
+                f"run directory {what} (RUN_DIR {raw}): pass the directory the monitor writes "
+                f"{JSONL_NAME} into"
             )
+    return find_run_dirs(raw_dirs)
+
+
+def _check(args: argparse.Namespace) -> list[Path]:
+    if not (math.isfinite(args.stale_after) and args.stale_after > 0):
+        raise DashboardArgumentError(
+            f"not a positive number of seconds (--stale-after {args.stale_after}): give e.g. 60"
+        )
     if not 0 <= args.port <= 65535:
         raise DashboardArgumentError(
-            f"--port {args.port} is out of range; use 0-65535 (0: any free)"
+            f"port is out of range (--port {args.port}): use 0-65535 (0: any free)"
         )
-    run_dirs = find_run_dirs(args.run_dirs)
+    run_dirs = check_run_dirs(args.run_dirs)
     if args.export is not None:
         if args.export.is_dir():
-            raise DashboardArgumentError(f"--export {args.export} is a directory; give a file name")
+            raise DashboardArgumentError(
+                f"the export target is a directory (--export {args.export}): give a file name"
+            )
         if not args.export.parent.resolve().is_dir():
             raise DashboardArgumentError(
-                f"--export {args.export}: directory {args.export.parent} does not exist"
+                f"the export's directory does not exist (--export {args.export}): "
+                f"create {args.export.parent} first"
             )
         missing = [str(d) for d in run_dirs if not (d / JSONL_NAME).is_file()]
         if missing:
             raise DashboardArgumentError(
-                f"nothing to export: no {JSONL_NAME} in {', '.join(missing)}"
+                f"nothing to export: no {JSONL_NAME} ({', '.join(missing)}): pass run "
+                "directories the monitor has written to"
             )
     return run_dirs
 
@@ -89,8 +113,10 @@ def run_names(run_dirs: list[Path]) -> list[str]:
         for d, n in zip(run_dirs, names, strict=True)
     ]
     if len(set(names)) != len(names):
-        raise DashboardArgumentError(f"two RUN_DIRs name the same run: {sorted(names)}")
-    return [n.replace("/", "-") for n in names]  # names appear in /runs/NAME/ URLs
+        raise DashboardArgumentError(
+            f"two RUN_DIRs name the same run ({', '.join(sorted(names))}): pass each run once"
+        )
+    return [n.replace("/", "-") for n in names]
 
 
 def _is_loopback(host: str) -> bool:
@@ -116,30 +142,46 @@ def run(args: argparse.Namespace) -> int:
     if args.export is not None:
         from megatron_gate.dashboard.export import export_html
 
-        stores = [load_run(d, name=n) for d, n in zip(run_dirs, names, strict=True)]
-        path = export_html(stores, args.export)
+        stores = [
+            load_run(d, name=n, stale_after=args.stale_after)
+            for d, n in zip(run_dirs, names, strict=True)
+        ]
+        try:
+            path = export_html(stores, args.export)
+        except OSError as error:
+            print(
+                f"megatron-gate dashboard: error: cannot write the export (--export "
+                f"{args.export}): {error.strerror or error}; choose a writable location",
+                file=sys.stderr,
+            )
+            return 2
         for store in stores:
             _report_skipped(store)
         print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, opens without network)")
         return 0
     from megatron_gate.dashboard.server import Dashboard, DashboardHTTPServer
 
-    dashboard = Dashboard([RunStore(d, name=n) for d, n in zip(run_dirs, names, strict=True)])
+    dashboard = Dashboard(
+        [
+            RunStore(d, name=n, stale_after=args.stale_after)
+            for d, n in zip(run_dirs, names, strict=True)
+        ]
+    )
     dashboard.start_polling()
     try:
         server = DashboardHTTPServer(dashboard, host=args.host, port=args.port)
     except OSError as error:
         dashboard.stop_polling()
         print(
-            f"megatron-gate dashboard: error: cannot bind {args.host}:{args.port}: {error}; "
-            "pick another --port (0: any free)",
+            f"megatron-gate dashboard: error: cannot bind {args.host}:{args.port} "
+            f"(--host/--port): {error.strerror or error}; pick another --port (0: any free)",
             file=sys.stderr,
         )
         return 2
     if not _is_loopback(args.host):
         print(
-            f"WARNING: --host {args.host} serves the page (and the runs' files) to other "
-            "machines; there is no authentication",
+            f"WARNING: --host {args.host} serves the page (the runs' metrics, not their files) "
+            "to other machines; there is no authentication",
             file=sys.stderr,
         )
     print(

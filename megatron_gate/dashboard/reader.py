@@ -4,12 +4,19 @@ A writer may be in the middle of a line when we read, so a line without its trai
 held back until the next poll (or, with `final=True`, counted as truncated). A line that is not a
 JSON object with a known `kind` is skipped; a warning names the file, line and reason, and the
 per-reason counts are kept for the page to show.
+
+Limits keep memory bounded by the input's good part: a line longer than MAX_LINE_BYTES is
+skipped without being held in memory, nesting deeper than Python's recursion limit is a bad
+line, steps must be integers in [0, 2**53) (exact in the page's JavaScript numbers, and in
+int64), and a non-finite number (`NaN`, `Infinity`, `1e999`) is read as null, so whatever the
+store keeps can be sent to the page as strict JSON.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections import Counter
 from collections.abc import Iterator
@@ -23,6 +30,8 @@ log = logging.getLogger(__name__)
 _SCHEMA_FAMILY = SCHEMA.rsplit("/", 1)[0] + "/"  # "megatron-gate.stability/"
 _MAX_WARNINGS = 20  # per file: a corrupt file must not flood the console
 CHUNK_BYTES = 16 << 20  # read a large file in pieces: its parsed records cost ~3x its size
+MAX_LINE_BYTES = 4 << 20  # a step record of 1,000 layers with histograms is ~0.5 MB
+MAX_STEP = 2**53 - 1  # the largest integer a JavaScript number holds exactly
 
 
 class JsonlTail:
@@ -35,6 +44,7 @@ class JsonlTail:
         self._offset = 0
         self._line_number = 0
         self._pending = b""  # bytes of a line whose newline has not been written yet
+        self._discarding = False  # inside an over-long line: drop bytes up to its newline
         self._file_id: tuple[int, int] | None = None
         self.caught_up = True  # False while a poll stopped at CHUNK_BYTES before the end
 
@@ -47,15 +57,28 @@ class JsonlTail:
 
         `final=True`: the run is over, so a last line without its newline counts as truncated.
         """
-        data = self._read_new_bytes()
-        lines = (self._pending + data).split(b"\n")
-        self._pending = lines.pop()  # b"" when the data ended with a newline
+        lines = self._split(self._read_new_bytes())
         if final and self.caught_up and self._pending.strip():
             lines.append(self._pending)
             self._pending = b""
         records = list(self._parse(lines))
         self.records_read += len(records)
         return records
+
+    def _split(self, data: bytes) -> list[bytes]:
+        """Complete lines of `data` after what was pending; over-long lines are dropped."""
+        if self._discarding:
+            newline = data.find(b"\n")
+            if newline < 0:
+                return []
+            data, self._discarding = data[newline + 1 :], False
+        lines = (self._pending + data).split(b"\n")
+        self._pending = lines.pop()  # b"" when the data ended with a newline
+        if len(self._pending) > MAX_LINE_BYTES:
+            self._pending, self._discarding = b"", True
+            self._line_number += 1
+            self._skip(f"line longer than {MAX_LINE_BYTES} bytes")
+        return lines
 
     def _read_new_bytes(self) -> bytes:
         try:
@@ -70,6 +93,7 @@ class JsonlTail:
                             "%s was replaced or truncated; reading it from the start", self.path
                         )
                     self._file_id, self._offset, self._pending = file_id, 0, b""
+                    self._discarding = False
                 f.seek(self._offset)
                 data = f.read(CHUNK_BYTES)
                 self.caught_up = self._offset + len(data) >= stat.st_size
@@ -84,7 +108,10 @@ class JsonlTail:
             self._line_number += 1
             if not raw.strip():
                 continue
-            record, reason = parse_record(raw)
+            if len(raw) > MAX_LINE_BYTES:
+                record, reason = None, f"line longer than {MAX_LINE_BYTES} bytes"
+            else:
+                record, reason = parse_record(raw)
             if record is None:
                 self._skip(reason)
                 continue
@@ -99,19 +126,42 @@ class JsonlTail:
             log.warning("%s: further skipped lines are only counted", self.path)
 
 
+def _finite_or_none(text: str) -> float | None:
+    value = float(text)
+    return value if math.isfinite(value) else None
+
+
+def loads(raw: bytes | str) -> Any:
+    """`json.loads`, with NaN, Infinity and overflowing numbers read as None."""
+    return json.loads(raw, parse_constant=lambda _name: None, parse_float=_finite_or_none)
+
+
 def parse_record(raw: bytes) -> tuple[dict[str, Any] | None, str]:
     """One JSONL line -> (record, "") or (None, reason it was skipped)."""
     try:
-        record = json.loads(raw)
+        record = loads(raw)
+    except RecursionError:
+        return None, "nested too deeply"
     except (ValueError, UnicodeDecodeError):
         return None, "not valid JSON (truncated or corrupt line)"
     if not isinstance(record, dict):
         return None, "not a JSON object"
     schema = record.get("schema")
     if not isinstance(schema, str) or not schema.startswith(_SCHEMA_FAMILY):
-        return None, f"unknown schema {schema!r} (expected {SCHEMA})"
+        return None, f"unknown schema {_short(schema)} (expected {SCHEMA})"
     if record.get("kind") not in RECORD_KINDS:
-        return None, f"unknown kind {record.get('kind')!r} (expected one of {RECORD_KINDS})"
-    if record["kind"] != "run_start" and not isinstance(record.get("step"), int):
-        return None, f"{record['kind']} record without an integer 'step'"
+        return None, f"unknown kind {_short(record.get('kind'))} (expected one of {RECORD_KINDS})"
+    step = record.get("step")
+    if record["kind"] != "run_start" and not _is_step(step):
+        return None, f"{record['kind']} record without an integer 'step' in [0, {MAX_STEP}]"
     return record, ""
+
+
+def _is_step(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_STEP
+
+
+def _short(value: Any) -> str:
+    """A value for a skip reason: reasons are counted by text, so they must stay few and short."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

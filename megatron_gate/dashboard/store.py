@@ -1,8 +1,15 @@
-"""One run's monitor records as growing columns, and the downsampled view the page asks for."""
+"""One run's monitor records as growing columns, and the downsampled view the page asks for.
+
+Every value that leaves the store is strict JSON (no NaN: the reader already turned non-finite
+numbers into null), so a bad record can cost its own chart points but never the page.
+"""
 
 from __future__ import annotations
 
+import json
+import math
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +31,13 @@ HEATMAP_METRICS: tuple[str, ...] = (
 # Scalars an event marker is drawn on, at the event's step.
 MARKED_SCALARS: tuple[str, ...] = ("loss", "grad_norm", "update_norm")
 MAX_EVENTS = 2000  # the newest events sent to the page; the count says how many there are
+MAX_STORED_EVENTS = 100_000  # the newest events kept in memory
+MAX_LAYERS = 4096  # a larger layer count in a record is treated as corrupt
+STALE_MIN_SECONDS = 60.0  # a running run is stale after max(this, STALE_INTERVALS x its pace)
+STALE_INTERVALS = 10
+# Event fields the table has columns for; any other field is shown under "details".
+EVENT_FIELDS = ("step", "time", "detector", "severity", "metric", "value", "threshold", "layer")
+_MAX_DETAIL_CHARS = 200
 
 
 class _Column:
@@ -68,7 +82,18 @@ class _Batch:
 
 
 def _float(value: Any) -> float:
-    return float(value) if isinstance(value, (int, float)) else float("nan")
+    """A number from a record, NaN for anything else (strings, lists, ints beyond float)."""
+    if not isinstance(value, (int, float)):
+        return float("nan")
+    try:
+        return float(value)
+    except OverflowError:
+        return float("nan")
+
+
+def _finite(value: Any) -> float | None:
+    number = _float(value)
+    return number if math.isfinite(number) else None
 
 
 def _model(run_start: dict[str, Any]) -> dict[str, Any]:
@@ -76,7 +101,7 @@ def _model(run_start: dict[str, Any]) -> dict[str, Any]:
     model = run_start.get("model")
     model = dict(model) if isinstance(model, dict) else {}
     layers = model.get("num_layers")
-    model["num_layers"] = layers if isinstance(layers, int) and 0 < layers < 1_000_000 else 0
+    model["num_layers"] = layers if isinstance(layers, int) and 0 < layers <= MAX_LAYERS else 0
     return model
 
 
@@ -89,13 +114,23 @@ def _layer_row(values: Any, num_layers: int) -> list[float]:
 class RunStore:
     """Everything the page shows about one run directory, updated by `refresh()`."""
 
-    def __init__(self, run_dir: Path | str, *, name: str | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: Path | str,
+        *,
+        name: str | None = None,
+        stale_after: float = STALE_MIN_SECONDS,
+    ) -> None:
+        """`stale_after`: seconds without a record before a running run is marked stale (at
+        least; a slow run gets STALE_INTERVALS times its own pace)."""
         self.run_dir = Path(run_dir)
+        self.stale_min_seconds = stale_after
         self.name = name or self.run_dir.name
         self.tail = JsonlTail(self.run_dir / JSONL_NAME)
         self.start: dict[str, Any] = {}
         self.end: dict[str, Any] | None = None
         self.events: list[dict[str, Any]] = []
+        self.events_total = 0
         self.version = 0  # bumped whenever records arrive; the page refetches when it changes
         self.num_layers = 0
         self._lock = threading.Lock()
@@ -103,6 +138,9 @@ class RunStore:
         self._scalars = {m: _Column(np.float64) for m in SCALARS}
         self._layer_steps = _Column(np.int64)
         self._layers: dict[str, _Column] = {}
+        self._first_time: float | None = None  # of the records read; the run's pace and age
+        self._last_time: float | None = None
+        self._timed_records = 0
 
     def refresh(self, *, final: bool = False) -> int:
         """Read the JSONL's new lines (in chunks); returns how many records arrived."""
@@ -121,18 +159,30 @@ class RunStore:
     def _ingest(self, records: Iterable[dict[str, Any]]) -> None:
         batch = _Batch()
         for record in records:
+            self._note_time(record.get("time"))
             kind = record["kind"]
             if kind == "step":
                 self._add_step(batch, record)
-            elif kind == "event":
-                self.events.append(record)
             elif kind == "run_start":
                 self.start = record
                 self.end = None
                 self.num_layers = self.num_layers or _model(record).get("num_layers", 0)
-            else:
+            elif kind == "run_end":
                 self.end = record
+            else:  # "event", and any kind a newer monitor adds: shown as an event
+                self.events.append(record)
+                self.events_total += 1
+        if len(self.events) > MAX_STORED_EVENTS:
+            del self.events[: len(self.events) - MAX_STORED_EVENTS]
         self._flush(batch)
+
+    def _note_time(self, value: Any) -> None:
+        when = _finite(value)
+        if when is None:
+            return
+        self._first_time = when if self._first_time is None else min(self._first_time, when)
+        self._last_time = when if self._last_time is None else max(self._last_time, when)
+        self._timed_records += 1
 
     def _add_step(self, batch: _Batch, record: dict[str, Any]) -> None:
         step = record["step"]
@@ -141,9 +191,8 @@ class RunStore:
         layers = record.get("layers")
         layers = layers if isinstance(layers, dict) else {}
         if layers and not self.num_layers:
-            self.num_layers = max(
-                (len(v) for v in layers.values() if isinstance(v, list)), default=0
-            )
+            widths = (len(v) for v in layers.values() if isinstance(v, list))
+            self.num_layers = min(max(widths, default=0), MAX_LAYERS)
         last = batch.steps[-1] if batch.steps else self._last_step()
         if last is not None and step <= last:
             # The run went back (a rollback or a restart from a checkpoint): the new records
@@ -182,11 +231,14 @@ class RunStore:
         for column in (self._layer_steps, *self._layers.values()):
             column.truncate(keep)
 
-    def summary(self) -> dict[str, Any]:
-        """Small per-run facts for the status poll and the page's header."""
+    def summary(self, *, now: float | None = None) -> dict[str, Any]:
+        """Small per-run facts for the status poll and the page's header (ages are to `now`)."""
+        now = time.time() if now is None else now
         with self._lock:
             steps = self._steps.values
             model = _model(self.start)
+            status = (self.end or {}).get("status", "running" if self.start else "waiting")
+            age = None if self._last_time is None else max(0.0, now - self._last_time)
             return {
                 "name": self.name,
                 "version": self.version,
@@ -196,11 +248,28 @@ class RunStore:
                 "first_step": int(steps[0]) if len(steps) else None,
                 "last_step": int(steps[-1]) if len(steps) else None,
                 "steps_logged": len(steps),
-                "events": len(self.events),
-                "status": (self.end or {}).get("status", "running" if self.start else "waiting"),
+                "events": self.events_total,
+                "status": status if isinstance(status, str) else "unknown",
+                "last_record_age": age,
+                "stale_after": self._stale_after(),
+                "stale": status == "running" and age is not None and age > self._stale_after(),
+                "latest": {m: self._latest(m) for m in ("loss", "grad_norm")},
                 "skipped_lines": self.tail.skipped_total,
                 "skipped_reasons": dict(self.tail.skipped),
             }
+
+    def _stale_after(self) -> float:
+        """Seconds without a record after which a running run counts as stale."""
+        if self._timed_records < 2 or self._first_time is None or self._last_time is None:
+            return self.stale_min_seconds
+        pace = (self._last_time - self._first_time) / (self._timed_records - 1)
+        return max(self.stale_min_seconds, STALE_INTERVALS * pace)
+
+    def _latest(self, metric: str) -> float | None:
+        """The last logged (non-NaN) value of a scalar."""
+        values = self._scalars[metric].values
+        logged = np.flatnonzero(~np.isnan(values))
+        return rounded(values[logged[-1:]])[0] if len(logged) else None
 
     def view(
         self,
@@ -258,25 +327,44 @@ def _event_view(
     event: dict[str, Any], steps: np.ndarray, scalars: dict[str, _Column]
 ) -> dict[str, Any]:
     """An event's fields plus the marked scalars' values at its step (where its marker sits)."""
-    keys = ("step", "time", "detector", "severity", "metric", "value", "threshold", "layer")
-    view = {k: event.get(k) for k in keys} | {
+    view = {k: event.get(k) for k in EVENT_FIELDS} | {
         "action": event.get("action", "log"),
         "message": event.get("message", ""),
+        "details": _details(event),
     }
+    if event.get("kind") != "event":
+        view["kind"] = event.get("kind")
     index = int(np.searchsorted(steps, event["step"], side="right")) - 1
     view["at"] = {
         metric: (rounded(scalars[metric].values[index : index + 1])[0] if index >= 0 else None)
         for metric in MARKED_SCALARS
     }
     for key in ("value", "threshold"):
-        if isinstance(view[key], float):
-            view[key] = rounded(np.array([view[key]]))[0]
+        if isinstance(view[key], (int, float)) and not isinstance(view[key], bool):
+            view[key] = rounded(np.array([_float(view[key])]))[0]
     return view
 
 
-def load_run(run_dir: Path | str, *, name: str | None = None) -> RunStore:
+def _details(event: dict[str, Any]) -> dict[str, Any]:
+    """The event's fields beyond the table's columns (episode bounds, a newer monitor's extras)."""
+    known = {*EVENT_FIELDS, "schema", "kind", "action", "message"}
+    details = {}
+    for key, value in event.items():
+        if key in known:
+            continue
+        if isinstance(value, float):
+            value = rounded(np.array([value]))[0]
+        elif not isinstance(value, (str, int, bool)) and value is not None:
+            value = json.dumps(value, separators=(",", ":"))
+        if isinstance(value, str) and len(value) > _MAX_DETAIL_CHARS:
+            value = value[: _MAX_DETAIL_CHARS - 3] + "..."
+        details[str(key)[:_MAX_DETAIL_CHARS]] = value
+    return details
+
+
+def load_run(run_dir: Path | str, *, name: str | None = None, **options: Any) -> RunStore:
     """A store holding everything written so far (a last unterminated line counts as truncated)."""
-    store = RunStore(run_dir, name=name)
+    store = RunStore(run_dir, name=name, **options)
     store.refresh(final=True)
     return store
 

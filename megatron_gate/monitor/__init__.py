@@ -15,26 +15,31 @@
 See docs/monitor.md.
 """
 
-from megatron_gate.monitor.actions import Decision, RollbackRequest, StabilityAbort
-from megatron_gate.monitor.config import (
-    DetectorConfig,
-    DetectorsConfig,
-    MonitorConfig,
-    MonitorConfigError,
-    SinksConfig,
-)
-from megatron_gate.monitor.detectors import Event
-from megatron_gate.monitor.monitor import StabilityMonitor
+from __future__ import annotations
 
-__all__ = [
-    "Decision",
-    "DetectorConfig",
-    "DetectorsConfig",
-    "Event",
-    "MonitorConfig",
-    "MonitorConfigError",
-    "RollbackRequest",
-    "SinksConfig",
-    "StabilityAbort",
-    "StabilityMonitor",
-]
+from typing import Any
+
+# The names below pull in torch; `schema` (and the dashboard, `watch` and monitoring/ that read
+# only the schema) must import without it, so they load on first use.
+_LAZY = {
+    "Decision": "megatron_gate.monitor.actions",
+    "RollbackRequest": "megatron_gate.monitor.actions",
+    "StabilityAbort": "megatron_gate.monitor.actions",
+    "DetectorConfig": "megatron_gate.monitor.config",
+    "DetectorsConfig": "megatron_gate.monitor.config",
+    "MonitorConfig": "megatron_gate.monitor.config",
+    "MonitorConfigError": "megatron_gate.monitor.config",
+    "SinksConfig": "megatron_gate.monitor.config",
+    "Event": "megatron_gate.monitor.detectors",
+    "StabilityMonitor": "megatron_gate.monitor.monitor",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'megatron_gate.monitor' has no attribute {name!r}")

@@ -23,7 +23,9 @@ from megatron_gate.dashboard.synthetic import SyntheticRun, write_run
     [
         (["{missing}"], "does not exist"),
         (["{file}"], "is not a directory"),
-        (["{run}", "--port", "70000"], "--port 70000 is out of range"),
+        (["{run}", "--port", "70000"], "port is out of range (--port 70000)"),
+        (["{run}", "--stale-after", "nan"], "(--stale-after nan)"),
+        (["{run}", "--stale-after", "-1"], "(--stale-after -1.0)"),
         (["{run}", "--export", "{tmp}"], "is a directory"),
         (["{run}", "--export", "{tmp}/no/such/dir/r.html"], "does not exist"),
         (["{empty}", "--export", "{tmp}/r.html"], "nothing to export"),
@@ -48,7 +50,8 @@ def test_bad_input_is_refused(
     argv = ["dashboard", *(a.format(**names) for a in extra)]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert message in err and "error" in err
+    assert message in err and err.startswith("megatron-gate dashboard: error: ")
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "r.html").exists()
 
 

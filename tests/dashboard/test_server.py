@@ -5,13 +5,11 @@ from __future__ import annotations
 import gzip
 import http.client
 import json
-import os
 from pathlib import Path
 
 import pytest
 
 from megatron_gate.cli import build_parser
-from megatron_gate.dashboard.server import resolve_inside
 
 
 def _get(server, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict, bytes]:
@@ -60,49 +58,60 @@ def test_page_and_static_files(serve, two_runs: list[Path]) -> None:
     assert _get(server, "/static/dashboard.js")[0] == 200
 
 
-TRAVERSALS = [
+PROBES = [
+    "/runs/baseline/stability.jsonl",  # the old file route: the page never needed it
     "/runs/baseline/../../../../../../etc/passwd",
     "/runs/baseline/%2e%2e/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
-    "/runs/baseline/..%2f..%2f..%2f..%2fetc%2fpasswd",
-    "/runs/baseline//etc/passwd",
-    "/runs/baseline/../gated/stability.jsonl",  # a sibling run, addressed through another
-    "/runs/baseline/",
-    "/runs/nosuchrun/stability.jsonl",
-    "/runs/baseline/outside.txt",  # a symlink pointing out of the run directory
-    "/runs/baseline/stability.jsonl%00.png",
+    "/runs/baseline/checkpoint.pt",
+    "/runs/baseline/.secret",
     "/static/../cli.py",
     "/static/%2e%2e/cli.py",
+    "/static/index.html",
     "/static/index.html/../../cli.py",
+    "/static/plotly.min.js%00.png",
     "/../../../../etc/passwd",
+    "/api/../static/dashboard.js",
+    "/" + "a" * 10_000,
 ]
 
 
-def test_only_files_inside_run_directories_are_served(
-    serve, two_runs: list[Path], tmp_path: Path
-) -> None:
-    secret = tmp_path / "secret.txt"
-    secret.write_text("do not serve me")
-    os.symlink(secret, two_runs[0] / "outside.txt")
-    (two_runs[0] / "tb").mkdir()
-    (two_runs[0] / "tb" / "notes.txt").write_text("inside the run")
+def test_only_the_page_and_its_api_are_served(serve, two_runs: list[Path]) -> None:
+    (two_runs[0] / "checkpoint.pt").write_bytes(b"weights" * 100)
+    (two_runs[0] / ".secret").write_text("do not serve me")
     server = serve(two_runs)
-    for path in TRAVERSALS:
+    for path in PROBES:
         status, _, body = _get(server, path)
-        assert status in (400, 403, 404), path
-        assert b"root:" not in body and b"do not serve me" not in body and b"import" not in body, (
-            path
-        )
-    status, _, body = _get(server, "/runs/baseline/stability.jsonl")
-    assert status == 200 and body == (two_runs[0] / "stability.jsonl").read_bytes()
-    assert _get(server, "/runs/baseline/tb/notes.txt")[2] == b"inside the run"
+        assert status in (400, 404, 414), path
+        assert b"root:" not in body and b"do not serve me" not in body and b"weights" not in body
+        assert b"import" not in body, path
+        if status == 404:
+            assert json.loads(body)["error"].startswith("not found"), path
 
 
-def test_resolve_inside(tmp_path: Path) -> None:
-    (tmp_path / "run" / "sub").mkdir(parents=True)
-    root = tmp_path / "run"
-    assert resolve_inside(root, "sub/x.json") == (root / "sub" / "x.json").resolve()
-    for bad in ("", "..", "../run2/x", "/etc/passwd", "sub/../../x", "a\x00b"):
-        assert resolve_inside(root, bad) is None, bad
+def test_plotly_is_streamed_or_gzipped(serve, two_runs: list[Path]) -> None:
+    server = serve(two_runs)
+    status, headers, plain = _get(server, "/static/plotly.min.js")
+    assert status == 200 and "Content-Encoding" not in headers
+    assert int(headers["Content-Length"]) == len(plain) > 1_000_000
+    _, headers, unzipped = _get(server, "/static/plotly.min.js", {"Accept-Encoding": "gzip"})
+    assert headers["Content-Encoding"] == "gzip" and int(headers["Content-Length"]) < len(plain)
+    assert unzipped == plain
+
+
+def test_server_errors_answer_with_their_message(
+    serve, two_runs: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = serve(two_runs)
+    status, _, body = _get(server, "/api/view?start=nan")
+    assert status == 400 and "start must be a finite number" in json.loads(body)["error"]
+
+    def broken_view(self, **_window):  # an I/O failure while the view is built
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(type(server.dashboard.stores["baseline"]), "view", broken_view)
+    status, _, body = _get(server, "/api/view")
+    assert status == 500 and "Input/output error" in json.loads(body)["error"]
+    assert _get(server, "/api/status")[0] == 200  # the server keeps answering
 
 
 def test_loopback_by_default_and_host_header_checked(serve, two_runs: list[Path]) -> None:
@@ -119,6 +128,6 @@ def test_loopback_by_default_and_host_header_checked(serve, two_runs: list[Path]
 def test_only_get(serve, two_runs: list[Path], method: str) -> None:
     server = serve(two_runs)
     connection = http.client.HTTPConnection(*server.server_address[:2], timeout=10)
-    connection.request(method, "/runs/baseline/stability.jsonl", body=b"x")
+    connection.request(method, "/api/status", body=b"x")
     assert connection.getresponse().status == 501
     connection.close()
