@@ -1,5 +1,6 @@
 // megatron-gate stability dashboard: renders what /api/view returns (or window.DASHBOARD_DATA in an
 // exported file) with plotly.js, and polls /api/status every 2 s for new records.
+// Every chart shares one step axis: the same x range is set on all of them, zoom included.
 "use strict";
 (function () {
   const LINE_CHARTS = [
@@ -9,14 +10,18 @@
     { metric: "learning_rate", title: "Learning rate", log: false },
   ];
   const HEATMAPS = [
-    // max |h| spans decades (massive activations): coloured by log10, one scale for all runs.
-    { metric: "max_abs_residual", title: "log10 max |h|, residual stream", log: true,
-      colorscale: "YlOrRd" },
+    // max |h| spans decades (massive activations): coloured by log10, labelled in real values,
+    // one scale for all runs.
+    { metric: "max_abs_residual", title: "max |h|, residual stream", log: true,
+      colorscale: "YlOrRd", reversescale: true },
     { metric: "first_token_attention_share", title: "first-token attention share", zmin: 0,
       zmax: 1, colorscale: "Viridis" },
+    // A sequential scale without grey: grey reads as "not logged".
     { metric: "gate_sparsity", title: "gate sparsity (share < 0.1)", zmin: 0, zmax: 1,
-      colorscale: "Cividis" },
+      colorscale: "YlGnBu", reversescale: true },
   ];
+  const HEATMAP_METRICS = new Set(HEATMAPS.map((h) => h.metric));
+  const LINE_EVENT_METRICS = new Set(["grad_norm", "update_norm"]); // on their own chart
   const RUN_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf",
     "#8c564b", "#e377c2"];
   const SEVERITY_COLORS = { info: "#1f77b4", warning: "#ff7f0e", critical: "#d62728" };
@@ -25,11 +30,14 @@
   const POLL_MS = 2000;
   const MAX_TABLE_ROWS = 500;
   const PLOT_CONFIG = { responsive: true, displaylogo: false };
+  // The same margins on every chart, so that step N sits at the same x pixel on all of them
+  // (the right margin holds the heatmaps' colour bars).
+  const MARGIN = { l: 64, r: 96, t: 34, b: 36 };
 
   const exported = window.DASHBOARD_DATA || null;
   const state = { start: null, end: null, versions: "", inFlight: false, pending: false,
-    syncing: false, runNames: [] };
-  window.dashboardRenders = 0; // read by the browser test
+    syncing: false, data: null, filters: { run: "", severity: "", detector: "" } };
+  window.dashboardRenders = 0; // read by the browser tests
 
   function runColor(i) { return RUN_COLORS[i % RUN_COLORS.length]; }
 
@@ -45,6 +53,44 @@
     return typeof v === "number" ? Number(v.toPrecision(4)).toString() : String(v);
   }
 
+  function fmtAge(seconds) {
+    if (seconds === null || seconds === undefined) return "no record yet";
+    if (seconds < 90) return `${Math.round(seconds)} s ago`;
+    if (seconds < 5400) return `${Math.round(seconds / 60)} min ago`;
+    if (seconds < 172800) return `${(seconds / 3600).toFixed(1)} h ago`;
+    return `${Math.round(seconds / 86400)} days ago`;
+  }
+
+  function fmtDetails(details) {
+    return Object.entries(details || {}).map(([k, v]) => `${k}=${fmt(v)}`).join("  ");
+  }
+
+  // ---- banner: the server's own message, visible until the next good answer ----
+  function showError(message) {
+    const banner = document.getElementById("error-banner");
+    banner.textContent = message;
+    banner.hidden = false;
+  }
+
+  function clearError() { document.getElementById("error-banner").hidden = true; }
+
+  async function getJson(url) {
+    let response;
+    try {
+      response = await fetch(url);
+    } catch (error) {
+      throw new Error(`server unreachable (${error.message}); is megatron-gate dashboard still running?`);
+    }
+    let body = null;
+    try { body = await response.json(); } catch (_) { /* not JSON: reported below */ }
+    if (!response.ok) {
+      const message = body && body.error ? body.error : response.statusText;
+      throw new Error(`server error ${response.status}: ${message}`);
+    }
+    if (body === null) throw new Error(`server sent an unreadable answer for ${url}`);
+    return body;
+  }
+
   // ---- header: one chip per run ----
   function renderRuns(status) {
     const box = document.getElementById("runs");
@@ -53,34 +99,78 @@
       const chip = el("div", { class: "run", "data-run": run.name });
       const swatch = el("span", { class: "swatch" });
       swatch.style.background = runColor(i);
-      chip.append(swatch, el("b", {}, run.name), " · ");
-      chip.append(el("span", { class: "status-" + run.status }, run.status));
-      chip.append(` · step ${run.last_step ?? "–"} · ${run.steps_logged} steps logged · ` +
-        `${run.num_layers} layers · ${run.events} events`);
+      chip.append(swatch, el("b", {}, run.name), " ");
+      chip.append(el("span", { class: "badge status-" + run.status }, run.status));
+      if (run.stale) {
+        chip.append(" ", el("span", { class: "badge stale",
+          title: `no record for over ${fmt(run.stale_after)} s and no run_end: the run may ` +
+            "hang or have died" }, "stale"));
+      }
+      const latest = run.latest || {};
+      chip.append(el("span", { class: "latest" },
+        ` step ${run.last_step ?? "–"} · loss ${fmt(latest.loss) || "–"} · ` +
+        `grad norm ${fmt(latest.grad_norm) || "–"}`));
+      chip.append(el("span", { class: "age" }, ` · last record ${fmtAge(run.last_record_age)}`));
+      chip.append(el("span", { class: "muted" },
+        ` · ${run.num_layers} layers · ${run.events} events`));
       if (run.skipped_lines > 0) {
         const reasons = Object.entries(run.skipped_reasons).map(([r, n]) => `${n}× ${r}`);
         chip.append(el("span", { class: "warn", title: reasons.join("\n") },
-          `⚠ ${run.skipped_lines} malformed line(s) skipped`));
+          ` ⚠ ${run.skipped_lines} malformed line(s) skipped`));
       }
       box.append(chip);
     });
-    const when = new Date(status.time * 1000).toLocaleTimeString();
+    const when = new Date(status.time * 1000);
     document.getElementById("updated").textContent =
-      exported ? `exported ${new Date(status.time * 1000).toLocaleString()}` : `live · updated ${when}`;
+      exported ? `exported ${when.toLocaleString()}` : `live · updated ${when.toLocaleTimeString()}`;
   }
 
-  // ---- line charts: runs overlaid, events as markers ----
-  // An event sits on the chart of its own metric; events of other metrics (per-layer
-  // detectors, NaN/Inf) sit on the loss curve.
-  const OWN_CHART = new Set(["grad_norm", "update_norm"]);
+  // ---- the shared step axis ----
+  function dataExtent(data) {
+    let lo = Infinity, hi = -Infinity;
+    const take = (xs) => { if (xs.length) { lo = Math.min(lo, xs[0]); hi = Math.max(hi, xs[xs.length - 1]); } };
+    data.runs.forEach((run) => {
+      Object.values(run.scalars).forEach((s) => take(s.x));
+      Object.values(run.heatmaps).forEach((h) => take(h.x));
+    });
+    if (!(lo <= hi)) return null;
+    return lo === hi ? [lo - 0.5, hi + 0.5] : [lo, hi];
+  }
 
-  function eventTrace(run, i, metric) {
-    const onThisChart = (e) => (OWN_CHART.has(e.metric) ? e.metric === metric : metric === "loss");
-    const events = run.events.filter((e) => onThisChart(e) && e.at && e.at[metric] !== null);
+  function stepRange(data) {
+    if (state.start !== null && state.end !== null) return [state.start, state.end];
+    return dataExtent(data);
+  }
+
+  function xaxis(range) {
+    // The axis' own uirevision follows the range, so that plotly applies the range we set
+    // rather than keeping a zoom the user made before it.
+    return range ? { title: { text: "step" }, range: range.slice(), autorange: false,
+      uirevision: range.join(":") } : { title: { text: "step" } };
+  }
+
+  // ---- where an event's marker goes ----
+  function eventHeatmap(e) {
+    if (!Number.isInteger(e.layer)) return null;
+    return HEATMAP_METRICS.has(e.metric) ? e.metric : "max_abs_residual";
+  }
+
+  function eventLineChart(e) {
+    if (eventHeatmap(e) !== null) return null;
+    return LINE_EVENT_METRICS.has(e.metric) ? e.metric : "loss";
+  }
+
+  function eventText(e) {
+    const kind = e.kind ? ` [${e.kind}]` : "";
+    const details = fmtDetails(e.details);
+    return `${e.detector}${kind} (${e.severity}) → ${e.action}<br>${e.message}` +
+      (details ? `<br>${details}` : "");
+  }
+
+  function markerTrace(run, i, events, x, y) {
     return {
       type: "scatter", mode: "markers", name: `${run.name} events`, legendgroup: run.name,
-      x: events.map((e) => e.step), y: events.map((e) => e.at[metric]),
-      text: events.map((e) => `${e.detector} (${e.severity}) → ${e.action}<br>${e.message}`),
+      x, y, text: events.map(eventText),
       hovertemplate: "step %{x}<br>%{text}<extra>" + run.name + "</extra>",
       marker: { size: 11, line: { width: 2, color: runColor(i) },
         color: events.map((e) => SEVERITY_COLORS[e.severity] || "#444"),
@@ -89,7 +179,14 @@
     };
   }
 
-  function renderLines(data) {
+  // ---- line charts: runs overlaid, whole-model events as markers ----
+  function lineEventTrace(run, i, metric) {
+    const events = run.events.filter((e) => eventLineChart(e) === metric && e.at &&
+      e.at[metric] !== null && e.at[metric] !== undefined);
+    return markerTrace(run, i, events, events.map((e) => e.step), events.map((e) => e.at[metric]));
+  }
+
+  function renderLines(data, range) {
     LINE_CHARTS.forEach((chart) => {
       const traces = [];
       data.runs.forEach((run, i) => {
@@ -98,21 +195,20 @@
         traces.push({ type: "scatter", mode: "lines", name: run.name, legendgroup: run.name,
           x: series.x, y: series.y, line: { color: runColor(i), width: 1.4 },
           hovertemplate: "step %{x}<br>%{y:.4g}<extra>" + run.name + "</extra>" });
-        if (chart.metric !== "learning_rate") traces.push(eventTrace(run, i, chart.metric));
+        if (chart.metric !== "learning_rate") traces.push(lineEventTrace(run, i, chart.metric));
       });
       const layout = {
         title: { text: chart.title, font: { size: 14 }, x: 0.02 },
-        margin: { l: 60, r: 16, t: 36, b: 36 }, uirevision: "keep",
-        xaxis: { title: { text: "step" } },
+        margin: MARGIN, uirevision: "keep", xaxis: xaxis(range),
         yaxis: chart.log ? { type: "log", dtick: 1, exponentformat: "power" } : { type: "linear" },
-        legend: { orientation: "h", y: 1.12, x: 0.3, xanchor: "left" },
+        legend: { orientation: "h", y: 1.14, x: 0.3, xanchor: "left" },
         paper_bgcolor: "#fff", plot_bgcolor: "#fff",
       };
       Plotly.react("chart-" + chart.metric, traces, layout, PLOT_CONFIG);
     });
   }
 
-  // ---- per-layer heatmaps, one row per run ----
+  // ---- per-layer heatmaps, full width, one block per run ----
   function heatmapDiv(runIndex, metric) {
     const id = `heat-${runIndex}-${metric}`;
     let div = document.getElementById(id);
@@ -122,7 +218,7 @@
         row = el("div", { id: `heatrow-${runIndex}`, class: "heatrow" });
         document.getElementById("heatmaps").append(row);
       }
-      div = el("div", { id, class: "chart" });
+      div = el("div", { id, class: "chart heatmap" });
       row.append(div);
     }
     return div;
@@ -130,7 +226,7 @@
 
   function log10Grid(z) { return z.map((row) => row.map((v) => (v > 0 ? Math.log10(v) : null))); }
 
-  function sharedRange(data, metric) {
+  function sharedLogRange(data, metric) {
     let lo = Infinity, hi = -Infinity;
     data.runs.forEach((run) => {
       const map = run.heatmaps[metric];
@@ -139,71 +235,139 @@
         if (v > 0) { const l = Math.log10(v); if (l < lo) lo = l; if (l > hi) hi = l; }
       }));
     });
-    return lo <= hi ? [lo, hi] : [undefined, undefined];
+    if (!(lo <= hi)) return [undefined, undefined];
+    return lo === hi ? [lo - 0.5, hi + 0.5] : [lo, hi];
+  }
+
+  // Colour-bar ticks of a log10 scale, labelled with the real values (10, 100, 1k, ...).
+  function realValueTicks([lo, hi]) {
+    if (lo === undefined) return {};
+    const first = Math.ceil(lo), last = Math.floor(hi);
+    const step = Math.max(1, Math.ceil((last - first + 1) / 8));
+    const tickvals = [];
+    for (let k = first; k <= last; k += step) tickvals.push(k);
+    if (!tickvals.length) tickvals.push((lo + hi) / 2);
+    const ticktext = tickvals.map((k) => {
+      const v = Math.pow(10, k);
+      if (v >= 1e3 && v < 1e15) {
+        const units = [[1e12, "T"], [1e9, "G"], [1e6, "M"], [1e3, "k"]];
+        const [scale, unit] = units.find(([s]) => v >= s);
+        return Number((v / scale).toPrecision(3)) + unit;
+      }
+      return Number(v.toPrecision(3)).toString();
+    });
+    return { tickvals, ticktext };
   }
 
   function heatmapLabel(runIndex, name) {
     let label = document.getElementById(`heatlabel-${runIndex}`);
     if (!label) {
       label = el("h3", { id: `heatlabel-${runIndex}`, class: "heatlabel" });
-      document.getElementById("heatmaps").append(label);
+      const row = document.getElementById(`heatrow-${runIndex}`);
+      document.getElementById("heatmaps").insertBefore(label, row);
     }
     label.textContent = name;
     label.style.color = runColor(runIndex);
   }
 
-  function renderHeatmaps(data) {
-    const logRange = sharedRange(data, "max_abs_residual");
+  function heatmapTrace(h, map, logRange) {
+    const layers = map.z.map((_, l) => l + 1);
+    const [zmin, zmax] = h.log ? logRange : [h.zmin, h.zmax];
+    return { type: "heatmap", x: map.x, y: layers, z: h.log ? log10Grid(map.z) : map.z,
+      customdata: map.z, colorscale: h.colorscale, reversescale: !!h.reversescale, zmin, zmax,
+      colorbar: { thickness: 10, x: 1.01, xanchor: "left", xpad: 4,
+        ...(h.log ? realValueTicks(logRange) : {}) },
+      hovertemplate: "step ≥ %{x}<br>layer %{y}<br>max %{customdata:.4g}<extra></extra>" };
+  }
+
+  function renderHeatmaps(data, range) {
+    const logRange = sharedLogRange(data, "max_abs_residual");
     data.runs.forEach((run, i) => {
-      heatmapLabel(i, run.name);
       HEATMAPS.forEach((h) => {
         const div = heatmapDiv(i, h.metric);
         const map = run.heatmaps[h.metric];
-        const title = { text: h.title, font: { size: 13 }, x: 0.02 };
-        const layout = { title, margin: { l: 50, r: 10, t: 34, b: 36 }, uirevision: "keep",
-          xaxis: { title: { text: "step" } }, yaxis: { title: { text: "layer" } },
+        const layout = { title: { text: h.title, font: { size: 13 }, x: 0.02 }, margin: MARGIN,
+          uirevision: "keep", xaxis: xaxis(range), yaxis: { title: { text: "layer" } },
           paper_bgcolor: "#fff" };
         if (!map) {
           layout.annotations = [{ text: "not logged for this run", showarrow: false,
             xref: "paper", yref: "paper", x: 0.5, y: 0.5 }];
-          layout.xaxis.visible = false; layout.yaxis.visible = false;
+          layout.yaxis.visible = false;
           Plotly.react(div, [], layout, PLOT_CONFIG);
           return;
         }
-        const layers = map.z.map((_, l) => l + 1);
-        const [zmin, zmax] = h.log ? logRange : [h.zmin, h.zmax];
-        const trace = { type: "heatmap", x: map.x, y: layers, z: h.log ? log10Grid(map.z) : map.z,
-          customdata: map.z, colorscale: h.colorscale, reversescale: h.log, zmin, zmax,
-          colorbar: { thickness: 10 },
-          hovertemplate: "step ≥ %{x}<br>layer %{y}<br>max %{customdata:.4g}<extra></extra>" };
-        Plotly.react(div, [trace], layout, PLOT_CONFIG);
+        const events = run.events.filter((e) => eventHeatmap(e) === h.metric);
+        const markers = markerTrace(run, i, events, events.map((e) => e.step),
+          events.map((e) => e.layer));
+        markers.name = `${run.name} layer events`;
+        Plotly.react(div, [heatmapTrace(h, map, logRange), markers], layout, PLOT_CONFIG);
       });
+      heatmapLabel(i, run.name);
     });
   }
 
-  // ---- events table ----
-  function renderEvents(data) {
+  // ---- events table: severity badge, filters, click a row to zoom to its step ----
+  function eventRows(data) {
     const rows = [];
     data.runs.forEach((run) => run.events.forEach((e) => rows.push([run.name, e])));
     rows.sort((a, b) => b[1].step - a[1].step);
+    return rows;
+  }
+
+  function fillFilter(id, values) {
+    const select = document.getElementById(id);
+    const key = select.dataset.filter;
+    const current = state.filters[key];
+    const options = [el("option", { value: "" }, `all ${key === "severity" ? "severities" : key + "s"}`)];
+    [...new Set(values)].sort().forEach((v) => options.push(el("option", { value: v }, v)));
+    select.replaceChildren(...options);
+    select.value = [...select.options].some((o) => o.value === current) ? current : "";
+    state.filters[key] = select.value;
+  }
+
+  function renderEvents(data) {
+    const rows = eventRows(data);
+    fillFilter("filter-run", rows.map(([name]) => name));
+    fillFilter("filter-severity", rows.map(([, e]) => String(e.severity)));
+    fillFilter("filter-detector", rows.map(([, e]) => String(e.detector)));
+    const f = state.filters;
+    const shown = rows.filter(([name, e]) => (!f.run || name === f.run) &&
+      (!f.severity || String(e.severity) === f.severity) &&
+      (!f.detector || String(e.detector) === f.detector));
     const total = data.runs.reduce((n, run) => n + run.events_in_range, 0);
-    document.getElementById("events-count").textContent =
-      `${total} in view` + (rows.length > MAX_TABLE_ROWS ? `, newest ${MAX_TABLE_ROWS} shown` : "");
+    document.getElementById("events-count").textContent = `${total} in view` +
+      (shown.length !== rows.length ? `, ${shown.length} match the filters` : "") +
+      (shown.length > MAX_TABLE_ROWS ? `, newest ${MAX_TABLE_ROWS} shown` : "");
     const body = document.querySelector("#events tbody");
-    body.replaceChildren(...rows.slice(0, MAX_TABLE_ROWS).map(([name, e]) => {
-      const tr = el("tr", { class: "sev-" + e.severity });
-      [name, e.step, e.severity, e.detector, e.metric, e.layer, e.value, e.threshold, e.action,
-        e.message].forEach((v, k) => tr.append(el("td", typeof v === "number" && k !== 0 ?
-        { class: "num" } : {}, fmt(v))));
-      return tr;
-    }));
+    body.replaceChildren(...shown.slice(0, MAX_TABLE_ROWS).map(([name, e]) => eventRow(name, e)));
+  }
+
+  function eventRow(name, e) {
+    const tr = el("tr", { "data-step": e.step, title: "click: zoom every chart to this step" });
+    const cell = (v, numeric) => tr.append(el("td", numeric ? { class: "num" } : {}, fmt(v)));
+    cell(name);
+    cell(e.step, true);
+    const severity = el("td");
+    severity.append(el("span", { class: "badge sev-" + e.severity }, e.severity));
+    tr.append(severity);
+    cell(e.kind ? `${e.detector} · ${e.kind}` : e.detector);
+    cell(e.metric);
+    cell(e.layer, true);
+    cell(e.value, true);
+    cell(e.threshold, true);
+    cell(e.action);
+    cell(e.message);
+    cell(fmtDetails(e.details));
+    tr.addEventListener("click", () => zoomTo(e.step));
+    return tr;
   }
 
   function render(data) {
-    state.runNames = data.runs.map((r) => r.name);
+    state.data = data;
+    const range = stepRange(data);
     renderRuns(data.status);
-    renderLines(data);
-    renderHeatmaps(data);
+    renderLines(data, range);
+    renderHeatmaps(data, range);
     renderEvents(data);
     window.dashboardRenders += 1;
   }
@@ -211,22 +375,38 @@
   // ---- zoom: every chart follows, the server sends detail for the range ----
   function allCharts() { return Array.from(document.querySelectorAll(".chart")).filter((d) => d.data); }
 
+  function applyRange(range, except) {
+    state.syncing = true;
+    const update = { "xaxis.range": range.slice(), "xaxis.autorange": false };
+    return Promise.all(allCharts().filter((d) => d !== except).map((d) => Plotly.relayout(d, update)))
+      .finally(() => { state.syncing = false; });
+  }
+
+  function setWindow(start, end, source) {
+    state.start = start; state.end = end;
+    const range = start === null ? (state.data && dataExtent(state.data)) : [start, end];
+    const synced = range ? applyRange(range, start === null ? null : source) : Promise.resolve();
+    if (!exported) synced.then(fetchView);
+    return synced;
+  }
+
+  function zoomTo(step) {
+    const extent = (state.data && dataExtent(state.data)) || [step - 10, step + 10];
+    const current = stepRange(state.data) || extent;
+    const half = Math.max(5, (current[1] - current[0]) / 10);
+    return setWindow(step - half, step + half, null);
+  }
+  window.dashboardZoomTo = zoomTo; // for the browser tests
+
   function onRelayout(source, event) {
     if (state.syncing) return;
-    let start = null, end = null;
     if (event["xaxis.range[0]"] !== undefined) {
-      start = event["xaxis.range[0]"]; end = event["xaxis.range[1]"];
+      setWindow(event["xaxis.range[0]"], event["xaxis.range[1]"], source);
     } else if (event["xaxis.range"]) {
-      [start, end] = event["xaxis.range"];
-    } else if (!event["xaxis.autorange"]) {
-      return; // not an x-axis change
+      setWindow(event["xaxis.range"][0], event["xaxis.range"][1], source);
+    } else if (event["xaxis.autorange"]) {
+      setWindow(null, null, source); // double-click: the whole run, on every chart alike
     }
-    state.start = start; state.end = end;
-    state.syncing = true;
-    const update = start === null ? { "xaxis.autorange": true } : { "xaxis.range": [start, end] };
-    Promise.all(allCharts().filter((d) => d !== source).map((d) => Plotly.relayout(d, update)))
-      .finally(() => { state.syncing = false; });
-    if (!exported) fetchView();
   }
 
   function attachZoom() {
@@ -234,6 +414,15 @@
       if (div.dataset.zoomAttached) return;
       div.dataset.zoomAttached = "1";
       div.on("plotly_relayout", (event) => onRelayout(div, event));
+    });
+  }
+
+  function attachFilters() {
+    document.querySelectorAll("select[data-filter]").forEach((select) => {
+      select.addEventListener("change", () => {
+        state.filters[select.dataset.filter] = select.value;
+        if (state.data) renderEvents(state.data);
+      });
     });
   }
 
@@ -251,13 +440,13 @@
       const size = requestSize();
       const params = new URLSearchParams({ points: size.points, heatmap: size.heatmap });
       if (state.start !== null) { params.set("start", state.start); params.set("end", state.end); }
-      const response = await fetch("api/view?" + params);
-      const data = await response.json();
+      const data = await getJson("api/view?" + params);
       state.versions = data.status.runs.map((r) => r.version).join(",");
       render(data);
       attachZoom();
+      clearError();
     } catch (error) {
-      document.getElementById("updated").textContent = "server unreachable: " + error;
+      showError(error.message);
     } finally {
       state.inFlight = false;
       if (state.pending) { state.pending = false; fetchView(); }
@@ -266,14 +455,20 @@
 
   async function poll() {
     try {
-      const status = await (await fetch("api/status")).json();
+      const status = await getJson("api/status");
       const versions = status.runs.map((r) => r.version).join(",");
-      if (versions !== state.versions) fetchView(); else renderRuns(status);
+      if (versions !== state.versions) {
+        fetchView();
+      } else {
+        renderRuns(status);
+        clearError();
+      }
     } catch (error) {
-      document.getElementById("updated").textContent = "server unreachable: " + error;
+      showError(error.message);
     }
   }
 
+  attachFilters();
   if (exported) {
     render(exported);
     attachZoom();
