@@ -13,6 +13,7 @@ FLOOR_TESTS=(tests/test_gate_op.py tests/test_layout.py tests/test_attention.py 
 
 py=$(scripts/setup.sh 3.12)
 if [ -x scripts/ensure_chromium.sh ]; then scripts/ensure_chromium.sh || true; fi
+if [ -x scripts/ensure_prometheus.sh ]; then scripts/ensure_prometheus.sh >/dev/null || true; fi
 echo "== ruff =="
 "$py" -m ruff check .
 echo "== primary leg: $("$py" -c 'import sys, importlib.metadata as m; print("Python %d.%d" % sys.version_info[:2], "megatron-core", m.version("megatron-core"))') =="

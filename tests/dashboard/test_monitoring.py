@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from megatron_gate.dashboard.synthetic import SyntheticRun
 from megatron_gate.monitor.config import DetectorsConfig
@@ -23,7 +24,8 @@ from megatron_gate.monitor.schema import SEVERITIES
 from megatron_gate.monitor.sinks.prometheus import PrometheusSink
 from megatron_gate.monitor.sinks.tensorboard import TensorBoardSink
 
-MONITORING = Path(__file__).resolve().parents[2] / "monitoring"
+ROOT = Path(__file__).resolve().parents[2]
+MONITORING = ROOT / "monitoring"
 SELECTOR = re.compile(r"\b(megatron_gate_[a-z0-9_]+)\b(\{[^}]*\})?")
 MATCHER = re.compile(r'(\w+)\s*(=~|!~|!=|=)\s*"([^"]*)"')
 SCRAPE_LABELS = {"job", "instance"}  # added by Prometheus at scrape time
@@ -55,7 +57,7 @@ def _records_with_every_detector() -> list[dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def exposition() -> dict[str, list[dict[str, str]]]:
+def exposition(exposition_text: str) -> dict[str, list[dict[str, str]]]:
     """The exporter's /metrics after those records: metric name -> label sets of its series."""
     records = _records_with_every_detector()
     detectors = {r["detector"] for r in records if r["kind"] == "event"}
@@ -63,24 +65,30 @@ def exposition() -> dict[str, list[dict[str, str]]]:
         "loss_spike", "grad_norm_spike", "update_norm_spike", "nan_or_inf",
         "massive_activation", "attention_sink", "attention_logit_growth",
     }  # fmt: skip
+    text = exposition_text
+    return _series(text)
+
+
+def _series(text: str) -> dict[str, list[dict[str, str]]]:
+    """Exposition text -> metric name -> label sets of its series (parsed by prometheus-client)."""
+    series: dict[str, list[dict[str, str]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            series.setdefault(sample.name, []).append(dict(sample.labels))
+    return series
+
+
+@pytest.fixture(scope="module")
+def exposition_text() -> str:
+    """The exporter's /metrics text after a run in which every detector fired."""
     sink = PrometheusSink(host="127.0.0.1", port=0)
     try:
-        for record in records:
+        for record in _records_with_every_detector():
             sink.write(record)
         with urllib.request.urlopen(sink.url, timeout=10) as response:
-            text = response.read().decode()
+            return response.read().decode()
     finally:
         sink.close()
-    series: dict[str, list[dict[str, str]]] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        name, _, rest = (
-            line.partition("{") if "{" in line.split(" ")[0] else (line.split(" ")[0], "", "")
-        )
-        labels = {k: v for k, _, v in MATCHER.findall(rest.partition("}")[0])}
-        series.setdefault(name, []).append(labels)
-    return series
 
 
 def _matches(labels: dict[str, str], matchers: list[tuple[str, str, str]]) -> bool:
@@ -168,17 +176,86 @@ def test_alert_rules_query_exported_metrics(exposition) -> None:
     assert "megatron_gate_first_token_attention_share" in covered  # attention sink
 
 
-def test_alert_rules_with_promtool() -> None:
+def _promtool() -> str:
     promtool = shutil.which("promtool")
     if promtool is None:
-        pytest.skip(
-            "promtool not installed (apt-get install prometheus); rules checked by the test above"
-        )
+        subprocess.run([str(ROOT / "scripts" / "ensure_prometheus.sh")], capture_output=True,
+                       timeout=600, check=False)  # fmt: skip
+        promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (scripts/ensure_prometheus.sh could not install it)")
+    return promtool
+
+
+def test_alert_rules_with_promtool() -> None:
+    promtool = _promtool()
     for command in ("check", "test"):
         target = "prometheus_alerts.yml" if command == "check" else "prometheus_alerts_test.yml"
         result = subprocess.run([promtool, command, "rules", target], cwd=MONITORING,
                                 capture_output=True, text=True, timeout=60)  # fmt: skip
         assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _input_series(text: str) -> list[dict[str, str]]:
+    """promtool input series: the exporter's samples as scraped once a minute for 30 minutes.
+
+    Counters read 0 on the first scrape and their value after it, so `increase()` sees the events.
+    """
+    series = []
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if not sample.name.startswith("megatron_gate_") or sample.name.endswith("_created"):
+                continue
+            labels = {"job": "train", "instance": "run", **sample.labels}
+            body = ",".join(f'{k}="{v}"' for k, v in labels.items() if v != "")
+            value = sample.value
+            if value != value:  # NaN: not a value promtool's series notation takes
+                continue
+            value_text = "Inf" if value == float("inf") else repr(value)
+            values = f"0 {value_text}x29" if family.type == "counter" else f"{value_text}x30"
+            series.append({"series": f"{sample.name}{{{body}}}", "values": values})
+    return series
+
+
+_THRESHOLD = re.compile(r"\s*(>|<|==|!=|>=|<=)\s*[-+0-9.e]+\s*$")
+
+
+def _as_promql(expr: str) -> str:
+    """An expression with Grafana's variables filled in as "every run" and its final threshold
+    comparison dropped (the thresholds are promtool-tested by prometheus_alerts_test.yml; here
+    what matters is that the real series reach every aggregation)."""
+    expr = expr.strip().replace("$instance", ".*").replace("$__rate_interval", "5m")
+    return _THRESHOLD.sub("", expr)
+
+
+def test_every_query_answers_in_prometheus(exposition_text: str, tmp_path: Path) -> None:
+    """Prometheus' own engine (promtool) evaluates every Grafana query and alert expression over
+    what the real exporter serves: each must return at least one series."""
+    promtool = _promtool()
+    dashboard = json.loads((MONITORING / "grafana_dashboard.json").read_text())
+    rules = yaml.safe_load((MONITORING / "prometheus_alerts.yml").read_text())
+    exprs = [e for e in _grafana_expressions(dashboard) if not e.startswith("label_values")]
+    exprs += [rule["expr"] for group in rules["groups"] for rule in group["rules"]]
+    tests = [
+        {"expr": f"count({_as_promql(expr)}) > bool 0", "eval_time": "2m",
+         "exp_samples": [{"labels": "{}", "value": 1}]}
+        for expr in exprs
+    ]  # fmt: skip
+    spec = {
+        "rule_files": [],
+        "evaluation_interval": "1m",
+        "tests": [
+            {"interval": "1m", "input_series": _input_series(exposition_text),
+             "promql_expr_test": tests}
+        ],
+    }  # fmt: skip
+    (tmp_path / "queries_test.yml").write_text(yaml.safe_dump(spec))
+    result = subprocess.run([promtool, "test", "rules", "queries_test.yml"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    lint = subprocess.run([promtool, "check", "metrics"], input=exposition_text,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert lint.returncode == 0, lint.stdout + lint.stderr
 
 
 def test_tensorboard_layout_matches_written_tags(tmp_path: Path) -> None:

@@ -1,17 +1,15 @@
-"""Sinks: JSONL lines, TensorBoard tags, the Prometheus exporter, the console table."""
+"""Sinks: JSONL lines, TensorBoard tags, the console table (Prometheus, W&B: their own files)."""
 
 from __future__ import annotations
 
 import io
 import json
-import urllib.request
 from pathlib import Path
 
 from megatron_gate.monitor import schema
 from megatron_gate.monitor.sinks import (
     ConsoleSink,
     JsonlSink,
-    PrometheusSink,
     SinkGroup,
     TensorBoardSink,
     read_records,
@@ -72,24 +70,6 @@ def test_tensorboard_tags(tmp_path: Path) -> None:
     } <= tags
     assert "stability/layer_02/max_abs_residual" not in tags  # None is not written
     assert accumulator.Scalars("stability/loss")[0].step == 7
-
-
-def test_prometheus_exporter() -> None:
-    sink = PrometheusSink(host="127.0.0.1", port=0)
-    try:
-        sink.write(STEP)
-        sink.write(EVENT)
-        body = urllib.request.urlopen(sink.url, timeout=5).read().decode()
-    finally:
-        sink.close()
-    assert f"{schema.prometheus_name('loss')} 2.5" in body
-    assert f'{schema.prometheus_name("max_abs_residual")}{{layer="1"}} 3.0' in body
-    assert f"{schema.prometheus_name('grad_norm')} +Inf" in body
-    assert f"{schema.PROMETHEUS_LAST_STEP} 7.0" in body
-    assert (
-        f'{schema.PROMETHEUS_EVENTS_TOTAL}{{detector="loss_spike",severity="warning"}} 1.0' in body
-    )
-    assert "# TYPE megatron_gate_loss gauge" in body
 
 
 def test_console_table_and_group() -> None:

@@ -1,101 +1,107 @@
-"""Prometheus exporter (optional): a tiny stdlib HTTP server serving the latest gauges.
+"""Prometheus exporter (optional), on the standard `prometheus-client` library.
 
-`GET /metrics` returns the text exposition format: one gauge per scalar
-(`megatron_gate_loss`), per-layer gauges with a `layer` label
-(`megatron_gate_max_abs_residual{layer="3"}`), `megatron_gate_step`, and the counter
-`megatron_gate_events_total{detector=...,severity=...}`. Binds 127.0.0.1 by default.
+`GET /metrics` serves one gauge per scalar (`megatron_gate_loss`), per-layer gauges with a
+`layer` label (`megatron_gate_max_abs_residual{layer="3"}`), `megatron_gate_step`, the counter
+`megatron_gate_events_total{detector,severity}`, and prometheus-client's process, platform and
+GC collectors. A name that is both a scalar and a per-layer metric (`grad_norm`) carries the
+whole-model value under `layer=""`, which Prometheus stores as "no layer label": the Grafana
+queries and alert rules select it with `layer=""`. Binds 127.0.0.1 by default.
+
+Multi-process: with `PROMETHEUS_MULTIPROC_DIR` set (prometheus-client's convention), the values
+go to that directory's files instead (gauges keep the most recent value written by any
+process, event counters add up), and the served registry collects them all - so a launcher,
+or a second process started with `port=None`, can serve what the training processes write.
 """
 
 from __future__ import annotations
 
-import math
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import os
 from typing import Any
 
 from megatron_gate.monitor import schema
 from megatron_gate.monitor.sinks.base import Sink
 
-
-class MetricsRegistry:
-    """Gauges and counters keyed by (name, labels); rendered in the Prometheus text format."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._gauges: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
-        self._counters: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
-
-    def set(self, name: str, value: float, **labels: str) -> None:
-        """Set a gauge."""
-        with self._lock:
-            self._gauges[(name, tuple(sorted(labels.items())))] = value
-
-    def increment(self, name: str, **labels: str) -> None:
-        """Add one to a counter."""
-        key = (name, tuple(sorted(labels.items())))
-        with self._lock:
-            self._counters[key] = self._counters.get(key, 0.0) + 1.0
-
-    def render(self) -> str:
-        """The text exposition format."""
-        lines: list[str] = []
-        with self._lock:
-            for kind, table in (("gauge", self._gauges), ("counter", self._counters)):
-                for name in sorted({name for name, _ in table}):
-                    lines.append(f"# TYPE {name} {kind}")
-                    for (metric, labels), value in sorted(table.items()):
-                        if metric == name:
-                            lines.append(f"{name}{_labels(labels)} {_number(value)}")
-        return "\n".join(lines) + "\n"
+_PER_LAYER = set(schema.LAYER_METRICS)
+_WHOLE_MODEL = set(schema.SCALARS)
 
 
-def _labels(labels: tuple[tuple[str, str], ...]) -> str:
-    if not labels:
-        return ""
-    body = ",".join(f'{key}="{value}"' for key, value in labels)
-    return "{" + body + "}"
+def _multiprocess() -> bool:
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
 
-def _number(value: float) -> str:
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(float(value))
+def serving_registry() -> Any:
+    """The registry /metrics exposes: this process' metrics plus the default collectors, or
+    (multi-process mode) every process' files."""
+    from prometheus_client import CollectorRegistry, multiprocess
+    from prometheus_client.gc_collector import GCCollector
+    from prometheus_client.platform_collector import PlatformCollector
+    from prometheus_client.process_collector import ProcessCollector
+
+    registry = CollectorRegistry()
+    if _multiprocess():
+        multiprocess.MultiProcessCollector(registry)
+    else:
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
+    return registry
 
 
 class PrometheusSink(Sink):
-    """Keeps the latest values in a registry served on http://host:port/metrics."""
+    """Keeps the latest values in prometheus-client metrics served on http://host:port/metrics.
+
+    `port=None` serves nothing (multi-process mode: another process serves the files).
+    """
 
     name = "prometheus"
 
-    def __init__(self, *, host: str = "127.0.0.1", port: int = 9400) -> None:
-        self.registry = MetricsRegistry()
-        registry = self.registry
+    def __init__(self, *, host: str = "127.0.0.1", port: int | None = 9400) -> None:
+        import prometheus_client  # optional dependency: ImportError says what is missing
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-                if self.path.split("?")[0] != "/metrics":
-                    self.send_error(404)
-                    return
-                body = registry.render().encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+        self._client = prometheus_client
+        self.registry = serving_registry()
+        # Multi-process metrics live in files, not in a registry.
+        self._metrics_registry = None if _multiprocess() else self.registry
+        self._gauges: dict[str, Any] = {}
+        self.step = self._gauge(schema.PROMETHEUS_LAST_STEP, "last logged training step", ())
+        self.events = prometheus_client.Counter(
+            schema.PROMETHEUS_EVENTS_TOTAL.removesuffix("_total"),
+            "stability detector events",
+            ("detector", "severity"),
+            registry=self._metrics_registry,
+        )
+        self.server = self.thread = None
+        if port is not None:
+            self.server, self.thread = prometheus_client.start_http_server(
+                port, addr=host, registry=self.registry
+            )
 
-            def log_message(self, *_args: Any) -> None:  # keep scrapes out of training logs
-                return
+    def _gauge(self, name: str, documentation: str, labels: tuple[str, ...]) -> Any:
+        return self._client.Gauge(
+            name,
+            documentation,
+            labels,
+            registry=self._metrics_registry,
+            multiprocess_mode="mostrecent",
+        )
 
-        self.server = ThreadingHTTPServer((host, port), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+    def _metric_gauge(self, metric: str) -> Any:
+        """The gauge of a schema metric, made on its first value (no gauge reads 0 before)."""
+        gauge = self._gauges.get(metric)
+        if gauge is None:
+            labels = ("layer",) if metric in _PER_LAYER else ()
+            where = "per layer" if metric in _PER_LAYER else "whole model"
+            gauge = self._gauge(
+                schema.prometheus_name(metric), f"stability {metric} ({where})", labels
+            )
+            self._gauges[metric] = gauge
+        return gauge
 
     @property
     def url(self) -> str:
         """The scrape address."""
+        if self.server is None:
+            raise RuntimeError("this PrometheusSink serves nothing (port=None)")
         host, port = self.server.server_address[:2]
         return f"http://{host}:{port}/metrics"
 
@@ -103,24 +109,31 @@ class PrometheusSink(Sink):
         """Update gauges from a step record, count events."""
         kind = record["kind"]
         if kind == "step":
-            self.registry.set(schema.PROMETHEUS_LAST_STEP, float(record["step"]))
-            for name, value in record["scalars"].items():
-                if value is not None:
-                    self.registry.set(schema.prometheus_name(name), float(value))
-            for name, values in (record.get("layers") or {}).items():
-                for index, value in enumerate(values):
-                    if value is not None:
-                        self.registry.set(
-                            schema.prometheus_name(name), float(value), layer=str(index + 1)
-                        )
+            self.step.set(float(record["step"]))
+            self._write_scalars(record.get("scalars") or {})
+            self._write_layers(record.get("layers") or {})
         elif kind == "event":
-            self.registry.increment(
-                schema.PROMETHEUS_EVENTS_TOTAL,
-                detector=record["detector"],
-                severity=record["severity"],
-            )
+            self.events.labels(detector=record["detector"], severity=record["severity"]).inc()
+
+    def _write_scalars(self, scalars: dict[str, Any]) -> None:
+        for metric, value in scalars.items():
+            if value is None or metric not in _WHOLE_MODEL:
+                continue
+            gauge = self._metric_gauge(metric)
+            (gauge.labels(layer="") if metric in _PER_LAYER else gauge).set(float(value))
+
+    def _write_layers(self, layers: dict[str, Any]) -> None:
+        for metric, values in layers.items():
+            if metric not in _PER_LAYER:
+                continue
+            for index, value in enumerate(values):
+                if value is not None:
+                    self._metric_gauge(metric).labels(layer=str(index + 1)).set(float(value))
 
     def close(self) -> None:
         """Stop the server."""
-        self.server.shutdown()
-        self.server.server_close()
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.thread.join(timeout=5)
+            self.server = None
