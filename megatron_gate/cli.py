@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "retrofit": ("megatron_gate.checkpoint.retrofit_cli", "add gates to a non-gated checkpoint"),
     "reshard": ("megatron_gate.checkpoint.reshard_cli", "reshard a distributed checkpoint"),
     "dashboard": ("megatron_gate.dashboard.cli", "live stability dashboard for run directories"),
+    "watch": ("megatron_gate.dashboard.watch", "live terminal view of run directories (over ssh)"),
     "info": ("megatron_gate.info", "versions, backends and what megatron-gate can use here"),
 }
 

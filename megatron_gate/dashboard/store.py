@@ -302,15 +302,22 @@ class RunStore:
                     "x": x.tolist(),
                     "z": [rounded(row, digits=4) for row in z.T],  # [layers][buckets]
                 }
-            events = [_event_view(e, self._steps.values, self._scalars) for e in self.events]
-        in_range = [e for e in events if _within(e["step"], start, end)]
+            in_range = [e for e in self.events if _within(e["step"], start, end)]
+            events = [
+                _event_view(e, self._steps.values, self._scalars) for e in in_range[-MAX_EVENTS:]
+            ]
         return {
             "name": self.name,
             "scalars": scalars,
             "heatmaps": heatmaps,
-            "events": in_range[-MAX_EVENTS:],
+            "events": events,
             "events_in_range": len(in_range),
         }
+
+    def recent_events(self, count: int) -> list[dict[str, Any]]:
+        """The newest `count` events, newest last, as the page's table shows them."""
+        with self._lock:
+            return [_event_view(e, self._steps.values, self._scalars) for e in self.events[-count:]]
 
 
 def _index_range(steps: np.ndarray, start: float | None, end: float | None) -> tuple[int, int]:
