@@ -24,13 +24,25 @@ def two_runs(tmp_path: Path) -> list[Path]:
     ]
 
 
+@pytest.fixture(scope="session")
+def real_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real monitor's output (tiny gated Megatron GPT, 16 steps, per-layer events), written
+    once per session; tests copy it before changing it."""
+    from .real_run import EVENTFUL, train_real_run
+
+    return train_real_run(tmp_path_factory.mktemp("real") / "gated", steps=16, monitor=EVENTFUL)
+
+
 @pytest.fixture
 def serve() -> Iterator[Callable[..., DashboardHTTPServer]]:
     """`serve(run_dirs)` starts a dashboard server on 127.0.0.1:<free port>; stopped after the test."""
     started: list[tuple[DashboardHTTPServer, Dashboard]] = []
 
-    def start(run_dirs: Sequence[Path], *, poll_seconds: float = 0.2) -> DashboardHTTPServer:
-        dashboard = Dashboard([RunStore(d) for d in run_dirs], poll_seconds=poll_seconds)
+    def start(
+        run_dirs: Sequence[Path], *, poll_seconds: float = 0.2, stale_after: float = 60.0
+    ) -> DashboardHTTPServer:
+        stores = [RunStore(d, stale_after=stale_after) for d in run_dirs]
+        dashboard = Dashboard(stores, poll_seconds=poll_seconds)
         dashboard.refresh()  # what is on disk now is served from the first request on
         dashboard.start_polling()
         server = DashboardHTTPServer(dashboard, host="127.0.0.1", port=0)

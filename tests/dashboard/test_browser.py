@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -159,3 +161,170 @@ def test_export_renders_without_network(browser, two_runs: list[Path], tmp_path:
         _screenshot(browser, tmp_path, "dashboard_export.png")
     finally:
         browser.delete_network_conditions()
+
+
+# ---- on real monitor output (tests/dashboard/real_run.py) ----
+
+CHART_GEOMETRY = """
+return Array.from(document.querySelectorAll('.chart')).filter(d => d._fullLayout && d.data)
+  .map(d => ({id: d.id, range: d._fullLayout.xaxis.range.map(Number),
+              left: d._fullLayout._size.l, width: d._fullLayout._size.w}));
+"""
+
+
+def _copy_run(source: Path, target: Path, *, drop_run_end: bool = False) -> Path:
+    target.mkdir(parents=True)
+    lines = (source / JSONL_NAME).read_text().splitlines(keepends=True)
+    if drop_run_end:  # a run killed before it could write run_end
+        lines = [line for line in lines if '"kind": "run_end"' not in line]
+    (target / JSONL_NAME).write_text("".join(lines))
+    return target
+
+
+def _load(browser, server) -> None:
+    browser.get(server.url)
+    _wait_for(browser, "return window.dashboardRenders || 0", lambda n: n >= 1)
+
+
+def _charts_agree(geometry: list[dict]) -> bool:
+    first = geometry[0]
+    return all(
+        abs(g["range"][0] - first["range"][0]) < 1e-9
+        and abs(g["range"][1] - first["range"][1]) < 1e-9
+        and g["left"] == first["left"]
+        and g["width"] == first["width"]
+        for g in geometry
+    )
+
+
+def test_shared_step_axis_markers_and_click_to_zoom(
+    browser, serve, real_run: Path, tmp_path: Path
+) -> None:
+    from megatron_gate.monitor.sinks.jsonl import read_records
+
+    records = read_records(real_run)
+    steps = [r["step"] for r in records if r["kind"] == "step"]
+    layer_events = [r for r in records if r["kind"] == "event" and r["layer"] is not None]
+    assert layer_events, "the real run must raise per-layer events"
+    server = serve([real_run])
+    _load(browser, server)
+    assert browser.execute_script(
+        "return document.querySelector('link[rel=icon]').href.startsWith('data:image/svg')"
+    )
+    # One step axis: every chart (lines and heatmaps) has the same x range and plot area.
+    geometry = browser.execute_script(CHART_GEOMETRY)
+    assert len(geometry) >= 7  # 4 line charts + 3 heatmaps
+    assert _charts_agree(geometry), geometry
+    assert geometry[0]["range"] == [min(steps), max(steps)]
+    # Per-layer events sit at (step, layer) on their heatmap, not on the loss curve.
+    metric = layer_events[0]["metric"]
+    markers = browser.execute_script(
+        f"const d = document.getElementById('heat-0-{metric}').data[1];return [d.x, d.y];"
+    )
+    expected = sorted((e["step"], e["layer"]) for e in layer_events if e["metric"] == metric)
+    assert sorted(zip(*markers, strict=True)) == expected
+    on_loss = browser.execute_script(
+        "return document.getElementById('chart-loss').data.filter(t => t.mode === 'markers')"
+        ".reduce((n, t) => n + t.x.length, 0)"
+    )
+    assert on_loss == len([r for r in records if r["kind"] == "event"]) - len(layer_events)
+    # Zoom on one chart: all follow.
+    browser.execute_script("Plotly.relayout('chart-grad_norm', {'xaxis.range': [3, 9]})")
+    _wait_for(
+        browser,
+        CHART_GEOMETRY,
+        lambda g: _charts_agree(g) and [round(x) for x in g[0]["range"]] == [3, 9],
+    )
+    # Filter the events table by severity and detector, then click an event: every chart
+    # zooms to its step.
+    detector = layer_events[-1]["detector"]
+    browser.execute_script(
+        "const s = document.getElementById('filter-detector');"
+        f"s.value = '{detector}'; s.dispatchEvent(new Event('change'));"
+    )
+    rows = browser.find_elements("css selector", "#events tbody tr")
+    assert rows and all(detector in r.text for r in rows)
+    badge = rows[0].find_element("css selector", ".badge")
+    assert badge.text == layer_events[-1]["severity"]
+    target = int(rows[-1].get_attribute("data-step"))
+    rows[-1].click()
+    geometry = _wait_for(
+        browser,
+        CHART_GEOMETRY,
+        lambda g: (
+            _charts_agree(g)
+            and g[0]["range"][0] < target < g[0]["range"][1]
+            and g[0]["range"] != [3, 9]
+        ),
+    )
+    assert geometry[0]["range"][1] - geometry[0]["range"][0] < max(steps) - min(steps) + 20
+    _screenshot(browser, tmp_path, "dashboard_real.png")
+
+
+def test_stale_badge_and_latest_values(browser, serve, real_run: Path, tmp_path: Path) -> None:
+    from megatron_gate.dashboard.store import load_run
+
+    killed = _copy_run(real_run, tmp_path / "killed", drop_run_end=True)
+    finished = _copy_run(real_run, tmp_path / "finished")
+    time.sleep(1.2)  # the last record is older than the 1 s stale limit below
+    server = serve([killed, finished], stale_after=1.0)
+    _load(browser, server)
+    chips = _wait_for(
+        browser,
+        "return Array.from(document.querySelectorAll('.run')).map(c => c.textContent)",
+        lambda c: len(c) == 2 and "stale" in c[0],
+    )
+    assert "running" in chips[0] and "last record" in chips[0]
+    assert "completed" in chips[1] and "stale" not in chips[1]
+    latest = load_run(killed).summary()["latest"]
+    for key, label in (("loss", "loss"), ("grad_norm", "grad norm")):
+        shown = f"{label} {float(f'{latest[key]:.4g}'):g}"
+        assert shown in chips[0], (shown, chips[0])
+
+
+def test_error_banner_shows_the_servers_message(
+    browser, serve, real_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from megatron_gate.dashboard.store import RunStore
+
+    server = serve([real_run])
+    _load(browser, server)
+    banner = (
+        "const b = document.getElementById('error-banner'); return b.hidden ? null : b.textContent;"
+    )
+    assert browser.execute_script(banner) is None
+
+    def broken_view(self, **_window):  # the disk under the run fails while the page reads it
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(RunStore, "view", broken_view)
+    browser.execute_script("window.dashboardZoomTo(5)")
+    text = _wait_for(browser, banner, lambda t: t is not None)
+    assert "500" in text and "Input/output error" in text
+    assert browser.find_element("id", "error-banner").is_displayed()
+    monkeypatch.undo()
+    browser.execute_script("window.dashboardZoomTo(6)")
+    _wait_for(browser, banner, lambda t: t is None)  # cleared by the next good answer
+
+
+def test_banner_when_the_server_is_gone(browser, real_run: Path) -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "megatron_gate.cli", "dashboard", str(real_run), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
+    try:
+        url = process.stdout.readline().split(" at ", 1)[1].split()[0]
+        browser.get(url)
+        _wait_for(browser, "return window.dashboardRenders || 0", lambda n: n >= 1)
+    finally:
+        process.send_signal(signal.SIGINT)  # Ctrl-C: the server stops
+        assert process.wait(timeout=20) == 0
+        process.stdout.close()
+    banner = (
+        "const b = document.getElementById('error-banner'); return b.hidden ? null : b.textContent;"
+    )
+    text = _wait_for(browser, banner, lambda t: t is not None, timeout=15)
+    assert "server unreachable" in text

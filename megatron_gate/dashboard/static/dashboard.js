@@ -239,24 +239,29 @@
     return lo === hi ? [lo - 0.5, hi + 0.5] : [lo, hi];
   }
 
-  // Colour-bar ticks of a log10 scale, labelled with the real values (10, 100, 1k, ...).
+  // Colour-bar ticks of a log10 scale, labelled with the real values (10, 200, 5k, ...):
+  // decades when the range spans several, 1-2-5 steps (or every digit) when it is narrow.
   function realValueTicks([lo, hi]) {
     if (lo === undefined) return {};
-    const first = Math.ceil(lo), last = Math.floor(hi);
-    const step = Math.max(1, Math.ceil((last - first + 1) / 8));
-    const tickvals = [];
-    for (let k = first; k <= last; k += step) tickvals.push(k);
-    if (!tickvals.length) tickvals.push((lo + hi) / 2);
-    const ticktext = tickvals.map((k) => {
-      const v = Math.pow(10, k);
-      if (v >= 1e3 && v < 1e15) {
-        const units = [[1e12, "T"], [1e9, "G"], [1e6, "M"], [1e3, "k"]];
-        const [scale, unit] = units.find(([s]) => v >= s);
-        return Number((v / scale).toPrecision(3)) + unit;
+    const candidates = (mantissas) => {
+      const out = [];
+      for (let k = Math.floor(lo); k <= Math.ceil(hi); k++) {
+        mantissas.forEach((m) => { const t = k + Math.log10(m); if (t >= lo && t <= hi) out.push(t); });
       }
-      return Number(v.toPrecision(3)).toString();
-    });
-    return { tickvals, ticktext };
+      return out;
+    };
+    let tickvals = candidates([1]);
+    if (tickvals.length < 3) tickvals = candidates([1, 2, 5]);
+    if (tickvals.length < 3) tickvals = candidates([1, 2, 3, 4, 5, 6, 7, 8, 9]);
+    if (tickvals.length > 8) tickvals = tickvals.filter((_, i) => i % Math.ceil(tickvals.length / 8) === 0);
+    return { tickvals, ticktext: tickvals.map((t) => realValue(Math.pow(10, t))) };
+  }
+
+  function realValue(v) {
+    const units = [[1e12, "T"], [1e9, "G"], [1e6, "M"], [1e3, "k"]];
+    const unit = units.find(([scale]) => v >= scale);
+    if (unit && v < 1e15) return Number((v / unit[0]).toPrecision(2)) + unit[1];
+    return Number(v.toPrecision(2)).toString();
   }
 
   function heatmapLabel(runIndex, name) {
@@ -269,6 +274,9 @@
     label.textContent = name;
     label.style.color = runColor(runIndex);
   }
+
+  // Whole layer numbers on the y axis: every layer when there are few, else plotly's choice.
+  function layerTick(map) { return map && map.z.length <= 16 ? 1 : undefined; }
 
   function heatmapTrace(h, map, logRange) {
     const layers = map.z.map((_, l) => l + 1);
@@ -287,7 +295,8 @@
         const div = heatmapDiv(i, h.metric);
         const map = run.heatmaps[h.metric];
         const layout = { title: { text: h.title, font: { size: 13 }, x: 0.02 }, margin: MARGIN,
-          uirevision: "keep", xaxis: xaxis(range), yaxis: { title: { text: "layer" } },
+          uirevision: "keep", xaxis: xaxis(range),
+          yaxis: { title: { text: "layer" }, dtick: layerTick(map) },
           paper_bgcolor: "#fff" };
         if (!map) {
           layout.annotations = [{ text: "not logged for this run", showarrow: false,
