@@ -84,11 +84,14 @@ def _layers(metric: str) -> str:
     return prometheus_name(metric) + _PER_LAYER
 
 
-def grafana_dashboard() -> dict[str, Any]:
-    """The Grafana dashboard model (import it, then pick the Prometheus data source)."""
-    events = PROMETHEUS_EVENTS_TOTAL
-    layer_legend = "{{instance}} layer {{layer}}"
-    panels = [
+_EVENTS = PROMETHEUS_EVENTS_TOTAL
+_LAYER_LEGEND = "{{instance}} layer {{layer}}"
+
+
+def _overview_panels() -> list[dict[str, Any]]:
+    """The top row: step, pace, NaN/Inf, events; then loss, norms, lr, throughput."""
+    events = _EVENTS
+    return [
         _panel(
             "Step",
             [_target(f"{PROMETHEUS_LAST_STEP}{{{_RUN}}}", "{{instance}}")],
@@ -154,6 +157,13 @@ def grafana_dashboard() -> dict[str, Any]:
             [_target(_scalar("tokens_per_second"), "{{instance}}")],
             grid=(18, 12, 6, 8),
         ),
+    ]
+
+
+def _layer_panels() -> list[dict[str, Any]]:
+    """Per-layer activations, attention and gates (one series per layer)."""
+    layer_legend = _LAYER_LEGEND
+    return [
         _panel(
             "max |h| of the residual stream, per layer",
             [_target(_layers("max_abs_residual"), layer_legend)],
@@ -197,6 +207,41 @@ def grafana_dashboard() -> dict[str, Any]:
             grid=(12, 38, 12, 9),
         ),
     ]
+
+
+def _variables() -> list[dict[str, Any]]:
+    """The data-source picker and the run (`instance`) selector."""
+    return [
+        {
+            "name": "datasource",
+            "label": "Prometheus",
+            "type": "datasource",
+            "query": "prometheus",
+            "current": {},
+            "hide": 0,
+        },
+        {
+            "name": "instance",
+            "label": "run",
+            "type": "query",
+            "datasource": _DATASOURCE,
+            "query": {
+                "query": f"label_values({PROMETHEUS_LAST_STEP}, instance)",
+                "refId": "instance",
+            },
+            "definition": f"label_values({PROMETHEUS_LAST_STEP}, instance)",
+            "refresh": 2,
+            "includeAll": True,
+            "multi": True,
+            "current": {},
+            "hide": 0,
+        },
+    ]
+
+
+def grafana_dashboard() -> dict[str, Any]:
+    """The Grafana dashboard model (import it, then pick the Prometheus data source)."""
+    panels = _overview_panels() + _layer_panels()
     for i, panel in enumerate(panels):
         panel["id"] = i + 1
     return {
@@ -210,34 +255,7 @@ def grafana_dashboard() -> dict[str, Any]:
         "editable": True,
         "refresh": "10s",
         "time": {"from": "now-6h", "to": "now"},
-        "templating": {
-            "list": [
-                {
-                    "name": "datasource",
-                    "label": "Prometheus",
-                    "type": "datasource",
-                    "query": "prometheus",
-                    "current": {},
-                    "hide": 0,
-                },
-                {
-                    "name": "instance",
-                    "label": "run",
-                    "type": "query",
-                    "datasource": _DATASOURCE,
-                    "query": {
-                        "query": f"label_values({PROMETHEUS_LAST_STEP}, instance)",
-                        "refId": "instance",
-                    },
-                    "definition": f"label_values({PROMETHEUS_LAST_STEP}, instance)",
-                    "refresh": 2,
-                    "includeAll": True,
-                    "multi": True,
-                    "current": {},
-                    "hide": 0,
-                },
-            ]
-        },
+        "templating": {"list": _variables()},
         "annotations": {
             "list": [
                 {
@@ -245,7 +263,7 @@ def grafana_dashboard() -> dict[str, Any]:
                     "enable": True,
                     "iconColor": "red",
                     "datasource": _DATASOURCE,
-                    "expr": f"sum by (detector) (increase({events}{{{_RUN}}}[1m])) > 0",
+                    "expr": f"sum by (detector) (increase({_EVENTS}{{{_RUN}}}[1m])) > 0",
                     "titleFormat": "{{detector}}",
                     "step": "60s",
                 }

@@ -284,3 +284,47 @@ def test_tensorboard_layout_matches_written_tags(tmp_path: Path) -> None:
         tag for tag in tags for chart in charts for p in chart.multiline.tag if re.search(p, tag)
     }
     assert charted == set(tags), f"tags in no chart: {sorted(set(tags) - charted)[:5]}"
+
+
+# Datasource-specific keys Grafana reads but the SDK's generic models do not carry.
+_DATASOURCE_KEYS = {"definition", "titleFormat", "step"}
+_PANEL_TYPES = {"timeseries", "stat", "bargauge", "gauge", "table", "heatmap", "text"}
+
+
+def _lost_keys(written: Any, kept: Any, path: str = "") -> list[str]:
+    """Keys of `written` that the SDK's round trip dropped (unknown to Grafana's schema)."""
+    if isinstance(written, dict) and isinstance(kept, dict):
+        lost = [f"{path}/{k}" for k in written if k not in kept]
+        return lost + [
+            p for k in written if k in kept for p in _lost_keys(written[k], kept[k], f"{path}/{k}")
+        ]
+    if isinstance(written, list) and isinstance(kept, list) and len(written) == len(kept):
+        pairs = enumerate(zip(written, kept, strict=True))
+        return [p for i, (a, b) in pairs for p in _lost_keys(a, b, f"{path}[{i}]")]
+    return []
+
+
+def test_grafana_dashboard_is_what_grafana_accepts() -> None:
+    """Structure checked against Grafana's own dashboard schema (grafana-foundation-sdk's
+    generated models), plus the layout rules the import would break on."""
+    sdk = pytest.importorskip("grafana_foundation_sdk.models.dashboard")
+    from grafana_foundation_sdk.cog.encoder import JSONEncoder
+
+    written = json.loads((MONITORING / "grafana_dashboard.json").read_text())
+    kept = json.loads(JSONEncoder().encode(sdk.Dashboard.from_json(written)))
+    lost = [p for p in _lost_keys(written, kept) if p.rsplit("/", 1)[-1] not in _DATASOURCE_KEYS]
+    assert lost == [], f"keys outside Grafana's dashboard schema: {lost}"
+    occupied: set[tuple[int, int]] = set()
+    for panel in written["panels"]:
+        assert panel["type"] in _PANEL_TYPES, panel["type"]
+        grid = panel["gridPos"]
+        assert grid["w"] > 0 and grid["h"] > 0 and grid["x"] >= 0 and grid["x"] + grid["w"] <= 24
+        cells = {(x, y) for x in range(grid["x"], grid["x"] + grid["w"])
+                 for y in range(grid["y"], grid["y"] + grid["h"])}  # fmt: skip
+        assert not cells & occupied, f"panel {panel['title']!r} overlaps another"
+        occupied |= cells
+        refs = [t["refId"] for t in panel["targets"]]
+        assert len(refs) == len(set(refs))
+        assert panel["datasource"]["uid"] == "${datasource}"
+    names = {v["name"] for v in written["templating"]["list"]}
+    assert {"datasource", "instance"} <= names
