@@ -39,7 +39,9 @@ class SyntheticRun:
         spike_steps: Sequence[int] = (),
         seed: int = 0,
         digits: int = 4,
+        layer_events: bool = False,
     ) -> None:
+        """`layer_events`: a spike also raises a massive-activation event at the deepest layer."""
         self.name = name
         self.num_layers = num_layers
         self.gated_layers = (
@@ -47,6 +49,7 @@ class SyntheticRun:
         )
         self.spike_steps = set(spike_steps)
         self.digits = digits
+        self.layer_events = layer_events
         self._rng = np.random.default_rng(seed)
         depth = np.arange(1, num_layers + 1) / num_layers
         self._residual_scale = 5.0 + 40.0 * depth**2  # deeper layers carry larger activations
@@ -108,6 +111,8 @@ class SyntheticRun:
         records = [record]
         if spike:
             records.append(self._spike_event(step, loss))
+            if self.layer_events and with_layers:
+                records.append(self._layer_event(step, record["layers"]["max_abs_residual"]))
         return records
 
     def records(self, first: int, last: int) -> Iterator[dict[str, Any]]:
@@ -158,6 +163,23 @@ class SyntheticRun:
             "layer": None,
             "action": "lr_backoff",
             "message": f"loss {loss:.3f} is a 6-sigma spike over the last 128 steps",
+        }
+
+    def _layer_event(self, step: int, residual: list[float]) -> dict[str, Any]:
+        layer = self.num_layers
+        return {
+            "schema": SCHEMA,
+            "kind": "event",
+            "step": step,
+            "time": time.time(),
+            "detector": "massive_activation",
+            "severity": "warning",
+            "metric": "max_abs_residual",
+            "value": residual[layer - 1],
+            "threshold": 100.0,
+            "layer": layer,
+            "action": "log",
+            "message": f"layer {layer} max |h| {residual[layer - 1]:.4g} is over 10x its median",
         }
 
     def _round(self, value: float) -> float:

@@ -309,6 +309,10 @@
         const markers = markerTrace(run, i, events, events.map((e) => e.step),
           events.map((e) => e.layer));
         markers.name = `${run.name} layer events`;
+        // Filled symbols with a white rim: open ones vanish on a saturated heatmap cell.
+        markers.marker.symbol = markers.marker.symbol.map((sym) => sym.replace("-open", ""));
+        markers.marker.line = { width: 1.5, color: "#fff" };
+        markers.marker.size = 13;
         Plotly.react(div, [heatmapTrace(h, map, logRange), markers], layout, PLOT_CONFIG);
       });
       heatmapLabel(i, run.name);
