@@ -24,21 +24,13 @@ if TYPE_CHECKING:
 DEFAULT_PORT = 8765
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `dashboard` command's arguments."""
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """RUN_DIR ... and --stale-after: shared by `dashboard` and `watch`."""
     parser.add_argument(
         "run_dirs",
         nargs="+",
         metavar="RUN_DIR",
         help=f"a run directory holding {JSONL_NAME}, or a directory of such run directories",
-    )
-    parser.add_argument(
-        "--host",
-        default="127.0.0.1",
-        help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes the page)",
-    )
-    parser.add_argument(
-        "--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: any free)"
     )
     parser.add_argument(
         "--stale-after",
@@ -47,6 +39,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="mark a run without run_end stale after this long without a record (default "
         f"{STALE_MIN_SECONDS:g}; a slow run gets {STALE_INTERVALS}x its own logging interval)",
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `dashboard` command's arguments."""
+    add_run_arguments(parser)
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes the page)",
+    )
+    parser.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: any free)"
     )
     parser.add_argument(
         "--export",
@@ -60,11 +65,16 @@ class DashboardArgumentError(ValueError):
     """A bad command-line value, found before anything is read or served."""
 
 
-def check_run_dirs(raw_dirs: list[str]) -> list[Path]:
-    """The run directories named on the command line (each existing), expanded by `find_run_dirs`."""
+def check_run_arguments(args: argparse.Namespace) -> list[Path]:
+    """The arguments of `add_run_arguments` checked; the run directories, expanded by
+    `find_run_dirs`."""
     from megatron_gate.dashboard.store import find_run_dirs
 
-    for raw in raw_dirs:
+    if not (math.isfinite(args.stale_after) and args.stale_after > 0):
+        raise DashboardArgumentError(
+            f"not a positive number of seconds (--stale-after {args.stale_after}): give e.g. 60"
+        )
+    for raw in args.run_dirs:
         path = Path(raw)
         if not path.is_dir():
             what = "is not a directory" if path.exists() else "does not exist"
@@ -72,19 +82,15 @@ def check_run_dirs(raw_dirs: list[str]) -> list[Path]:
                 f"run directory {what} (RUN_DIR {raw}): pass the directory the monitor writes "
                 f"{JSONL_NAME} into"
             )
-    return find_run_dirs(raw_dirs)
+    return find_run_dirs(args.run_dirs)
 
 
 def _check(args: argparse.Namespace) -> list[Path]:
-    if not (math.isfinite(args.stale_after) and args.stale_after > 0):
-        raise DashboardArgumentError(
-            f"not a positive number of seconds (--stale-after {args.stale_after}): give e.g. 60"
-        )
     if not 0 <= args.port <= 65535:
         raise DashboardArgumentError(
             f"port is out of range (--port {args.port}): use 0-65535 (0: any free)"
         )
-    run_dirs = check_run_dirs(args.run_dirs)
+    run_dirs = check_run_arguments(args)
     if args.export is not None:
         if args.export.is_dir():
             raise DashboardArgumentError(

@@ -18,9 +18,13 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from megatron_gate.dashboard.cli import DashboardArgumentError, check_run_dirs, run_names
-from megatron_gate.dashboard.store import STALE_MIN_SECONDS, RunStore
-from megatron_gate.monitor.schema import JSONL_NAME
+from megatron_gate.dashboard.cli import (
+    DashboardArgumentError,
+    add_run_arguments,
+    check_run_arguments,
+    run_names,
+)
+from megatron_gate.dashboard.store import RunStore
 
 SPARK = "▁▂▃▄▅▆▇█"
 WATCHED_SCALARS = ("loss", "grad_norm", "update_norm", "learning_rate", "tokens_per_second")
@@ -37,12 +41,7 @@ MAX_LAYER_ROWS = 24  # deeper models: the layers with the largest max |h|
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `watch` command's arguments."""
-    parser.add_argument(
-        "run_dirs",
-        nargs="+",
-        metavar="RUN_DIR",
-        help=f"a run directory holding {JSONL_NAME}, or a directory of such run directories",
-    )
+    add_run_arguments(parser)
     parser.add_argument(
         "--interval", type=float, default=2.0, help="seconds between redraws (default 2)"
     )
@@ -51,14 +50,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=200,
         help="logged steps the sparklines and per-layer maxima cover (default 200)",
-    )
-    parser.add_argument(
-        "--stale-after",
-        type=float,
-        default=STALE_MIN_SECONDS,
-        metavar="SECONDS",
-        help=f"mark a run without run_end stale after this long without a record (default "
-        f"{STALE_MIN_SECONDS:g})",
     )
     parser.add_argument("--once", action="store_true", help="draw one frame and exit")
 
@@ -71,10 +62,6 @@ def _check(args: argparse.Namespace) -> None:
     if not 10 <= args.window <= 100_000:
         raise DashboardArgumentError(
             f"window out of range (--window {args.window}): use 10-100000 logged steps"
-        )
-    if not (math.isfinite(args.stale_after) and args.stale_after > 0):
-        raise DashboardArgumentError(
-            f"not a positive number of seconds (--stale-after {args.stale_after}): give e.g. 60"
         )
 
 
@@ -248,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
     """Redraw the runs every `--interval` seconds until Ctrl-C (or once with `--once`)."""
     try:
         _check(args)
-        run_dirs = check_run_dirs(args.run_dirs)
+        run_dirs = check_run_arguments(args)
         names = run_names(run_dirs)
     except DashboardArgumentError as error:
         print(f"megatron-gate watch: error: {error}", file=sys.stderr)
