@@ -69,8 +69,12 @@ def rounded(values: np.ndarray, *, digits: int = 5) -> list[float | None]:
     exponent = digits - 1 - magnitude
     # Multiply or divide by an exact power of ten so that e.g. 12345678 does not become 12345600.000000002.
     up = exponent >= 0
-    scale = 10.0 ** np.abs(exponent)
-    out = np.where(up, np.round(out * scale) / scale, np.round(out / scale) * scale)
+    with np.errstate(over="ignore", invalid="ignore"):  # the branch np.where does not take
+        scale = 10.0 ** np.abs(exponent)
+        rounded_values = np.where(up, np.round(out * scale) / scale, np.round(out / scale) * scale)
+    # Near the float limits rounding can overflow (1.79769e308 -> 1.7977e308) or lose a
+    # subnormal: keep the value as it is there.
+    out = np.where(np.isfinite(rounded_values), rounded_values, out)
     result: list[float | None] = out.tolist()
     if not finite.all():
         for i in np.flatnonzero(~finite):

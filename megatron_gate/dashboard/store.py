@@ -1,7 +1,8 @@
 """One run's monitor records as growing columns, and the downsampled view the page asks for.
 
-Every value that leaves the store is strict JSON (no NaN: the reader already turned non-finite
-numbers into null), so a bad record can cost its own chart points but never the page.
+Every value that leaves the store is strict JSON: numbers go through `rounded` or `_finite`
+(non-finite -> null), text fields through `_text`, so a bad record can cost its own chart
+points but never the page.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ STALE_MIN_SECONDS = 60.0  # a running run is stale after max(this, STALE_INTERVA
 STALE_INTERVALS = 10
 # Event fields the table has columns for; any other field is shown under "details".
 EVENT_FIELDS = ("step", "time", "detector", "severity", "metric", "value", "threshold", "layer")
-_MAX_DETAIL_CHARS = 200
+_MAX_TEXT_CHARS = 500
 
 
 class _Column:
@@ -243,8 +244,8 @@ class RunStore:
                 "name": self.name,
                 "version": self.version,
                 "num_layers": self.num_layers,
-                "gated_layers": model.get("gated_layers"),
-                "granularity": model.get("granularity"),
+                "gated_layers": _layer_numbers(model.get("gated_layers")),
+                "granularity": _text(model.get("granularity")),
                 "first_step": int(steps[0]) if len(steps) else None,
                 "last_step": int(steps[-1]) if len(steps) else None,
                 "steps_logged": len(steps),
@@ -334,22 +335,48 @@ def _event_view(
     event: dict[str, Any], steps: np.ndarray, scalars: dict[str, _Column]
 ) -> dict[str, Any]:
     """An event's fields plus the marked scalars' values at its step (where its marker sits)."""
-    view = {k: event.get(k) for k in EVENT_FIELDS} | {
-        "action": event.get("action", "log"),
-        "message": event.get("message", ""),
+    view = {k: _text(event.get(k)) for k in ("detector", "severity", "metric")} | {
+        "step": event["step"],
+        "time": _finite(event.get("time")),
+        "value": _finite(event.get("value")),
+        "threshold": _finite(event.get("threshold")),
+        "layer": _layer_number(event.get("layer")),
+        "action": _text(event.get("action", "log")),
+        "message": _text(event.get("message", "")),
         "details": _details(event),
     }
     if event.get("kind") != "event":
-        view["kind"] = event.get("kind")
+        view["kind"] = _text(event.get("kind"))
     index = int(np.searchsorted(steps, event["step"], side="right")) - 1
     view["at"] = {
         metric: (rounded(scalars[metric].values[index : index + 1])[0] if index >= 0 else None)
         for metric in MARKED_SCALARS
     }
     for key in ("value", "threshold"):
-        if isinstance(view[key], (int, float)) and not isinstance(view[key], bool):
-            view[key] = rounded(np.array([_float(view[key])]))[0]
+        if view[key] is not None:
+            view[key] = rounded(np.array([view[key]]))[0]
     return view
+
+
+def _text(value: Any) -> str | None:
+    """A text field as the page shows it: strings (shortened), anything else as compact JSON."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        value = json.dumps(value, separators=(",", ":"))  # NaN/Infinity only inside a string
+    return value if len(value) <= _MAX_TEXT_CHARS else value[: _MAX_TEXT_CHARS - 3] + "..."
+
+
+def _layer_number(value: Any) -> int | None:
+    """A 1-based layer number, or None when the value is not one."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_LAYERS
+    return value if ok else None
+
+
+def _layer_numbers(values: Any) -> list[int] | None:
+    if not isinstance(values, list):
+        return None
+    return [n for n in map(_layer_number, values[:MAX_LAYERS]) if n is not None]
 
 
 def _details(event: dict[str, Any]) -> dict[str, Any]:
@@ -361,11 +388,9 @@ def _details(event: dict[str, Any]) -> dict[str, Any]:
             continue
         if isinstance(value, float):
             value = rounded(np.array([value]))[0]
-        elif not isinstance(value, (str, int, bool)) and value is not None:
-            value = json.dumps(value, separators=(",", ":"))
-        if isinstance(value, str) and len(value) > _MAX_DETAIL_CHARS:
-            value = value[: _MAX_DETAIL_CHARS - 3] + "..."
-        details[str(key)[:_MAX_DETAIL_CHARS]] = value
+        elif not isinstance(value, (int, bool)) and value is not None:
+            value = _text(value)
+        details[_text(key)] = value
     return details
 
 

@@ -59,3 +59,12 @@ def test_rounded_significant_digits_and_gaps() -> None:
     values = np.array([1.23456789e-8, 12345678.0, 0.0, np.nan, np.inf, -3.14159265, 0.1 + 0.2])
     assert rounded(values) == [1.2346e-08, 12346000.0, 0.0, None, None, -3.1416, 0.3]
     assert rounded(np.array([987.654]), digits=3) == [988.0]
+
+
+def test_rounded_stays_finite_at_the_float_limits() -> None:
+    import sys
+
+    values = np.array([sys.float_info.max, -sys.float_info.max, 5e-324, 1e-310, np.inf, np.nan])
+    result = rounded(values)
+    assert result[:4] == [sys.float_info.max, -sys.float_info.max, 5e-324, 1e-310]
+    assert result[4:] == [None, None]
