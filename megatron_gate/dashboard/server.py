@@ -47,20 +47,12 @@ _LOOPBACK_NAMES = {"127.0.0.1", "localhost", "::1", "[::1]"}
 class Dashboard:
     """The run stores plus a thread that keeps reading their JSONL files."""
 
-    def __init__(
-        self,
-        stores: Sequence[RunStore],
-        *,
-        poll_seconds: float = POLL_SECONDS,
-        now: float | None = None,
-    ) -> None:
-        """`now`: a fixed time to measure record ages from (an export), else the clock."""
+    def __init__(self, stores: Sequence[RunStore], *, poll_seconds: float = POLL_SECONDS) -> None:
         names = [s.name for s in stores]
         if len(set(names)) != len(names):
             raise ValueError(f"run names must be unique, got {names}")
         self.stores = {s.name: s for s in stores}
         self.poll_seconds = poll_seconds
-        self.now = now
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll_loop, name="dashboard-poll", daemon=True)
 
@@ -89,7 +81,7 @@ class Dashboard:
 
     def status(self) -> dict[str, Any]:
         """Every run's summary, and the time its ages are measured to."""
-        now = time.time() if self.now is None else self.now
+        now = time.time()
         return {"time": now, "runs": [s.summary(now=now) for s in self.stores.values()]}
 
     def view(self, **window: Any) -> dict[str, Any]:
