@@ -7,6 +7,7 @@ the screenshots (they always go to the test's tmp dir too).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -21,7 +22,7 @@ import pytest
 
 from megatron_gate.dashboard.export import export_html
 from megatron_gate.dashboard.store import load_run
-from megatron_gate.dashboard.synthetic import SyntheticRun, to_line
+from megatron_gate.dashboard.synthetic import SyntheticRun, to_line, write_run
 from megatron_gate.monitor.schema import JSONL_NAME
 from megatron_gate.monitor.sinks.jsonl import JsonlSink
 
@@ -328,3 +329,41 @@ def test_banner_when_the_server_is_gone(browser, real_run: Path) -> None:
     )
     text = _wait_for(browser, banner, lambda t: t is not None, timeout=15)
     assert "server unreachable" in text
+
+
+def test_episodes_and_unknown_fields(browser, serve, tmp_path: Path) -> None:
+    """Events of a newer monitor (episode fields, a guard detector, a field nobody knows, a
+    literal NaN) are drawn and listed, and the page keeps working."""
+    from megatron_gate.monitor.schema import SCHEMA
+
+    path = write_run(tmp_path / "r", steps=200, run=SyntheticRun(num_layers=4), finished=False)
+    episode = {
+        "schema": SCHEMA, "kind": "event", "step": 120, "time": time.time(),
+        "detector": "massive_activation", "severity": "critical", "metric": "max_abs_residual",
+        "value": 9e4, "threshold": 1e4, "layer": 3, "action": "alert", "message": "episode",
+        "start_step": 100, "end_step": 150, "peak": 9e4, "duration": 50, "delay": 2,
+    }  # fmt: skip
+    guard = {
+        "schema": SCHEMA, "kind": "event", "step": 60, "time": time.time(), "detector": "guard",
+        "severity": "warning", "metric": "loss", "value": float("nan"), "layer": None,
+        "action": "skip_step", "message": "guard skipped", "start_step": 55, "end_step": 70,
+        "novel_field": {"nested": [1, 2]},
+    }  # fmt: skip
+    with open(path, "a") as f:
+        f.write(json.dumps(episode) + "\n" + json.dumps(guard) + "\n")  # NaN written literally
+    server = serve([path.parent])
+    browser.get(server.url)
+    _wait_for(browser, "return window.dashboardRenders || 0", lambda n: n >= 1)
+    bars = browser.execute_script(
+        "const d = document.getElementById('heat-0-max_abs_residual').data[1];"
+        "return [d.x, d.y, d.error_x.arrayminus, d.error_x.array];"
+    )
+    assert bars == [[120], [3], [20], [30]]  # the episode spans steps 100-150 at layer 3
+    loss_bars = browser.execute_script(
+        "const d = document.getElementById('chart-loss').data[1]; return [d.x, d.error_x.array];"
+    )
+    assert loss_bars == [[60], [10]]
+    rows = [r.text for r in browser.find_elements("css selector", "#events tbody tr")]
+    assert "start_step=100 end_step=150 peak=90000 duration=50 delay=2" in rows[0]
+    assert "guard" in rows[1] and 'novel_field={"nested":[1,2]}' in rows[1]
+    assert browser.execute_script("return document.getElementById('error-banner').hidden")

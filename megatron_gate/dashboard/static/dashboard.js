@@ -167,6 +167,17 @@
       (details ? `<br>${details}` : "");
   }
 
+  // An episode event (start_step/end_step among its details) draws its extent as a bar
+  // through the marker.
+  function episodeBars(events, color) {
+    const bound = (e, key) => (e.details && Number.isFinite(e.details[key]) ? e.details[key] : null);
+    const spans = events.map((e) => [bound(e, "start_step") ?? e.step, bound(e, "end_step") ?? e.step]);
+    if (!spans.some(([lo, hi]) => lo !== hi)) return undefined;
+    return { type: "data", symmetric: false, width: 0, thickness: 3, color,
+      array: events.map((e, k) => Math.max(0, spans[k][1] - e.step)),
+      arrayminus: events.map((e, k) => Math.max(0, e.step - spans[k][0])) };
+  }
+
   function markerTrace(run, i, events, x, y) {
     return {
       type: "scatter", mode: "markers", name: `${run.name} events`, legendgroup: run.name,
@@ -175,6 +186,7 @@
       marker: { size: 11, line: { width: 2, color: runColor(i) },
         color: events.map((e) => SEVERITY_COLORS[e.severity] || "#444"),
         symbol: events.map((e) => ACTION_SYMBOLS[e.action] || "circle") },
+      error_x: episodeBars(events, runColor(i)),
       showlegend: false,
     };
   }
