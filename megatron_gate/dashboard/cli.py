@@ -145,6 +145,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from megatron_gate.dashboard.store import RunStore, load_run
 
+    try:
+        from megatron_gate.dashboard import page  # noqa: F401 - finds plotly.js, or says how
+    except ModuleNotFoundError as error:
+        print(f"megatron-gate dashboard: error: {error}", file=sys.stderr)
+        return 2
     if args.export is not None:
         from megatron_gate.dashboard.export import export_html
 

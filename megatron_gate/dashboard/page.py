@@ -17,7 +17,7 @@ def _plotly_js() -> Path:
     spec = importlib.util.find_spec("plotly")
     if spec is None or spec.origin is None:
         raise ModuleNotFoundError(
-            "the dashboard needs plotly for its charts: pip install 'plotly==6.5.2'"
+            "the page needs plotly's JavaScript (package plotly): pip install 'plotly>=5.20'"
         )
     return Path(spec.origin).parent / "package_data" / "plotly.min.js"
 

@@ -118,3 +118,18 @@ def test_live_command_serves_on_loopback(tmp_path: Path) -> None:
         assert process.wait(timeout=10) == 0
         process.stdout.close()
         process.stderr.close()
+
+
+def test_missing_plotly_is_one_line(
+    tmp_path: Path, two_runs: list[Path], capsys: pytest.CaptureFixture, monkeypatch
+) -> None:
+    import megatron_gate.dashboard as package
+
+    monkeypatch.setitem(sys.modules, "plotly", None)  # as if plotly were not installed
+    monkeypatch.delitem(sys.modules, "megatron_gate.dashboard.page")
+    monkeypatch.delattr(package, "page")
+    out = tmp_path / "r.html"
+    assert main(["dashboard", str(two_runs[0]), "--export", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("megatron-gate dashboard: error: ") and "pip install" in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
