@@ -61,7 +61,8 @@ def test_skip_step_on_nan(one_rank_world: None, tmp_path: Path) -> None:
     monitor.close()
     events = [r for r in read_records(tmp_path) if r["kind"] == "event"]
     assert [(e["step"], e["detector"], e["action"]) for e in events] == [
-        (1, "nan_or_inf", "skip_step")
+        (1, "guard", "skip_step"),  # the on-device guard's verdict, recorded at the log step
+        (1, "nan_or_inf", "skip_step"),
     ]
 
 
