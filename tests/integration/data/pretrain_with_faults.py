@@ -8,6 +8,7 @@ import os
 from functools import partial
 
 import pretrain_gpt_min as base
+import torch
 from megatron.core.enums import ModelType
 from megatron.training import get_args, pretrain
 from megatron.training.argument_utils import gpt_config_from_args, pretrain_cfg_container_from_args
@@ -28,7 +29,8 @@ def faulty_loss(loss_mask, output_tensor):  # noqa: ANN001, ANN201
     if factor is None:
         return loss, num_tokens, report
     loss = loss * factor
-    return loss, num_tokens, {"lm loss": report["lm loss"] * factor}
+    reported = report["lm loss"]  # [sum, tokens]: only the sum is scaled
+    return loss, num_tokens, {"lm loss": torch.cat([reported[:1] * factor, reported[1:]])}
 
 
 def forward_step(data_iterator, model):  # noqa: ANN001, ANN201
