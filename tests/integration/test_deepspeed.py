@@ -166,10 +166,11 @@ def _zero1_guard(rank: int, tmp: Path) -> dict[str, Any]:
 
 def _worker(rank: int, world_size: int, tmp: Path) -> dict[str, Any]:
     init_model_parallel(tp=1)  # Megatron-Core layers read the tensor-parallel group
+    # the ZeRO runs first: the pipeline engine leaves DeepSpeed's global model-parallel state set
     return {
         "zero1": _zero1(rank, tmp),
-        "pipeline": _pipeline(rank, tmp),
         "zero1_guard": _zero1_guard(rank, tmp),
+        "pipeline": _pipeline(rank, tmp),
     }
 
 
