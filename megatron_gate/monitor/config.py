@@ -143,8 +143,8 @@ class MonitorConfig:
     probe_queries: int = 8
     """Query positions per head sampled by the attention-sink probe (0 turns it off)."""
     update_norm: bool = True
-    """Measure the per-layer update norm (copies the layer parameters on the step before a
-    per-layer step)."""
+    """Measure the exact per-layer update norm of the step before a per-layer step (from the
+    guarded step's buckets: no copy of the parameters; needs `step_optimizer`)."""
     lr_backoff_factor: float = 0.5
     """Learning-rate multiplier while an `lr_backoff` action is active."""
     lr_backoff_steps: int = 100
