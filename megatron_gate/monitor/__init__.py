@@ -1,4 +1,5 @@
-"""Stability monitor: collectors -> one reduction -> detectors -> actions -> sinks.
+"""Stability monitor: collectors -> one reduction -> detectors -> actions -> sinks, and every
+step the guard (finite and spike tests on the device -> one flag -> `torch.where` step).
 
     from megatron_gate.monitor import MonitorConfig, StabilityMonitor
 
@@ -8,8 +9,7 @@
         monitor.start_step(step)
         loss = train_forward_backward(...)
         decision = monitor.end_step(step, loss=loss, grad_norm=grad_norm, tokens=tokens)
-        if not decision.skip_step:
-            optimizer.step()
+        monitor.step_optimizer(optimizer, decision)   # skips; the guard's verdict on the device
     monitor.close()
 
 See docs/monitor.md.
@@ -19,6 +19,7 @@ from megatron_gate.monitor.actions import Decision, RollbackRequest, StabilityAb
 from megatron_gate.monitor.config import (
     DetectorConfig,
     DetectorsConfig,
+    GuardConfig,
     MonitorConfig,
     MonitorConfigError,
     SinksConfig,
@@ -31,6 +32,7 @@ __all__ = [
     "DetectorConfig",
     "DetectorsConfig",
     "Event",
+    "GuardConfig",
     "MonitorConfig",
     "MonitorConfigError",
     "RollbackRequest",
