@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_gate.monitor.config import GuardConfig
+from megatron_gate.monitor.detectors import Event
 
 MAD_TO_SIGMA = 1.4826
 SIGNALS: tuple[str, ...] = ("loss", "grad_norm")
@@ -45,10 +46,10 @@ RECORD_COLUMNS: tuple[str, ...] = (
     "grad_norm_spike",
     "loss",
     "grad_norm",
-    "loss_level",
-    "grad_norm_level",
-    "loss_threshold",
-    "grad_norm_threshold",
+    "loss_center",
+    "grad_norm_center",
+    "loss_scale",
+    "grad_norm_scale",
     "loss_z",
     "grad_norm_z",
 )
@@ -134,21 +135,9 @@ class StepGuard:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.process_group)
         accept = ~(flags > 0).any()
         self._update(accept, logs, positive, spike, new_level)
-        threshold = torch.maximum(
-            torch.exp(center + self.config.z_threshold * scale),
-            torch.exp(center) * (1 + self.config.min_relative_jump),
-        )
-        absent = torch.full_like(values, -math.inf)
-        record = torch.cat(
-            [
-                accept.double().reshape(1),
-                flags,
-                torch.where(mask, values, absent),
-                torch.where(mask, torch.exp(center), absent),
-                torch.where(mask, threshold, absent),
-                torch.where(mask, z, absent),
-            ]
-        )
+        # [4, signal]; -inf where a signal is absent (neutral for the log step's max-reduction)
+        details = torch.where(mask, torch.stack([values, center, scale, z]), -math.inf)
+        record = torch.cat([accept.double().reshape(1), flags, details.reshape(-1)])
         return GuardVerdict(accept=accept, record=record)
 
     def _as_device(self, value: torch.Tensor | float | None) -> torch.Tensor:
@@ -210,6 +199,34 @@ class StepGuard:
         self.history = history.to(self.device)
         for name in ("count", "position", "streak"):
             setattr(self, name, torch.tensor(state[name], dtype=torch.long, device=self.device))
+
+
+# ---------------------------------------------------------------------- records
+def skip_event(step: int, values: dict[str, float], config: GuardConfig) -> Event:
+    """The event of a step the guard skipped (`values`: its `RECORD_COLUMNS`, host numbers)."""
+    for signal in SIGNALS:
+        if values[f"non_finite_{signal}"] > 0:
+            return Event(
+                step=step, detector="guard", severity="critical", metric=signal,
+                value=values[signal], threshold=math.inf, layer=None, action="skip_step",
+                message=f"step {step}: the {_LABELS[signal]} is {values[signal]} (not finite); "
+                "the guard skipped the update (weights and optimizer state unchanged)",
+            )  # fmt: skip
+    signal = "loss" if values["loss_spike"] > 0 else "grad_norm"
+    value, center = values[signal], values[f"{signal}_center"]
+    level = math.exp(center)
+    threshold = max(math.exp(center + config.z_threshold * values[f"{signal}_scale"]),
+                    level * (1 + config.min_relative_jump))  # fmt: skip
+    return Event(
+        step=step, detector="guard", severity="warning", metric=signal, value=value,
+        threshold=threshold, layer=None, action="skip_step",
+        message=f"step {step}: the {_LABELS[signal]} {value:.4g} is {value / level:.3g}x its "
+        f"recent level {level:.4g} (robust z {values[f'{signal}_z']:.3g} > "
+        f"{config.z_threshold:g}); the guard skipped the update",
+    )  # fmt: skip
+
+
+_LABELS = {"loss": "loss", "grad_norm": "grad norm"}
 
 
 # ---------------------------------------------------------------------- plain reference

@@ -46,7 +46,7 @@ from megatron_gate.monitor.collectors import (
 )
 from megatron_gate.monitor.config import MonitorConfig
 from megatron_gate.monitor.detectors import DetectorSuite, Event
-from megatron_gate.monitor.guard import RECORD_COLUMNS, GuardVerdict, StepGuard
+from megatron_gate.monitor.guard import RECORD_COLUMNS, GuardVerdict, StepGuard, skip_event
 from megatron_gate.monitor.guarded_step import bucketed_step
 from megatron_gate.monitor.reduction import PackLayout, reduce_packed
 from megatron_gate.monitor.sinks import (
@@ -518,7 +518,7 @@ class StabilityMonitor:
             if step is None or values["accepted"] != 0.0:
                 continue  # accepted, or no verdict (-inf)
             self.skipped_steps += 1
-            events.append(guard_event(step, values))
+            events.append(skip_event(step, values, self.config.guard))
         return events
 
     def _record_backoff(self, records: list[dict[str, Any]], step: int) -> None:
@@ -627,27 +627,6 @@ class StabilityMonitor:
             error,
             exc_info=True,
         )
-
-
-def guard_event(step: int, values: dict[str, float]) -> Event:
-    """The event of a step the guard skipped (`values`: its `RECORD_COLUMNS`)."""
-    for signal, label in (("loss", "loss"), ("grad_norm", "grad norm")):
-        if values[f"non_finite_{signal}"] > 0:
-            return Event(
-                step=step, detector="guard", severity="critical", metric=signal,
-                value=values[signal], threshold=math.inf, layer=None, action="skip_step",
-                message=f"step {step}: the {label} is {values[signal]} (not finite); the guard "
-                "skipped the update (weights and optimizer state unchanged)",
-            )  # fmt: skip
-    signal = "loss" if values["loss_spike"] > 0 else "grad_norm"
-    label = "loss" if signal == "loss" else "grad norm"
-    value, level = values[signal], values[f"{signal}_level"]
-    return Event(
-        step=step, detector="guard", severity="warning", metric=signal, value=value,
-        threshold=values[f"{signal}_threshold"], layer=None, action="skip_step",
-        message=f"step {step}: the {label} {value:.4g} is {value / level:.3g}x its recent level "
-        f"{level:.4g} (robust z {values[f'{signal}_z']:.3g}); the guard skipped the update",
-    )  # fmt: skip
 
 
 def _with_scale(decision: Decision, scale: float) -> Decision:
