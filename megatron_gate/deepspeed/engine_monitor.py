@@ -11,17 +11,25 @@ Hooks on the engine instance (nothing of DeepSpeed is changed for other engines)
 
     forward / train_batch   -> monitor.start_step(n)       n = engine.global_steps + 1
     backward                -> this rank's loss (summed over micro-batches)
-    _take_model_step        -> monitor.end_step(n, ...) before the optimizer step; a skipped
-                               step takes DeepSpeed's own overflow path (gradients cleared, the
-                               step counted in `engine.skipped_steps`, no scheduler step)
+    _take_model_step        -> monitor.end_step(n, ...) before the optimizer step (the guard runs
+                               there, every step); a skipped step takes DeepSpeed's own overflow
+                               path (gradients cleared, the step counted in
+                               `engine.skipped_steps`, no scheduler step)
+
+The guard's verdict reaches DeepSpeed without a host read of ours: ZeRO 1/2 read their gradient
+norm on the host every step to find overflows (fp32 and fp16; bf16 with `check_grad_overflow`), so
+the norm they read is replaced by inf where the guard rejects (`torch.where`), and DeepSpeed's
+own check takes the overflow path. Where DeepSpeed reads nothing (ZeRO 0's torch optimizer, ZeRO
+with bf16 without the overflow check) the basic optimizer steps through `bucketed_step`, which
+keeps the old weights and state on the device; DeepSpeed then counts the step as applied and
+steps its scheduler.
 
 The configuration comes from a `"stability_monitor"` block of the DeepSpeed config or from our
 YAML; the monitor also writes through DeepSpeed's own monitor backends (TensorBoard, W&B, CSV
 configured in the DeepSpeed config) with the monitor's `DeepSpeedMonitorSink`.
 `save_checkpoint` / `load_checkpoint` keep the monitor's state in DeepSpeed checkpoints
-(`client_state`). `megatron_gate.monitor.deepspeed.DeepSpeedStabilityHook` is the variant for
-loops that hand each step to the monitor; this module hooks an unchanged loop, the pipeline
-engine's `train_batch` included.
+(`client_state`). This is the one DeepSpeed entry point: it hooks an unchanged loop, the
+pipeline engine's `train_batch` included.
 """
 
 from __future__ import annotations
@@ -35,8 +43,9 @@ from typing import Any
 import torch
 
 from megatron_gate.megatron_lm.patching import wrap
-from megatron_gate.monitor import Decision, MonitorConfig, RollbackRequest, StabilityMonitor
-from megatron_gate.monitor.deepspeed import DeepSpeedMonitorSink
+from megatron_gate.monitor import Decision, MonitorConfig, RollbackRequest, StabilityMonitor, schema
+from megatron_gate.monitor.guarded_step import guarded_inner_step
+from megatron_gate.monitor.sinks.base import Sink
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +71,70 @@ def monitor_config_from(
     ):
         return MonitorConfig.from_dict(source.get(DS_CONFIG_KEY) or {})
     return MonitorConfig.from_dict(source)
+
+
+class DeepSpeedMonitorSink(Sink):
+    """Writes step values and events with `engine.monitor.write_events([(tag, value, step)])`
+    (DeepSpeed's own backends: TensorBoard, W&B, CSV, Comet of the DeepSpeed config)."""
+
+    name = "deepspeed"
+
+    def __init__(self, deepspeed_monitor: Any) -> None:
+        self.deepspeed_monitor = deepspeed_monitor
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Translate one record into DeepSpeed monitor events."""
+        step = record.get("step")
+        events: list[tuple[str, float, int]] = []
+        if record["kind"] == "step":
+            for name, value in record["scalars"].items():
+                if value is not None:
+                    events.append((schema.tensorboard_tag(name), float(value), step))
+            for name, values in (record.get("layers") or {}).items():
+                for index, value in enumerate(values):
+                    if value is not None:
+                        events.append((schema.tensorboard_tag(name, index + 1), float(value), step))
+        elif record["kind"] == "event":
+            tag = schema.tensorboard_tag(f"events/{record['detector']}")
+            events.append((tag, float(record["value"]), step))
+        if events:
+            self.deepspeed_monitor.write_events(events)
+
+
+def _reads_overflow(optimizer: Any) -> bool:
+    """Whether a ZeRO 1/2 optimizer reads its gradient norm on the host to find overflows."""
+    return (
+        callable(getattr(optimizer, "scaled_global_norm", None))
+        and bool(getattr(optimizer, "compute_grad_norm", False))
+        and (
+            getattr(optimizer, "dtype", None) != torch.bfloat16
+            or bool(getattr(optimizer, "check_grad_overflow", False))
+        )
+    )
+
+
+@contextlib.contextmanager
+def _guarded_update(optimizer: Any, accept: torch.Tensor | None) -> Iterator[None]:
+    """Apply the guard's verdict to the engine's next optimizer step (see the module doc)."""
+    if accept is None:
+        yield
+        return
+    if _reads_overflow(optimizer):
+        norm = optimizer.scaled_global_norm
+
+        def rejected_is_overflow(*args: Any, **kwargs: Any) -> torch.Tensor:
+            value = torch.as_tensor(norm(*args, **kwargs), device=accept.device)
+            return torch.where(accept, value, torch.full_like(value, float("inf")))
+
+        optimizer.scaled_global_norm = rejected_is_overflow
+        try:
+            yield
+        finally:
+            del optimizer.scaled_global_norm
+        return
+    basic = optimizer if isinstance(optimizer, torch.optim.Optimizer) else optimizer.optimizer
+    with guarded_inner_step(basic, accept=accept):
+        yield
 
 
 @contextlib.contextmanager
@@ -147,8 +220,7 @@ class DeepSpeedStabilityMonitor:
         return self.loss_sum / max(self.micro_batches, 1)
 
     def _end(self) -> Decision:
-        if self.step is None:
-            self._begin()
+        self._begin()  # a no-op when forward already began this step
         optimizer = self.engine.optimizer
         self.decision = self.monitor.end_step(
             self.step,
@@ -184,7 +256,8 @@ class DeepSpeedStabilityMonitor:
                                    "step %d (%s).", decision.step, decision.action)  # fmt: skip
                     with _skipped_update(engine.optimizer):
                         return original(*args, **kwargs)
-                return original(*args, **kwargs)
+                with _guarded_update(engine.optimizer, decision.accept):
+                    return original(*args, **kwargs)
 
             return take_model_step
 

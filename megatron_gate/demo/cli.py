@@ -25,6 +25,7 @@ from megatron_gate.demo.trainer import (
     execute,
 )
 from megatron_gate.monitor import MonitorConfigError
+from megatron_gate.monitor.actions import ABORT_EXIT_CODE
 
 DEFAULTS = TrainConfig(
     layers=4,
@@ -201,7 +202,8 @@ def finish(
 
 
 def run(args: argparse.Namespace) -> int:
-    """Validate, train baseline then gated, write the report; exit code 130 on Ctrl-C."""
+    """Validate, train baseline then gated, write the report; exit code 130 on Ctrl-C, 3 when
+    the monitor aborts."""
     try:
         config = train_config(args, DEFAULTS, lr=args.lr, seed=args.seed)
         validate(config)
@@ -231,10 +233,11 @@ def run(args: argparse.Namespace) -> int:
         f"{config.batch_size}, {config.steps} steps at lr {config.lr:g}, tp {config.tp}",
         file=sys.stderr,
     )
-    interrupted = False
+    interrupted, aborted = False, False
     try:
         results = execute(plan)
         interrupted = any(r.status == "interrupted" for r in results)
+        aborted = any(r.abort_reason is not None for r in results)
     except KeyboardInterrupt:
         interrupted = True
     settings = {**vars(args), "data": corpus.name, "warmup_steps": config.warmup}
@@ -243,4 +246,8 @@ def run(args: argparse.Namespace) -> int:
     if interrupted:
         print("Interrupted: the report covers what finished.", file=sys.stderr)
         return 130
+    if aborted:
+        print("Aborted by the stability monitor (its checkpoint is saved); later runs did not "
+              "start.", file=sys.stderr)  # fmt: skip
+        return ABORT_EXIT_CODE
     return 0

@@ -9,7 +9,9 @@ Each run gets `out_dir/<variant>/` holding `stability.jsonl` (the monitor schema
 `megatron_gate.cpu`; `tp > 1` spawns one gloo process per tensor-parallel rank
 (`megatron_gate.distributed.launch`). On a GPU, Transformer Engine layers are used when present.
 Ctrl-C stops the current run cleanly: its last checkpoint and JSONL stay whole, its status is
-"interrupted", and later runs are skipped.
+"interrupted", and later runs are skipped. The monitor's guard skips non-finite and spiking
+updates; its `abort` action saves a checkpoint, ends the run "aborted" and stops later runs (the
+command exits 3); `rollback` reloads the last checkpoint.
 """
 
 from __future__ import annotations
@@ -117,6 +119,8 @@ class RunResult:
     final_validation_loss: float = float("nan")
     spikes: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    abort_reason: str | None = None
+    """Why the monitor aborted the run (`abort` action), else None."""
 
 
 class StopTraining(Exception):
@@ -369,6 +373,121 @@ def append_validation(run_dir: Path, step: int, loss: float) -> None:
         file.write(line)
 
 
+class DemoRun:
+    """One variant's model, optimizer and monitor, and the loop's steps over them.
+
+    Actions really happen: `rollback` reloads the last complete checkpoint (weights and
+    optimizer; the batches since are not replayed), `abort` saves one and ends the run
+    (`StabilityAbort`). The learning-rate schedule advances only with applied updates.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        variant: Variant,
+        corpus: Corpus,
+        *,
+        run_dir: Path,
+        monitor_config: Any,
+        rank: int,
+    ) -> None:
+        from megatron_gate.monitor import StabilityMonitor
+
+        self.config, self.variant, self.run_dir, self.rank = config, variant, run_dir, rank
+        device = _device(rank)
+        self.model = build_model(config, variant, vocab_size=corpus.vocab_size, device=device)
+        self.optimizer = build_optimizer(self.model, config)
+        self.batches = BatchSampler(
+            corpus.train, seq_len=config.seq_len, batch_size=config.batch_size, seed=config.seed
+        )
+        self.eval_set = validation_batches(
+            corpus.validation, seq_len=config.seq_len, batch_size=config.batch_size,
+            num_batches=config.eval_batches,
+        )  # fmt: skip
+        self.writer = rank == 0
+        if self.writer:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        self.meta = {"variant": dataclasses.asdict(variant), "config": dataclasses.asdict(config)}
+        self.step = 0
+        self.applied = 0
+        """Updates applied so far (skipped steps do not advance the learning-rate schedule)."""
+        self.losses: list[float] = []
+        self.monitor = StabilityMonitor(
+            monitor_config or demo_monitor_config(layer_interval=config.log_interval),
+            models=[self.model], run_dir=run_dir, run_name=variant.name, optimizer=self.optimizer,
+            on_rollback=self.rollback, on_abort=self.save_before_abort,
+            model_info={**model_info(config, variant, device=device),
+                        "train": dataclasses.asdict(config), "data": corpus.name},
+        )  # fmt: skip
+
+    def train_step(self, step: int, result: RunResult) -> dict[str, float]:
+        """Forward, backward, the monitor's check and (unless skipped) the update."""
+        self.step = step
+        lr = self.config.learning_rate(self.applied + 1)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        tokens, labels = self.batches.next()
+        self.monitor.start_step(step)
+        loss = token_loss(self.model, tokens, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = float(grad_norm(self.model))
+        decision = self.monitor.end_step(
+            step, loss=loss.detach(), grad_norm=norm, learning_rate=lr, tokens=tokens.numel()
+        )
+        result.spikes = _count_spikes(result.spikes, decision.events)
+        loss_value = float(loss.detach())
+        self.losses.append(loss_value)
+        # The demo reads its loss and grad norm on the host every step anyway: reading the
+        # guard's flag as well costs no extra synchronisation and keeps the schedule exact.
+        applies = decision.accept is None or bool(decision.accept)
+        if applies and not decision.skip_step and decision.rollback is None:
+            clip_gradients(self.model, max_norm=self.config.clip_grad, norm=norm)
+            self.monitor.step_optimizer(self.optimizer, decision)
+            self.applied += 1
+        return {"loss": loss_value, "grad_norm": norm}
+
+    def evaluate(self, step: int, result: RunResult) -> None:
+        """Validation loss every `eval_interval` steps and at the end."""
+        if step % self.config.eval_interval == 0 or step == self.config.steps:
+            result.final_validation_loss = validation_loss(self.model, self.eval_set)
+            if self.writer:
+                append_validation(self.run_dir, step, result.final_validation_loss)
+
+    def checkpoint(self, step: int) -> None:
+        """Save model, optimizer, monitor state and the applied-update count (every rank)."""
+        extra = {"monitor": self.monitor.state_dict(), "applied": self.applied}
+        save_checkpoint(self.run_dir, model=self.model, optimizer=self.optimizer, step=step,
+                        rank=self.rank, meta=self.meta, extra=extra)  # fmt: skip
+
+    def rollback(self, request: Any) -> None:
+        """Reload the last complete checkpoint (every rank; the data position goes on)."""
+        latest = latest_checkpoint(self.run_dir)
+        if latest is None:
+            _say(f"{self.variant.name}: rollback asked at step {request.step} ({request.reason}) "
+                 "but no checkpoint exists yet; the step is skipped instead.")  # fmt: skip
+            return
+        meta, folder = latest
+        state = torch.load(folder / f"tp_rank_{self.rank:02d}.pt", map_location="cpu",
+                           weights_only=True)  # fmt: skip
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.applied = int(state.get("applied", meta["step"]))
+        _say(f"{self.variant.name}: rolled back to step {meta['step']} after a spike at step "
+             f"{request.spike_step} ({request.reason}); the batches since are not replayed.")  # fmt: skip
+
+    def save_before_abort(self, reason: str) -> None:
+        """Save the state of the last applied update before the run ends."""
+        if self.config.write_checkpoints and self.step > 1:
+            self.checkpoint(self.step - 1)
+        _say(f"{self.variant.name}: aborted at step {self.step}: {reason}")
+
+
+def _say(message: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"megatron-gate demo: {message}", file=sys.stderr, flush=True)
+
+
 def train_variant(
     config: TrainConfig,
     variant: Variant,
@@ -379,96 +498,46 @@ def train_variant(
     rank: int = 0,
     progress: bool = True,
 ) -> RunResult:
-    """Train one variant with the stability monitor on.
+    """Train one variant with the stability monitor (and its guard) on.
 
-    Never raises for a divergence (the run ends "aborted") or Ctrl-C (it ends "interrupted").
+    Never raises for an abort (the run ends "aborted") or Ctrl-C (it ends "interrupted").
     """
-    from megatron_gate.monitor import StabilityAbort, StabilityMonitor
+    from megatron_gate.monitor import StabilityAbort
 
-    device = _device(rank)
-    model = build_model(config, variant, vocab_size=corpus.vocab_size, device=device)
-    optimizer = build_optimizer(model, config)
-    batches = BatchSampler(
-        corpus.train, seq_len=config.seq_len, batch_size=config.batch_size, seed=config.seed
-    )
-    eval_set = validation_batches(
-        corpus.validation,
-        seq_len=config.seq_len,
-        batch_size=config.batch_size,
-        num_batches=config.eval_batches,
-    )
-    writer = rank == 0
-    if writer:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    monitor = StabilityMonitor(
-        monitor_config or demo_monitor_config(layer_interval=config.log_interval),
-        models=[model],
-        run_dir=run_dir,
-        run_name=variant.name,
-        optimizer=optimizer,
-        model_info={**model_info(config, variant, device=device),
-                    "train": dataclasses.asdict(config), "data": corpus.name},
-    )  # fmt: skip
-    meta = {"variant": dataclasses.asdict(variant), "config": dataclasses.asdict(config)}
-
-    def checkpoint(step: int) -> None:
-        state = {"monitor": monitor.state_dict()}
-        save_checkpoint(run_dir, model=model, optimizer=optimizer, step=step, rank=rank,
-                        meta=meta, extra=state)  # fmt: skip
-
-    bar = Progress(variant.name, config.steps, enabled=progress and writer)
+    run = DemoRun(config, variant, corpus, run_dir=run_dir, monitor_config=monitor_config,
+                  rank=rank)  # fmt: skip
+    bar = Progress(variant.name, config.steps, enabled=progress and run.writer)
     result = RunResult(name=variant.name, run_dir=str(run_dir), status="failed", steps_done=0)
-    start, losses, step = time.time(), [], 0
+    start = time.time()
     try:
         for step in range(1, config.steps + 1):
-            lr = config.learning_rate(step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            tokens, labels = batches.next()
-            monitor.start_step(step)
-            loss = token_loss(model, tokens, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            norm = float(grad_norm(model))
-            decision = monitor.end_step(
-                step, loss=loss.detach(), grad_norm=norm, learning_rate=lr, tokens=tokens.numel()
-            )
-            result.spikes = _count_spikes(result.spikes, decision.events)
-            loss_value = float(loss.detach())
-            losses.append(loss_value)
+            shown = run.train_step(step, result)
             result.steps_done = step
-            if step == 1:
-                result.initial_loss = loss_value
-            if not (math.isfinite(loss_value) and math.isfinite(norm)):
-                # The weights are lost: stop here rather than train on NaN.
-                result.status = "aborted"
-                break
-            if not decision.skip_step:
-                clip_gradients(model, max_norm=config.clip_grad, norm=norm)
-                optimizer.step()
-            if step % config.eval_interval == 0 or step == config.steps:
-                result.final_validation_loss = validation_loss(model, eval_set)
-                if writer:
-                    append_validation(run_dir, step, result.final_validation_loss)
+            run.evaluate(step, result)
             if config.write_checkpoints and step % config.checkpoint_interval == 0:
-                checkpoint(step)
-            bar.update(step, loss=loss_value, grad_norm=norm)
-        else:
-            result.status = "completed"
+                run.checkpoint(step)
+            bar.update(step, **shown)
+        result.status = "completed"
     except KeyboardInterrupt:
         result.status = "interrupted"
-    except StabilityAbort:
-        result.status = "aborted"
+    except StabilityAbort as abort:
+        result.status, result.abort_reason = "aborted", abort.reason
     finally:
         if config.write_checkpoints and _may_save_at_end(result, tp=config.tp):
-            checkpoint(result.steps_done)
-        monitor.close(result.status)
+            run.checkpoint(result.steps_done)
+        run.monitor.close(result.status)
         bar.close(result.status)
+    _summarise(result, run.losses, start=start)
+    return result
+
+
+def _summarise(result: RunResult, losses: list[float], *, start: float) -> None:
+    if losses:
+        result.initial_loss = losses[0]
     finite_losses = [v for v in losses[-FINAL_LOSS_WINDOW:] if math.isfinite(v)]
     if result.status != "aborted" and finite_losses:
         result.final_train_loss = sum(finite_losses) / len(finite_losses)
     result.seconds = time.time() - start
-    return result
 
 
 def _may_save_at_end(result: RunResult, *, tp: int) -> bool:
@@ -532,8 +601,8 @@ def run_plan(plan: RunPlan, *, rank: int = 0) -> list[RunResult]:
         results.append(result)
         if plan.progress == "line" and rank == 0:
             print(_run_line(index, len(plan.runs), config, result), file=sys.stderr, flush=True)
-        if result.status == "interrupted":
-            break
+        if result.status == "interrupted" or result.abort_reason is not None:
+            break  # Ctrl-C or the monitor's abort: no later run starts
     return results
 
 

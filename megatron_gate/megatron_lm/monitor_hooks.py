@@ -6,9 +6,11 @@ Where each monitor call sits in Megatron's `train_step` (iteration `n`, 1-based 
       forward_backward    -> this rank's loss, kept on the device
       optimizer.step
         clip_grad_norm / get_grad_norm -> the global grad norm Megatron computes anyway
-        step_with_ready_grads -> monitor.end_step(n, ...)      (before the update is applied)
-                                 skip / rollback: the update is not applied (counted by Megatron
-                                 as a skipped iteration); lr back-off: the monitor scales the lrs
+        step_with_ready_grads -> monitor.end_step(n, ...)      (before the update is applied; the
+                                 guard runs there, every step)
+                                 skip / rollback / the guard rejects: the update is not applied
+                                 (Megatron counts a skipped iteration and does not step its
+                                 scheduler); lr back-off: the monitor scales the lrs
     generate_state_dict   -> the monitor's state goes into every Megatron checkpoint
     _load_base_checkpoint -> and comes back on resume
 
@@ -33,6 +35,7 @@ import torch.distributed as dist
 
 from megatron_gate.megatron_lm.patching import wrap
 from megatron_gate.monitor import Decision, MonitorConfig, RollbackRequest, StabilityMonitor
+from megatron_gate.monitor.guarded_step import guarded_inner_step
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +130,31 @@ class MegatronLoopMonitor:
                 tokens=self.tokens_per_step,
             )
         return step.decision
+
+    def applies(self, decision: Decision) -> bool:
+        """Whether the update of `decision`'s step is applied (all ranks agree)."""
+        if decision.skip_step or decision.rollback is not None:
+            return False
+        # Megatron has just read the global grad norm on the host (clip_grad_norm and
+        # get_grad_norm end in .item()) and reads the step's success right after this call: the
+        # guard's flag is read here, next to those reads, and adds no synchronisation point.
+        return decision.accept is None or bool(decision.accept)
+
+    @contextlib.contextmanager
+    def measuring_update(self, step: int) -> Iterator[None]:
+        """Measure the update norm of `step` from the inner torch optimizers' buckets."""
+        monitor = self.monitor
+        optimizers = _inner_optimizers(self.optimizer) if monitor.measures_update(step) else None
+        if not optimizers:
+            yield
+            return
+        monitor.update_norm.begin()
+        with contextlib.ExitStack() as stack:
+            for inner, aliases in optimizers:
+                monitor.update_norm.aliases.update(aliases)
+                stack.enter_context(guarded_inner_step(inner, on_bucket=monitor.update_norm.add))
+            yield
+        monitor.update_norm.finish()
 
     # ------------------------------------------------------------------ actions
     def rollback(self, request: RollbackRequest) -> None:
@@ -270,9 +298,12 @@ def _wrap_optimizer(optimizer: Any, loop: MegatronLoopMonitor) -> None:
     def decide_then_step(original: Any) -> Any:
         def step_with_ready_grads(*args: Any, **kwargs: Any) -> Any:
             decision = loop.end()
-            if decision is not None and (decision.skip_step or decision.rollback is not None):
-                return False
-            return original(*args, **kwargs)
+            if decision is None:
+                return original(*args, **kwargs)
+            if not loop.applies(decision):
+                return False  # Megatron: a skipped iteration, no scheduler step
+            with loop.measuring_update(decision.step):
+                return original(*args, **kwargs)
 
         return step_with_ready_grads
 
@@ -280,6 +311,42 @@ def _wrap_optimizer(optimizer: Any, loop: MegatronLoopMonitor) -> None:
         if hasattr(optimizer, name):
             wrap([optimizer], name, capture)
     wrap([optimizer], "step_with_ready_grads", decide_then_step)
+
+
+def _inner_optimizers(optimizer: Any) -> list[tuple[Any, dict[int, int]]]:
+    """(torch optimizer, {id(main param): id(model param)}) under Megatron's optimizer.
+
+    FP32Optimizer steps the model parameters themselves; the fp16/bf16 optimizer steps fp32
+    copies, paired group by group with the model's. The distributed optimizer steps shards of
+    the parameters, which the update norm does not map to layers: it is not measured there.
+    """
+    result = []
+    for sub in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
+        inner = getattr(sub, "optimizer", None)
+        if inner is None or not hasattr(inner, "param_groups"):
+            continue
+        if hasattr(sub, "shard_fp32_from_float16_groups"):  # the distributed optimizer
+            _warn_once_update_norm()
+            continue
+        aliases: dict[int, int] = {}
+        pairs = zip(getattr(sub, "fp32_from_float16_groups", []),
+                    getattr(sub, "float16_groups", []), strict=False)  # fmt: skip
+        for main_group, model_group in pairs:
+            aliases.update(
+                {id(main): id(model) for main, model in zip(main_group, model_group, strict=True)}
+            )
+        result.append((inner, aliases))
+    return result
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once_update_norm() -> None:
+    if "update_norm" not in _WARNED:
+        _WARNED.add("update_norm")
+        logger.warning("megatron-gate: the update norm is not measured with the distributed "
+                       "optimizer (it steps parameter shards); it is reported as null.")  # fmt: skip
 
 
 def _iteration(kwargs: dict[str, Any]) -> int:

@@ -1,4 +1,5 @@
-"""Stability monitor: collectors -> one reduction -> detectors -> actions -> sinks.
+"""Stability monitor: collectors -> one reduction -> detectors -> actions -> sinks, and every
+step the guard (finite and spike tests on the device -> one flag -> `torch.where` step).
 
     from megatron_gate.monitor import MonitorConfig, StabilityMonitor
 
@@ -8,8 +9,7 @@
         monitor.start_step(step)
         loss = train_forward_backward(...)
         decision = monitor.end_step(step, loss=loss, grad_norm=grad_norm, tokens=tokens)
-        if not decision.skip_step:
-            optimizer.step()
+        monitor.step_optimizer(optimizer, decision)   # skips; the guard's verdict on the device
     monitor.close()
 
 See docs/monitor.md.
@@ -27,6 +27,7 @@ _LAZY = {
     "StabilityAbort": "megatron_gate.monitor.actions",
     "DetectorConfig": "megatron_gate.monitor.config",
     "DetectorsConfig": "megatron_gate.monitor.config",
+    "GuardConfig": "megatron_gate.monitor.config",
     "MonitorConfig": "megatron_gate.monitor.config",
     "MonitorConfigError": "megatron_gate.monitor.config",
     "SinksConfig": "megatron_gate.monitor.config",

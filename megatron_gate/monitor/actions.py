@@ -5,7 +5,8 @@ action its events asked for (an LR back-off and a skipped step can come together
 
 - skip_step: the loop does not apply this step's optimizer update. Events found on earlier,
   unlogged steps (read at the log step, `log_interval` > 1) cannot be skipped any more: they
-  are reported as alerts and say so.
+  are reported as alerts and say so, unless the on-device guard (`guard.py`) already skipped
+  that step.
 - lr_backoff: `LearningRateBackoff` scales the optimizer's learning rates by a factor for K
   steps, then restores them. It works with any object that has `param_groups` (torch
   optimizers, Megatron's `MegatronOptimizer`/`ChainedOptimizer`), and follows schedulers that
@@ -20,6 +21,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
+
+import torch
 
 from megatron_gate.monitor.detectors import Event
 
@@ -75,6 +78,9 @@ class Decision:
     """Stop training; the reason."""
     events: tuple[Event, ...] = field(default_factory=tuple)
     """Everything detected (all severities), including earlier unlogged steps."""
+    accept: torch.Tensor | None = None
+    """The guard's verdict on this step, a 0-dim bool on the device (None: no guard). Not read
+    by the monitor: `StabilityMonitor.step_optimizer` applies it with `torch.where`."""
 
     @property
     def action(self) -> str:
@@ -121,6 +127,13 @@ class LearningRateBackoff:
         if scale == 1.0:
             self._groups.clear()
 
+    def base_of(self, learning_rate: float, *, group: int = 0) -> float:
+        """The scheduler's learning rate behind a group's `learning_rate` (undoing our scale)."""
+        state = self._groups.get(group)
+        return (
+            state["base"] if state is not None and learning_rate == state["set"] else learning_rate
+        )
+
     def advance(self) -> None:
         """Count one step of the back-off."""
         self.remaining = max(0, self.remaining - 1)
@@ -143,11 +156,18 @@ class ActionPolicy:
         self.max_rollbacks = max_rollbacks
         self.rollbacks = 0
 
-    def decide(self, step: int, events: Sequence[Event]) -> tuple[Decision, list[Event]]:
-        """The decision for `step` and the events as acted on (late skips become alerts)."""
+    def decide(
+        self, step: int, events: Sequence[Event], *, guard_skipped: frozenset[int] = frozenset()
+    ) -> tuple[Decision, list[Event]]:
+        """The decision for `step` and the events as acted on (late skips become alerts, except
+        on the steps in `guard_skipped`, whose update the guard did not apply)."""
         acted: list[Event] = []
         decision = Decision(step=step)
         for event in events:
+            if event.action == "skip_step" and event.step in guard_skipped and event.step != step:
+                event = replace(event, message=f"{event.message} (skipped by the guard)")
+                acted.append(event)
+                continue
             if event.action == "skip_step" and event.step != step:
                 event = replace(
                     event,

@@ -5,7 +5,8 @@
   and the attention-sink probe (a forward pre-hook on `self_attention.core_attention`, which
   sees query and key after RoPE). Hooks are registered by `arm()` on per-layer steps only and
   removed by `disarm()`: other steps pay nothing.
-- `ParameterCollector`: per-layer gradient and update sums of squares.
+- `ParameterCollector`: per-layer gradient sums of squares, and which parameters this rank
+  counts (the update norm, `update_norm.UpdateNorm`, is measured by the optimizer step).
 - `ScalarBuffer`: per-step scalars written into a device buffer (no `.item()`), read once per
   log interval.
 
@@ -26,6 +27,7 @@ import torch
 from megatron_gate.monitor import schema
 from megatron_gate.monitor.probe import probe_attention, sample_positions
 from megatron_gate.monitor.reduction import PackLayout
+from megatron_gate.monitor.update_norm import UpdateNorm
 
 logger = logging.getLogger(__name__)
 
@@ -388,7 +390,7 @@ def _softmax_scale(core: torch.nn.Module, head_dim: int) -> float:
 
 # ---------------------------------------------------------------------- parameters
 class ParameterCollector:
-    """Per-layer gradient and update sums of squares, each parameter counted once across ranks.
+    """Per-layer gradient sums of squares, each parameter counted once across ranks.
 
     All parameters of this rank form one flat list with a group index per parameter (layer
     i + 1 -> i, everything else -> `num_layers`), so that one `_foreach_norm` and one
@@ -419,9 +421,7 @@ class ParameterCollector:
                     in_layers.add(id(param))
                     self.params.append(param)
                     self.groups.append(num_layers)
-        self._snapshot: list[torch.Tensor] | None = None
         self._index_cache: dict[tuple[tuple[int, ...], str], torch.Tensor] = {}
-        self.update_sumsq: torch.Tensor | None = None  # [num_layers + 1], last entry: the rest
 
     @staticmethod
     def _counted_here(param: torch.nn.Parameter, position: RankPosition) -> bool:
@@ -457,30 +457,9 @@ class ParameterCollector:
         with torch.no_grad():
             return self._group_sumsq(grads, groups, device)
 
-    def take_snapshot(self) -> None:
-        """Copy the parameters (before an optimizer step whose update will be measured)."""
-        if self.params:
-            with torch.no_grad():  # no per-parameter detach: one foreach copy
-                self._snapshot = list(torch._foreach_mul(self.params, 1.0))
-
-    def measure_update(self, device: torch.device) -> None:
-        """`update_sumsq` = per-layer ||p_now - p_snapshot||^2; drops the snapshot."""
-        if self._snapshot is None:
-            return
-        with torch.no_grad():
-            # snapshot - now = -update, in place: no third copy of the parameters
-            torch._foreach_sub_(self._snapshot, self.params)
-            self.update_sumsq = self._group_sumsq(self._snapshot, self.groups, device)
-        self._snapshot = None
-
-    def discard_snapshot(self) -> None:
-        """Forget a pending snapshot (the parameters were reloaded, e.g. by a rollback)."""
-        self._snapshot = None
-
-    @property
-    def has_snapshot(self) -> bool:
-        """A snapshot is waiting for its update to be measured."""
-        return self._snapshot is not None
+    def update_norm(self, device: torch.device) -> UpdateNorm:
+        """An `UpdateNorm` over this rank's counted parameters (measured by `bucketed_step`)."""
+        return UpdateNorm(self.params, self.groups, num_layers=self.num_layers, device=device)
 
 
 def _grad(param: torch.nn.Parameter) -> torch.Tensor | None:

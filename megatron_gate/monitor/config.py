@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -73,6 +74,41 @@ class DetectorsConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class GuardConfig:
+    """The per-step guard: which updates it skips on the device (see docs/monitor.md, "Guard").
+
+    The defaults skip only what is certainly bad: non-finite values, and spikes at high
+    confidence (robust z > 8 AND more than 50% above the recent level).
+    """
+
+    enabled: bool = True
+    """Run the guard every step (one small all_reduce per step when distributed)."""
+    skip_non_finite: bool = True
+    """Skip a step whose loss or grad norm is NaN or Inf."""
+    skip_loss_spikes: bool = True
+    """Skip a step whose loss is a spike (the test below)."""
+    skip_grad_norm_spikes: bool = True
+    """Skip a step whose grad norm is a spike (the test below)."""
+    z_threshold: float = 8.0
+    """Robust z-score of the log-value (median and 1.4826 x MAD of the history) above which a
+    value may be a spike."""
+    min_relative_jump: float = 0.5
+    """And the value must exceed its recent level (the median) by more than this fraction."""
+    window: int = 128
+    """Accepted log-values kept for the statistics."""
+    min_history: int = 32
+    """Accepted values needed before the spike tests can fire (a warm-up)."""
+    scale_floor: float = 0.01
+    """Lower bound of the robust scale, in log units (about 1%)."""
+    max_consecutive_skips: int = 5
+    """After this many consecutive spike skips of one signal, the next value is taken as a new
+    level: accepted, and the signal's history restarts from it."""
+    bucket_bytes: int = 64 * 2**20
+    """Parameter bytes per bucket of the guarded optimizer step (peak extra memory: one bucket
+    of parameters plus their optimizer state)."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class SinksConfig:
     """Where records go. JSONL (`<run_dir>/stability.jsonl`) is always written."""
 
@@ -107,8 +143,8 @@ class MonitorConfig:
     probe_queries: int = 8
     """Query positions per head sampled by the attention-sink probe (0 turns it off)."""
     update_norm: bool = True
-    """Measure the per-layer update norm (copies the layer parameters on the step before a
-    per-layer step)."""
+    """Measure the exact per-layer update norm of the step before a per-layer step (from the
+    guarded step's buckets: no copy of the parameters; needs `step_optimizer`)."""
     lr_backoff_factor: float = 0.5
     """Learning-rate multiplier while an `lr_backoff` action is active."""
     lr_backoff_steps: int = 100
@@ -119,6 +155,8 @@ class MonitorConfig:
     """Rollbacks allowed per run; after that a rollback action aborts."""
     detectors: DetectorsConfig = field(default_factory=DetectorsConfig)
     """Detector thresholds and actions."""
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    """The per-step guard (skips updates on the device, every step)."""
     sinks: SinksConfig = field(default_factory=SinksConfig)
     """Outputs besides JSONL."""
 
@@ -203,7 +241,7 @@ class MonitorConfig:
 
 
 # ---------------------------------------------------------------------- validation
-_SECTIONS = (DetectorConfig, DetectorsConfig, SinksConfig, MonitorConfig)
+_SECTIONS = (DetectorConfig, DetectorsConfig, GuardConfig, SinksConfig, MonitorConfig)
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -286,6 +324,22 @@ def _validate_detector(name: str, detector: DetectorConfig) -> None:
     _require(detector.warmup_steps >= 1, f"{key}.warmup_steps", "must be >= 1.")
 
 
+def _validate_guard(guard: GuardConfig) -> None:
+    finite = math.isfinite
+    _require(finite(guard.z_threshold) and guard.z_threshold > 0, "guard.z_threshold",
+             "must be a finite number > 0.")  # fmt: skip
+    _require(finite(guard.min_relative_jump) and guard.min_relative_jump > 0,
+             "guard.min_relative_jump", "must be a finite number > 0.")  # fmt: skip
+    _require(8 <= guard.window <= 4096, "guard.window", "must be between 8 and 4096.")
+    _require(1 <= guard.min_history <= guard.window, "guard.min_history",
+             f"must be between 1 and window ({guard.window}).")  # fmt: skip
+    _require(finite(guard.scale_floor) and guard.scale_floor > 0, "guard.scale_floor",
+             "must be a finite number > 0.")  # fmt: skip
+    _require(guard.max_consecutive_skips >= 1, "guard.max_consecutive_skips", "must be >= 1.")
+    _require(2**10 <= guard.bucket_bytes <= 2**40, "guard.bucket_bytes",
+             "must be between 1 KiB and 1 TiB.")  # fmt: skip
+
+
 def _validate(config: MonitorConfig) -> None:
     _require(config.log_interval >= 1, "log_interval", "must be >= 1.")
     _require(
@@ -298,6 +352,7 @@ def _validate(config: MonitorConfig) -> None:
     _require(config.lr_backoff_steps >= 1, "lr_backoff_steps", "must be >= 1.")
     _require(config.rollback_skip_batches >= 0, "rollback_skip_batches", "must be >= 0.")
     _require(config.max_rollbacks >= 0, "max_rollbacks", "must be >= 0.")
+    _validate_guard(config.guard)
     for detector in dataclasses.fields(DetectorsConfig):
         _validate_detector(detector.name, getattr(config.detectors, detector.name))
     _require(

@@ -10,6 +10,9 @@
 
 Batches are addressed by a data index; a rollback reloads the newest checkpoint saved before
 the spiking step and never replays the batches of the steps in `RollbackRequest.skip_steps`.
+Every update goes through `monitor.step_optimizer`: a step the guard rejects (a NaN loss, a
+spike) leaves the weights and the optimizer state bit-identical, with no host read; the steps
+the logged path skips are listed in `LoopResult.skipped_steps` (the guard's are events).
 """
 
 from __future__ import annotations
@@ -61,8 +64,8 @@ class CheckpointStore:
         return earlier[-1] if earlier else None
 
     def load(self, step: int) -> dict[str, Any]:
-        """Read the checkpoint of `step`."""
-        return torch.load(self.path(step), weights_only=False)
+        """Read the checkpoint of `step` (tensors and plain values only: no code from files)."""
+        return torch.load(self.path(step), weights_only=True)
 
 
 @dataclass
@@ -116,6 +119,7 @@ def train_with_monitor(
     """
     result = LoopResult()
     step, data_index = 0, 0
+    losses: dict[int, torch.Tensor] = {}
 
     def save(at_step: int) -> None:
         if checkpoints is not None:
@@ -142,16 +146,15 @@ def train_with_monitor(
             decision = monitor.end_step(
                 step, loss=loss.detach(), grad_norm=grad_norm, tokens=tokens_per_step
             )
-            result.losses[step] = float(loss.detach())
+            losses[step] = loss.detach()  # read once at the end: no host read per step
             if decision.rollback is not None and checkpoints is not None:
                 step, data_index = _rollback(
                     decision.rollback, model, optimizer, checkpoints, result
                 )
                 continue
-            if decision.skip_step:
+            # The guard's verdict is applied on the device; host-known skips do not step.
+            if not monitor.step_optimizer(optimizer, decision):
                 result.skipped_steps.append(step)
-            else:
-                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             data_index += 1
             result.last_step = step
@@ -161,6 +164,7 @@ def train_with_monitor(
         status = "completed"
     finally:
         monitor.close(status if status == "completed" else "aborted")
+        result.losses = {at: float(value) for at, value in losses.items()}
     return result
 
 

@@ -3,10 +3,10 @@
     monitor.start_step(step)                       # arms layer hooks on per-layer steps
     loss = forward_backward(...)
     decision = monitor.end_step(step, loss=loss, grad_norm=..., tokens=...)
-    if not decision.skip_step:
-        optimizer.step()
+    monitor.step_optimizer(optimizer, decision)    # the guard's verdict applied on the device
 
-Per step, `end_step` writes the scalars into a device buffer (no host read). Every
+Per step, `end_step` writes the scalars into a device buffer and runs the guard (`guard.py`:
+finiteness and spike tests on the device, one small all_reduce; no host read). Every
 `log_interval` steps it packs the buffered scalars and, on per-layer steps, every layer
 statistic into one tensor, gathers it with ONE collective, and every rank runs the same pure
 detectors on the same numbers, so all ranks take the same decision. The writer rank feeds the
@@ -46,6 +46,8 @@ from megatron_gate.monitor.collectors import (
 )
 from megatron_gate.monitor.config import MonitorConfig
 from megatron_gate.monitor.detectors import DetectorSuite, Event
+from megatron_gate.monitor.guard import RECORD_COLUMNS, GuardVerdict, StepGuard, skip_event
+from megatron_gate.monitor.guarded_step import bucketed_step
 from megatron_gate.monitor.reduction import PackLayout, reduce_packed
 from megatron_gate.monitor.sinks import (
     ConsoleSink,
@@ -136,6 +138,11 @@ class StabilityMonitor:
         )
         self.buffer = ScalarBuffer(config.log_interval, self.device)
         self._rows = 0
+        self.update_norm = self.parameters.update_norm(self.device)
+        self.guard = self._build_guard()
+        self.skipped_steps = 0
+        """Steps the guard skipped so far (read at log steps)."""
+        self._lr_base: float | None = None
         self.layout = self._build_layout()
         self.detectors = DetectorSuite(config.detectors)
         self.policy = ActionPolicy(
@@ -163,6 +170,27 @@ class StabilityMonitor:
         )
 
     # ------------------------------------------------------------------ set-up
+    def _build_guard(self) -> StepGuard | None:
+        self._guard_rows = torch.full(
+            (self.config.log_interval, len(RECORD_COLUMNS)), -math.inf,
+            dtype=torch.float64, device=self.device,
+        )  # fmt: skip
+        if not self.config.guard.enabled:
+            return None
+        parameters, device = self.parameters, self.device
+
+        def gradient_norm() -> torch.Tensor:
+            # This rank's share of the gradients (each parameter counted on one rank): the
+            # ranks' flags are combined by max, so every gradient is checked somewhere.
+            return parameters.grad_sumsq(device).sum().sqrt()
+
+        return StepGuard(
+            self.config.guard,
+            device=self.device,
+            process_group=self.process_group,
+            gradient_norm=gradient_norm,
+        )
+
     def _build_layout(self) -> PackLayout:
         layout = PackLayout()
         scalars = len(schema.SCALARS)
@@ -174,6 +202,7 @@ class StabilityMonitor:
         layout.add("update/sumsq", self.num_layers + 1, "sum")
         layout.add("update/present", 1, "max")
         layout.add("layers/present", 1, "max")
+        layout.add("guard/rows", self.config.log_interval * len(RECORD_COLUMNS), "max")
         return layout
 
     def _build_sinks(self, tensorboard_writer: Any, extra: Sequence[Sink]) -> list[Sink]:
@@ -247,8 +276,6 @@ class StabilityMonitor:
             return False
         self.step = step
         try:
-            if self.parameters.has_snapshot:
-                self.parameters.measure_update(self.device)
             if self.is_layer_step(step):
                 self.layer_collector.arm()
                 self._layer_step = step
@@ -271,16 +298,19 @@ class StabilityMonitor:
 
         `loss` is this rank's loss (None on pipeline stages without one), `grad_norm` the
         global gradient norm when the loop has it, `tokens` the tokens the whole job
-        processed in this step. Apply the returned decision: skip the optimizer step when
-        `decision.skip_step`, reload when `decision.rollback` (unless `on_rollback` did).
+        processed in this step. Apply the returned decision with `step_optimizer` (it skips the
+        update when `decision.skip_step` and applies the guard's `decision.accept` on the
+        device); reload when `decision.rollback` (unless `on_rollback` did).
         """
         if not self.enabled:
             return Decision(step=step)
         self.step = step
+        row = min(self._rows, self.buffer.rows - 1)
         try:
             self._record(step, loss, grad_norm, learning_rate, loss_scale, tokens)
         except Exception as error:  # noqa: BLE001
             self._warn_once("record", error)
+        verdict = self._guard_step(row, loss, grad_norm)
         decision = Decision(step=step)
         if self.is_log_step(step) or self._rows >= self.config.log_interval:
             decision = self._flush(step)
@@ -288,12 +318,42 @@ class StabilityMonitor:
             self.backoff.apply(self.optimizer)
             decision = _with_scale(decision, self.backoff.scale)
             self.backoff.advance()
-            if self.config.update_norm and self.is_layer_step(step + 1):
-                self.parameters.take_snapshot()
         except Exception as error:  # noqa: BLE001
             self._warn_once("after_step", error)
+        if verdict is not None:
+            decision = replace(decision, accept=verdict.accept)
         self._act(decision)
         return decision
+
+    def step_optimizer(self, optimizer: Any, decision: Decision) -> bool:
+        """Apply `decision` to a torch optimizer's step; returns whether the step ran.
+
+        Host-known skips (`decision.skip_step`, a rollback) do not step at all; otherwise the
+        step runs through `bucketed_step`, which keeps the old weights and optimizer state where
+        the guard's `decision.accept` is False (on the device, no host read), and measures the
+        update norm on the step before a per-layer step.
+        """
+        if decision.skip_step or decision.rollback is not None:
+            return False
+        if not self.enabled:
+            optimizer.step()
+            return True
+        measuring = self.measures_update(decision.step)
+        if measuring:
+            self.update_norm.begin()
+        bucketed_step(
+            optimizer,
+            accept=decision.accept,
+            on_bucket=self.update_norm.add if measuring else None,
+            bucket_bytes=self.config.guard.bucket_bytes,
+        )
+        if measuring:
+            self.update_norm.finish(decision.accept)
+        return True
+
+    def measures_update(self, step: int) -> bool:
+        """Whether the update of `step` is measured (it is reported at the next layer step)."""
+        return self.enabled and self.config.update_norm and self.is_layer_step(step + 1)
 
     def close(self, status: str = "completed") -> None:
         """Flush buffered steps (on `completed`), write `run_end`, close sinks. Idempotent."""
@@ -322,6 +382,8 @@ class StabilityMonitor:
             "detectors": self.detectors.state_dict(),
             "policy": self.policy.state_dict(),
             "lr_backoff": self.backoff.state_dict(),
+            "guard": self.guard.state_dict() if self.guard is not None else {},
+            "skipped_steps": self.skipped_steps,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -334,6 +396,9 @@ class StabilityMonitor:
         self.detectors.load_state_dict(state.get("detectors", {}))
         self.policy.load_state_dict(state.get("policy", {}))
         self.backoff.load_state_dict(state.get("lr_backoff", {}))
+        if self.guard is not None and state.get("guard"):
+            self.guard.load_state_dict(state["guard"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
 
     # ------------------------------------------------------------------ internals
     def _record(
@@ -352,7 +417,12 @@ class StabilityMonitor:
         self._last_end = now
         if learning_rate is None and self.optimizer is not None:
             groups = getattr(self.optimizer, "param_groups", None)
-            learning_rate = float(groups[0]["lr"]) if groups else None
+            if groups:
+                learning_rate = self.backoff.base_of(float(groups[0]["lr"]))
+        # The rate in force for this step's update: the scheduler's, times the back-off.
+        self._lr_base = learning_rate
+        if learning_rate is not None:
+            learning_rate = learning_rate * self.backoff.scale
         if self._layer_step == step:
             self.layer_collector.disarm()
             self._grad_sumsq = self.parameters.grad_sumsq(self.device)
@@ -366,20 +436,33 @@ class StabilityMonitor:
         self.buffer.record(min(self._rows, self.buffer.rows - 1), step, scalars)
         self._rows = min(self._rows + 1, self.buffer.rows)
 
+    def _guard_step(self, row: int, loss: Any, grad_norm: Any) -> GuardVerdict | None:
+        """Run the guard (every rank, every step) and keep its verdict in the step buffer."""
+        if self.guard is None:
+            return None
+        try:
+            verdict = self.guard.check(loss=loss, grad_norm=grad_norm)
+            self._guard_rows[row] = verdict.record
+            return verdict
+        except Exception as error:  # noqa: BLE001 - the monitor never stops training
+            self._warn_once("guard", error)
+            return None
+
     def _packed_row(self) -> torch.Tensor:
         values_, present, non_finite = self.buffer.merged()
         values: dict[str, torch.Tensor] = {
             "scalars/sum": values_,
             "scalars/count": present,
             "scalars/non_finite": non_finite,
+            "guard/rows": self._guard_rows,
         }
         if self._layer_step is not None and self._layer_step == self.step:
             values.update(self.layer_collector.packed_values(self.device))
             values["layers/present"] = torch.ones(1)
             if self._grad_sumsq is not None:
                 values["grad/sumsq"] = self._grad_sumsq
-            if self.parameters.update_sumsq is not None:
-                values["update/sumsq"] = self.parameters.update_sumsq
+            if self.update_norm.update_sumsq is not None:
+                values["update/sumsq"] = self.update_norm.update_sumsq
                 values["update/present"] = torch.ones(1)
         return self.layout.pack(values, device=self.device)
 
@@ -395,7 +478,9 @@ class StabilityMonitor:
         reduced = reduce_packed(self.layout, row, self.process_group).tolist()
         decision = Decision(step=step)
         try:
-            records = self._records(self.layout.unpack(reduced))
+            unpacked = self.layout.unpack(reduced)
+            guard_events = self._guard_events(unpacked["guard/rows"])
+            records = self._records(unpacked)
             self.last_records = records
             events: list[Event] = []
             for record in records:
@@ -403,9 +488,12 @@ class StabilityMonitor:
                     record["step"], record["scalars"], record.get("layers")
                 )
             if act:
-                decision, events = self.policy.decide(step, events)
+                skipped = frozenset(event.step for event in guard_events)
+                decision, events = self.policy.decide(step, events, guard_skipped=skipped)
                 if any(event.action == "lr_backoff" for event in events):
                     self.backoff.trigger()
+                    self._record_backoff(records, step)
+            events = guard_events + events
             now = time.time()
             for record in records:
                 self._write({**record, "time": now})
@@ -415,10 +503,31 @@ class StabilityMonitor:
             self._warn_once("flush", error)
         finally:
             self.buffer.clear()
+            self._guard_rows.fill_(-math.inf)
             self._rows = 0
             self._grad_sumsq = None
-            self.parameters.update_sumsq = None
+            self.update_norm.update_sumsq = None
         return decision
+
+    def _guard_events(self, flat: list[float]) -> list[Event]:
+        """One `guard` event per step the guard skipped, at its own step, with its values."""
+        width = len(RECORD_COLUMNS)
+        events = []
+        for row, step in enumerate(self.buffer.steps):
+            values = dict(zip(RECORD_COLUMNS, flat[row * width : (row + 1) * width], strict=True))
+            if step is None or values["accepted"] != 0.0:
+                continue  # accepted, or no verdict (-inf)
+            self.skipped_steps += 1
+            events.append(skip_event(step, values, self.config.guard))
+        return events
+
+    def _record_backoff(self, records: list[dict[str, Any]], step: int) -> None:
+        """The back-off triggered at `step` applies to `step`'s own update: record its rate."""
+        if self._lr_base is None:
+            return
+        for record in records:
+            if record["step"] == step:
+                record["scalars"]["learning_rate"] = self._lr_base * self.backoff.scale
 
     def _records(self, values: dict[str, list[float]]) -> list[dict[str, Any]]:
         """`step` records of the buffered steps from the reduced values."""
@@ -434,6 +543,7 @@ class StabilityMonitor:
                 index = row * len(names) + column
                 scalars[name] = sums[index] / counts[index] if counts[index] > 0 else None
             scalars["nan_or_inf"] = values["scalars/non_finite"][row]
+            scalars["skipped_steps"] = float(self.skipped_steps)
             record: dict[str, Any] = {"kind": "step", "step": step, "scalars": scalars}
             if values["layers/present"][0] > 0 and step == self._layer_step:
                 layers, histogram = self._layer_values(values)
@@ -497,8 +607,8 @@ class StabilityMonitor:
                 self.close("aborted")
             raise StabilityAbort(decision.abort)
         if decision.rollback is not None:
-            # The parameters are about to be reloaded: a pending update measurement is void.
-            self.parameters.discard_snapshot()
+            # The parameters are about to be reloaded: a measured update is void.
+            self.update_norm.discard()
             if self.on_rollback is not None:
                 self.on_rollback(decision.rollback)
 

@@ -11,7 +11,9 @@ One JSON object per line in `<run_dir>/stability.jsonl`, each with `"schema"` an
   {LAYER_METRICS -> list of float|null, index i = layer i+1} and optionally `gate_histogram`
   (list per layer of GATE_HISTOGRAM_BINS counts, or null).
 - `event`: `step`, `time`, `detector`, `severity` (SEVERITIES), `metric`, `value`, `threshold`,
-  `layer` (1-based or null), `action` (ACTIONS), `message`.
+  `layer` (1-based or null), `action` (ACTIONS), `message`. The guard's skipped steps are
+  events with detector "guard" and action "skip_step", at their own step.
+  `scalars.skipped_steps` counts the guard's skips since the run started.
 - `run_end`: `step`, `time`, `status` ("completed" | "aborted" | "interrupted" | "failed").
 """
 
@@ -31,6 +33,7 @@ SCALARS: tuple[str, ...] = (
     "loss_scale",
     "tokens_per_second",
     "nan_or_inf",
+    "skipped_steps",
 )
 
 LAYER_METRICS: tuple[str, ...] = (

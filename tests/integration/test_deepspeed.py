@@ -1,5 +1,6 @@
 """DeepSpeed on 2 gloo processes: ZeRO 1 with the monitor (skip action, DeepSpeed's own monitor
-backend, state in checkpoints) and a 2-stage PipelineModule of gated layers with the monitor."""
+backend, state in checkpoints), a 2-stage PipelineModule of gated layers with the monitor, and
+the guard on ZeRO 1 (a NaN and a spike on one rank each, at non-logged steps)."""
 
 from __future__ import annotations
 
@@ -122,9 +123,55 @@ def _pipeline(rank: int, tmp: Path) -> dict[str, Any]:
     return {"losses": losses, "gated_layers": gated, "stage": engine.stage_id}
 
 
+def _zero1_state(engine: Any) -> list[torch.Tensor]:
+    """Weights, fp32 partitions and Adam state of a ZeRO 1 engine on this rank (copies)."""
+    optimizer = engine.optimizer
+    tensors = [p.detach().clone() for p in engine.module.parameters()]
+    tensors += [t.detach().clone() for t in optimizer.single_partition_of_fp32_groups]
+    for state in optimizer.optimizer.state.values():
+        tensors += [v.clone() for v in state.values() if isinstance(v, torch.Tensor)]
+    return tensors
+
+
+def _zero1_guard(rank: int, tmp: Path) -> dict[str, Any]:
+    """Rank 1 alone has a NaN loss at step 3, rank 0 alone a 1000x loss at step 9 (both not
+    logged): the guard rejects both on every rank, through DeepSpeed's overflow path."""
+    from megatron_gate.deepspeed import monitor_engine
+
+    torch.manual_seed(0)
+    model = _LanguageModel()
+    config = _ds_config(tmp, csv_monitor={"enabled": False})
+    config["stability_monitor"] = {**MONITOR_BLOCK, "log_interval": 5, "layer_interval": 10,
+                                   "detectors": {}, "guard": {"min_history": 4}}  # fmt: skip
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), config=config
+    )
+    monitor = monitor_engine(engine, config, run_dir=tmp / "zero1_guard", sequence_length=SEQ)
+    unchanged = []
+    for step in range(1, 11):
+        before = _zero1_state(engine)
+        tokens, labels = _batch(step, rank)
+        loss = engine(tokens, labels)
+        if (rank, step) == (1, 3):
+            loss = loss * float("nan")
+        if (rank, step) == (0, 9):
+            loss = loss * 1000.0
+        engine.backward(loss)
+        engine.step()
+        after = _zero1_state(engine)
+        unchanged.append(all(torch.equal(a, b) for a, b in zip(before, after, strict=True)))
+    monitor.close()
+    return {"unchanged": unchanged, "skipped": engine.skipped_steps}
+
+
 def _worker(rank: int, world_size: int, tmp: Path) -> dict[str, Any]:
     init_model_parallel(tp=1)  # Megatron-Core layers read the tensor-parallel group
-    return {"zero1": _zero1(rank, tmp), "pipeline": _pipeline(rank, tmp)}
+    # the ZeRO runs first: the pipeline engine leaves DeepSpeed's global model-parallel state set
+    return {
+        "zero1": _zero1(rank, tmp),
+        "zero1_guard": _zero1_guard(rank, tmp),
+        "pipeline": _pipeline(rank, tmp),
+    }
 
 
 def test_zero1_and_two_stage_pipeline_with_monitor(tmp_path: Path) -> None:
@@ -144,6 +191,16 @@ def test_zero1_and_two_stage_pipeline_with_monitor(tmp_path: Path) -> None:
     assert any(schema.tensorboard_tag("loss").replace("/", "_") in name for name in csv_files), (
         csv_files
     )
+
+    # the guard: both faulty steps left weights, fp32 partitions and Adam state bit-identical on
+    # both ranks, and DeepSpeed counted them as skipped (its own overflow path)
+    for result in results:
+        guard = result["zero1_guard"]
+        assert [i + 1 for i, same in enumerate(guard["unchanged"]) if same] == [3, 9], guard
+        assert guard["skipped"] == 2
+    events = [r for r in read_records(tmp_path / "zero1_guard") if r["kind"] == "event"]
+    guard_events = [(e["step"], e["severity"]) for e in events if e["detector"] == "guard"]
+    assert guard_events == [(3, "critical"), (9, "warning")]
 
     stages = {result["pipeline"]["stage"]: result["pipeline"] for result in results}
     assert stages[0]["gated_layers"] == [1] and stages[1]["gated_layers"] == [2]

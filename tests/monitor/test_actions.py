@@ -61,7 +61,8 @@ def test_skip_step_on_nan(one_rank_world: None, tmp_path: Path) -> None:
     monitor.close()
     events = [r for r in read_records(tmp_path) if r["kind"] == "event"]
     assert [(e["step"], e["detector"], e["action"]) for e in events] == [
-        (1, "nan_or_inf", "skip_step")
+        (1, "guard", "skip_step"),  # the on-device guard's verdict, recorded at the log step
+        (1, "nan_or_inf", "skip_step"),
     ]
 
 
@@ -86,6 +87,9 @@ def test_lr_backoff_follows_a_scheduler(one_rank_world: None, tmp_path: Path) ->
     monitor.close()
     expected = [1e-3 * 0.9**s * (0.5 if POISON <= s < POISON + 3 else 1.0) for s in range(14)]
     assert used == pytest.approx(expected, rel=1e-12)
+    # the recorded learning rate is the one the update used (the backed-off one)
+    records = [r for r in read_records(tmp_path) if r["kind"] == "step"]
+    assert [r["scalars"]["learning_rate"] for r in records] == pytest.approx(expected, rel=1e-12)
 
 
 def test_lr_backoff_unit() -> None:

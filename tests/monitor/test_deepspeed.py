@@ -1,4 +1,5 @@
-"""The DeepSpeed hook: a real engine (ZeRO 0, CPU), skip_step, DeepSpeed's csv monitor backend."""
+"""The DeepSpeed entry point on a real engine (ZeRO 0, CPU): the guard skips a NaN step that is
+not logged through the basic torch optimizer (bit-identical state); DeepSpeed's csv backend."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_gate.monitor import MonitorConfig
 from megatron_gate.monitor.sinks import read_records
 
 from .conftest import batch_at, lm_loss, tiny_gated_gpt
@@ -15,8 +15,14 @@ from .conftest import batch_at, lm_loss, tiny_gated_gpt
 deepspeed = pytest.importorskip("deepspeed")
 
 
-def test_deepspeed_engine_hook(one_rank_world: None, tmp_path: Path) -> None:
-    from megatron_gate.monitor.deepspeed import DeepSpeedStabilityHook
+def _state(engine) -> list[torch.Tensor]:  # noqa: ANN001
+    optimizer = engine.optimizer
+    state = [t.clone() for s in optimizer.state.values() for t in s.values()]
+    return [p.detach().clone() for p in engine.module.parameters()] + state
+
+
+def test_deepspeed_engine_guard_and_csv_backend(one_rank_world: None, tmp_path: Path) -> None:
+    from megatron_gate.deepspeed import monitor_engine
 
     model = tiny_gated_gpt(seed=4)
     engine, *_ = deepspeed.initialize(
@@ -33,40 +39,34 @@ def test_deepspeed_engine_hook(one_rank_world: None, tmp_path: Path) -> None:
             },
         },
     )
-    hook = DeepSpeedStabilityHook(
+    monitor = monitor_engine(
         engine,
-        MonitorConfig.from_dict(
-            {
-                "log_interval": 1,
-                "layer_interval": 2,
-                "sinks": {"console": False, "tensorboard": False},
-            }
-        ),
+        {"log_interval": 4, "layer_interval": 4, "sinks": {"console": False, "tensorboard": False}},
         run_dir=tmp_path,
     )
-
-    def loss_of(engine_, batch):  # noqa: ANN001, ANN202
-        loss = lm_loss(engine_.module, batch)
-        return loss * float("nan") if batch["nan"] else loss
-
-    decisions = []
-    for index in range(4):
-        before = [p.detach().clone() for p in engine.module.parameters()]
-        decision = hook.train_step(
-            {**batch_at(index), "nan": index == 2}, loss_of=loss_of, tokens=32
+    unchanged = []
+    for step in range(1, 6):
+        before = _state(engine)
+        loss = lm_loss(engine, batch_at(step))  # through the engine's forward (hooked)
+        if step == 3:  # a non-logged step
+            loss = loss * float("nan")
+        engine.backward(loss)
+        engine.step()
+        after = _state(engine)
+        unchanged.append(
+            len(before) == len(after)
+            and all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
         )
-        moved = any(
-            not torch.equal(a, b) for a, b in zip(before, engine.module.parameters(), strict=True)
-        )
-        assert moved == (not decision.skip_step)
-        decisions.append(decision)
-    hook.close()
-    assert [d.skip_step for d in decisions] == [False, False, True, False]
-    assert engine.global_steps == 4
+    monitor.close()
+    assert unchanged == [False, False, True, False, False]
+    assert engine.global_steps == 5
     records = read_records(tmp_path)
     steps = [r for r in records if r["kind"] == "step"]
-    assert [r["step"] for r in steps] == [0, 1, 2, 3]
-    assert "layers" in steps[2] and steps[2]["scalars"]["nan_or_inf"] == 1.0
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5]
+    assert steps[2]["scalars"]["nan_or_inf"] == 1.0 and "layers" in steps[3]
+    guard = [(r["step"], r["metric"]) for r in records if r["kind"] == "event"
+             and r["detector"] == "guard"]  # fmt: skip
+    assert guard == [(3, "loss")]
     csv_files = {p.name for p in (tmp_path / "ds").rglob("*.csv")}
     assert any("stability" in name and "loss" in name for name in csv_files), csv_files
     assert any("max_abs_residual" in name for name in csv_files), csv_files

@@ -50,16 +50,27 @@ def count_host_reads() -> Iterator[dict[str, int]]:
             setattr(torch.Tensor, name, original)
 
 
-def _train_step(model, optimizer, monitor, step: int) -> None:  # noqa: ANN001
+def _train_step(model, optimizer, monitor, step: int, *, nan: bool = False):  # noqa: ANN001, ANN202
     if monitor is not None:
         monitor.start_step(step)
     loss = lm_loss(model, batch_at(step))
+    if nan:
+        loss = loss * float("nan")
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9)
-    if monitor is not None:
-        monitor.end_step(step, loss=loss.detach(), grad_norm=grad_norm, tokens=32)
-    optimizer.step()
+    decision = None
+    if monitor is None:
+        optimizer.step()
+    else:
+        decision = monitor.end_step(step, loss=loss.detach(), grad_norm=grad_norm, tokens=32)
+        monitor.step_optimizer(optimizer, decision)
     optimizer.zero_grad()
+    return decision
+
+
+def _state(model, optimizer) -> list[torch.Tensor]:  # noqa: ANN001
+    state = [t.clone() for s in optimizer.state.values() for t in s.values()]
+    return [p.detach().clone() for p in model.parameters()] + state
 
 
 def test_no_host_sync_on_unlogged_steps(one_rank_world: None, tmp_path: Path) -> None:
@@ -72,15 +83,29 @@ def test_no_host_sync_on_unlogged_steps(one_rank_world: None, tmp_path: Path) ->
     with count_host_reads() as plain:
         _train_step(model, optimizer, None, 1)
     baseline = sum(plain.values())
-    for step, logged in ((1, False), (2, False), (3, False), (4, True), (7, False), (8, True)):
+    steps = ((1, False), (2, False), (3, False), (4, True), (6, False), (7, False), (8, True))
+    for step, logged in steps:
+        before = _state(model, optimizer)
         with count_host_reads() as counts:
-            _train_step(model, optimizer, monitor, step)
+            # step 6 has a NaN loss: the guard skips it on the device, still without a read
+            decision = _train_step(model, optimizer, monitor, step, nan=step == 6)
         extra = sum(counts.values()) - baseline
+        assert decision.accept is not None  # the guard ran on this step
         if logged:
             assert extra > 0, "a log step reads values: the counter must see it"
         else:
             assert extra == 0, f"step {step} is not logged but read {counts} (baseline {plain})"
+        unchanged = all(
+            torch.equal(a, b) for a, b in zip(before, _state(model, optimizer), strict=True)
+        )
+        assert unchanged == (step == 6)
     monitor.close()
+    events = [
+        r for r in read_records(tmp_path) if r["kind"] == "event" and r["detector"] == "guard"
+    ]
+    assert [(e["step"], e["action"], e["metric"]) for e in events] == [(6, "skip_step", "loss")]
+    step_8 = [r for r in read_records(tmp_path) if r["kind"] == "step" and r["step"] == 8]
+    assert step_8[0]["scalars"]["skipped_steps"] == 1
 
 
 class BrokenSink(Sink):
