@@ -41,11 +41,12 @@ def _asks_for_gate(script_args: list[str]) -> bool:
 
 
 def _prepare_runtime() -> None:
-    from megatron_gate.cpu_training import enable_cpu_training_runtime, prebuilt_dataset_helpers
+    from megatron_gate.cpu import enable_cpu_runtime
+    from megatron_gate.cpu.training_loop import prebuilt_dataset_helpers
 
     if not torch.cuda.is_available():
-        enable_cpu_training_runtime()
-    prebuilt_dataset_helpers()
+        enable_cpu_runtime()  # the model, the training loop and the dataset helpers
+    prebuilt_dataset_helpers()  # a wheel has no Makefile for them, on GPUs too
 
 
 def run_script(script: str, script_args: list[str]) -> int:
