@@ -32,7 +32,7 @@ from megatron_gate.megatron_lm.pretrain_api import (
     is_legacy_call,
     takes_config_container,
 )
-from megatron_gate.megatron_lm.spec_swap import gating_init
+from megatron_gate.megatron_lm.spec_swap import gate_hybrid_spec, gating_init
 from megatron_gate.megatron_lm.startup import global_report, missing_gate_message, startup_line
 from megatron_gate.monitor.config import MonitorConfig
 
@@ -60,10 +60,27 @@ def _on_parsed(args: argparse.Namespace) -> None:
     MonitorConfig.from_cli_args(args)
     RUN.args, RUN.gate = args, gate_args.gate_config_from_args(args)
     if RUN.gate is not None:
-        from megatron.core.models.gpt.gpt_model import GPTModel
+        _gate_model_classes(RUN.gate)
 
-        gate = RUN.gate
-        wrap([GPTModel], "__init__", lambda original: gating_init(original, gate))
+
+def _gate_model_classes(gate: GateConfig) -> None:
+    """Gate the layer spec that GPTModel (and HybridModel, where it exists) is built with."""
+    import importlib.util
+
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    wrap([GPTModel], "__init__", lambda original: gating_init(original, gate))
+    if importlib.util.find_spec("megatron.core.models.hybrid") is None:
+        return  # megatron-core < 0.19
+    from megatron.core.models.hybrid.hybrid_model import HybridModel
+
+    wrap(
+        [HybridModel],
+        "__init__",
+        lambda original: gating_init(
+            original, gate, spec_argument="hybrid_stack_spec", gate_spec_of=gate_hybrid_spec
+        ),
+    )
 
 
 def _wrap_parse_args(original: Any) -> Any:
