@@ -29,9 +29,9 @@ def _added_lines(patch: Path) -> list[str]:
     return [line[1:] for line in text if line.startswith("+") and not line.startswith("+++")]
 
 
-def test_every_named_version_has_a_patch() -> None:
-    assert {_version(p) for p in PATCHES} >= {"core_v0.12.0", "core_v0.14.0", "core_v0.16.1",
-                                             "core_v0.19.0"}  # fmt: skip
+def test_a_patch_for_each_supported_version_only() -> None:
+    # Support begins at megatron-core 0.16 (docs/megatron-lm.md): 0.12-0.15 cannot build the gate.
+    assert {_version(p) for p in PATCHES} == {"core_v0.16.1", "core_v0.19.0"}
 
 
 @pytest.mark.parametrize("patch", PATCHES, ids=_version)
