@@ -61,6 +61,7 @@ def test_added_lines_make_megatron_parse_the_flags(tmp_path: Path) -> None:
          "print(args.gated_attention, args.gate_bias, args.monitor_config, args.no_monitor)"]
     )  # fmt: skip
     monitor_yaml = tmp_path / "monitor.yaml"
+    monitor_yaml.write_text("log_interval: 5\n")  # read at parsing (a bad config stops there)
     result = subprocess.run(
         [sys.executable, "-c", program, "--gated-attention", "headwise", "--gate-bias",
          "--stability-config", str(monitor_yaml)],
