@@ -37,27 +37,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Convert; 0 on success, 2 on bad input (nothing written)."""
+    common = {
+        "from_format": args.from_format,
+        "to_format": args.to_format,
+        "force": args.force,
+        "megatron_format": args.megatron_format or "torch",
+        "model_config": args.model_config,
+    }
     if megatron_dev.FORMAT in (args.from_format, args.to_format):
-        return report_errors(
-            lambda: megatron_dev.convert_dev(
-                args.input,
-                args.output,
-                from_format=args.from_format,
-                to_format=args.to_format,
-                force=args.force,
-                megatron_format=args.megatron_format or "torch",
-                model_config=args.model_config,
-            )
-        )
+        return report_errors(lambda: megatron_dev.convert_dev(args.input, args.output, **common))
     return report_errors(
         lambda: convert(
-            args.input,
-            args.output,
-            from_format=args.from_format,
-            to_format=args.to_format,
-            force=args.force,
-            megatron_format=args.megatron_format or "torch",
-            zero_centered_gamma=args.zero_centered_gamma,
-            model_config=args.model_config,
+            args.input, args.output, zero_centered_gamma=args.zero_centered_gamma, **common
         )
     )

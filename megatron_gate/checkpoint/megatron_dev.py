@@ -282,13 +282,6 @@ def write_dev(
     return directory
 
 
-def read_shape_for(path: str | Path, model_config: str | Path | None) -> GptShape:
-    """The shape of a dev checkpoint: `--model-config`, else the JSON written beside it."""
-    from megatron_gate.checkpoint.reshard import read_shape
-
-    return read_shape(path, model_config)
-
-
 def convert_dev(
     source: str | Path,
     output: str | Path,
@@ -301,6 +294,7 @@ def convert_dev(
 ) -> Path:
     """`megatron-gate convert --from megatron-dev --to megatron` and back."""
     from megatron_gate.checkpoint.convert import read_megatron, write_megatron
+    from megatron_gate.checkpoint.reshard import read_shape
 
     if {from_format, to_format} != {FORMAT, "megatron"}:
         raise CheckpointError(
@@ -312,7 +306,7 @@ def convert_dev(
         raise CheckpointError(f"input does not exist ({source}): pass a checkpoint")
     check_output(output, force=force)
     if from_format == FORMAT:
-        shape = read_shape_for(source, model_config)
+        shape = read_shape(source, model_config)
         state = read_dev(source, shape)
         return write_megatron(output, shape, state, megatron_format=megatron_format, force=force)
     shape, state = read_megatron(source, model_config=model_config)
