@@ -53,7 +53,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         from megatron_gate.cpu import enable_cpu_runtime
 
-        enable_cpu_runtime()
+        enable_cpu_runtime(training_loop=False)  # DeepSpeed runs the loop, not Megatron-LM
     deepspeed.init_distributed()
     init_model_parallel(tp=1)  # Megatron-Core layers read the tensor-parallel group
     if torch.cuda.is_available():

@@ -24,6 +24,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import get_pg_rank, get_pg_size
 
+from megatron_gate import frozen_gate_bias
 from megatron_gate.config import GateConfig, GateConfigError
 from megatron_gate.gate_op import apply_output_gate
 from megatron_gate.layout import build_layout
@@ -114,6 +115,7 @@ class GatedSelfAttention(SelfAttention):
         self.linear_qkv_out_dim = self.qkv_layout.total_rows
         self.gate_observers: list[GateObserver] = []
         self._init_gate_rows()
+        self.register_load_state_dict_post_hook(frozen_gate_bias.note_loaded_frozen_gate_bias)
 
     # ---------------------------------------------------------------- construction
     def _sized_linear_qkv(self, build: Callable[..., Any], config: TransformerConfig) -> Callable:
@@ -178,6 +180,7 @@ class GatedSelfAttention(SelfAttention):
             raise GateConfigError(
                 "GatedSelfAttention needs split q/k/v; unset fused_single_qkv_rope."
             )
+        frozen_gate_bias.warn_pending()  # after a checkpoint load: its gate biases stay frozen?
         # [sq, b, h] -> [sq, b, ng_local * group_rows]
         mixed_qkv, _ = self.linear_qkv(hidden_states)
         mixed_qkv = self._gather_own_group(mixed_qkv)

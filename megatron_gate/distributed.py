@@ -42,7 +42,8 @@ def init_process_group(rank: int, world_size: int, port: int) -> None:
         WORLD_SIZE=str(world_size),
         LOCAL_RANK=str(rank),
     )
-    enable_cpu_runtime()
+    # Model-level processes (tests, converters) do not run Megatron-LM's loop: a lighter start.
+    enable_cpu_runtime(training_loop=False)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
 

@@ -26,26 +26,27 @@ ERROR_EXIT_CODE = 2
 
 
 def _fail(message: str) -> int:
-    print(f"megatron-gate: error: {message}", file=sys.stderr, flush=True)
+    print(f"megatron-gate run: error: {message}", file=sys.stderr, flush=True)
     return ERROR_EXIT_CODE
 
 
 def _asks_for_gate(script_args: list[str]) -> bool:
-    from megatron_gate.megatron_lm.arguments import GATE_FLAG, SPEC_MODULE
+    from megatron_gate.megatron_lm.arguments import GATE_FLAG, names_gated_spec
 
     flags = [arg.split("=")[0] for arg in script_args]
     return GATE_FLAG in flags or any(
-        arg == "--spec" and script_args[i + 1 : i + 2] == [SPEC_MODULE]
+        arg == "--spec" and names_gated_spec(script_args[i + 1 : i + 3])
         for i, arg in enumerate(script_args)
     )
 
 
 def _prepare_runtime() -> None:
-    from megatron_gate.cpu_training import enable_cpu_training_runtime, prebuilt_dataset_helpers
+    from megatron_gate.cpu import enable_cpu_runtime
+    from megatron_gate.cpu.training_loop import prebuilt_dataset_helpers
 
     if not torch.cuda.is_available():
-        enable_cpu_training_runtime()
-    prebuilt_dataset_helpers()
+        enable_cpu_runtime()  # the model, the training loop and the dataset helpers
+    prebuilt_dataset_helpers()  # a wheel has no Makefile for them, on GPUs too
 
 
 def run_script(script: str, script_args: list[str]) -> int:
@@ -55,7 +56,9 @@ def run_script(script: str, script_args: list[str]) -> int:
     from megatron_gate.monitor.config import MonitorConfigError
 
     if not os.path.isfile(script):
-        return _fail(f"training script {script!r} does not exist. {USAGE}")
+        return _fail(
+            f"training script does not exist ({script}): pass the path of a script. {USAGE}"
+        )
     _prepare_runtime()
     enable_megatron_gate()
     sys.argv = [script, *script_args]
@@ -68,8 +71,9 @@ def run_script(script: str, script_args: list[str]) -> int:
         return _fail(str(error))
     if _asks_for_gate(script_args) and not RUN.model_built:
         return _fail(
-            f"{script} asked for gated attention but never built a model through "
-            "megatron.training's setup_model_and_optimizer, so nothing was gated."
+            f"gated attention was asked for but no model was built through megatron.training's "
+            f"setup_model_and_optimizer, so nothing was gated ({script}): build the model with "
+            "megatron.training's pretrain"
         )
     return 0
 

@@ -127,6 +127,10 @@ def elementwise_spec(config: Any, vp_stage: int | None = None) -> ModuleSpec:
     return _spec_for_config(config, vp_stage, "elementwise")
 
 
+SPEC_NAMES: tuple[str, ...] = ("headwise_spec", "elementwise_spec", "headwise", "elementwise")
+"""What `--spec megatron_gate.spec NAME` accepts (all gated)."""
+GATED_SPEC_NAMES = SPEC_NAMES
+
 # Module-level objects for Megatron-LM versions whose `--spec` imports a ModuleSpec as is.
 headwise: ModuleSpec = gated_gpt_layer_spec(granularity="headwise")
 elementwise: ModuleSpec = gated_gpt_layer_spec(granularity="elementwise")

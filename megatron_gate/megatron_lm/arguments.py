@@ -23,6 +23,9 @@ ArgsProvider = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
 
 GATE_FLAG = "--gated-attention"
 SPEC_MODULE = "megatron_gate.spec"
+HYBRID_SPEC_MODULE = "megatron_gate.hybrid_spec"
+SPEC_MODULES = (SPEC_MODULE, HYBRID_SPEC_MODULE)
+"""megatron-gate's modules for `--spec MODULE NAME`; each lists its names in `SPEC_NAMES`."""
 
 
 def _add_monitor_args(parser: argparse.ArgumentParser) -> None:
@@ -85,10 +88,16 @@ def gate_config_from_args(args: argparse.Namespace) -> GateConfig | None:
     return GateConfig(granularity=granularity, gate_bias=bool(getattr(args, "gate_bias", False)))
 
 
+def names_gated_spec(spec: list[str]) -> bool:
+    """True when `--spec MODULE NAME` names one of megatron-gate's gated specs."""
+    if len(spec) != 2 or spec[0] not in SPEC_MODULES:
+        return False
+    return spec[1] in importlib.import_module(spec[0]).GATED_SPEC_NAMES
+
+
 def spec_asks_for_gate(args: argparse.Namespace) -> bool:
-    """True when `--spec` names one of megatron-gate's specs."""
-    spec = getattr(args, "spec", None) or []
-    return bool(spec) and spec[0].split(".")[0] == SPEC_MODULE.split(".")[0]
+    """True when `--spec` names one of megatron-gate's gated specs."""
+    return names_gated_spec(getattr(args, "spec", None) or [])
 
 
 def gating_requested(args: argparse.Namespace) -> bool:
@@ -107,21 +116,28 @@ def check_spec_importable(args: argparse.Namespace) -> None:
         return
     if len(spec) != 2:
         raise GateConfigError(
-            f"--spec {' '.join(spec)}: expected MODULE NAME, e.g. --spec {SPEC_MODULE} headwise_spec."
+            f"expected MODULE NAME (--spec {' '.join(spec)}): "
+            f"e.g. --spec {SPEC_MODULE} headwise_spec"
         )
     module_name, name = spec
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
         raise GateConfigError(
-            f"--spec {module_name} {name}: module {module_name!r} cannot be imported ({error}). "
-            "Megatron would log this and silently train its default spec; fix the module path "
-            f"(e.g. --spec {SPEC_MODULE} headwise_spec)."
+            f"module {module_name!r} cannot be imported ({error}), and Megatron would silently "
+            f"train its default spec (--spec {module_name} {name}): fix the module path, e.g. "
+            f"--spec {SPEC_MODULE} headwise_spec"
         ) from error
+    names = getattr(module, "SPEC_NAMES", None) if module_name in SPEC_MODULES else None
+    if names is not None and name not in names:
+        raise GateConfigError(
+            f"{module_name} has no spec {name!r} (--spec {module_name} {name}): "
+            f"use one of {', '.join(names)}"
+        )
     if not hasattr(module, name):
-        public = sorted(key for key in vars(module) if key.endswith("spec") or key in GRANULARITIES)
-        hint = f" Names there: {', '.join(public)}." if module_name == SPEC_MODULE else ""
-        raise GateConfigError(f"--spec {module_name} {name}: {module_name} has no {name!r}.{hint}")
+        raise GateConfigError(
+            f"{module_name} has no {name!r} (--spec {module_name} {name}): check the name"
+        )
 
 
 def describe_request(args: Any) -> str:

@@ -5,6 +5,8 @@
     parse_args                  add our flags; check `--spec`; gate GPTModel's layer spec
     pretrain                    run an older-API script on the 0.19 loop; close the monitor
     setup_model_and_optimizer   start-up check (no silent no-op), start-up line, start the monitor
+    train                       close the monitor when training ends (see `monitor_lifetime`:
+                                also when a script bound `pretrain` before this wrapping)
     train_step, checkpointing   the stability monitor's per-step and checkpoint hooks
                                 (see `monitor_hooks`)
 
@@ -23,15 +25,16 @@ import torch.distributed as dist
 
 from megatron_gate.config import GateConfig, GateConfigError
 from megatron_gate.megatron_lm import arguments as gate_args
-from megatron_gate.megatron_lm import monitor_hooks
+from megatron_gate.megatron_lm import monitor_hooks, monitor_lifetime
 from megatron_gate.megatron_lm.patching import wrap
 from megatron_gate.megatron_lm.pretrain_api import (
     bridge_legacy_call,
     is_legacy_call,
     takes_config_container,
 )
-from megatron_gate.megatron_lm.spec_swap import gating_init
+from megatron_gate.megatron_lm.spec_swap import gate_hybrid_spec, gating_init
 from megatron_gate.megatron_lm.startup import global_report, missing_gate_message, startup_line
+from megatron_gate.monitor.config import MonitorConfig
 
 logger = logging.getLogger(__name__)
 
@@ -52,12 +55,32 @@ RUN = RunState()
 def _on_parsed(args: argparse.Namespace) -> None:
     """Checks and the spec swap, as soon as the arguments are known (before any model)."""
     gate_args.check_spec_importable(args)
+    # A bad --stability-config must stop the run now, not after the model, the optimizer and
+    # the --load checkpoint are built.
+    MonitorConfig.from_cli_args(args)
     RUN.args, RUN.gate = args, gate_args.gate_config_from_args(args)
     if RUN.gate is not None:
-        from megatron.core.models.gpt.gpt_model import GPTModel
+        _gate_model_classes(RUN.gate)
 
-        gate = RUN.gate
-        wrap([GPTModel], "__init__", lambda original: gating_init(original, gate))
+
+def _gate_model_classes(gate: GateConfig) -> None:
+    """Gate the layer spec that GPTModel (and HybridModel, where it exists) is built with."""
+    import importlib.util
+
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    wrap([GPTModel], "__init__", lambda original: gating_init(original, gate))
+    if importlib.util.find_spec("megatron.core.models.hybrid") is None:
+        return  # megatron-core < 0.19
+    from megatron.core.models.hybrid.hybrid_model import HybridModel
+
+    wrap(
+        [HybridModel],
+        "__init__",
+        lambda original: gating_init(
+            original, gate, spec_argument="hybrid_stack_spec", gate_spec_of=gate_hybrid_spec
+        ),
+    )
 
 
 def _wrap_parse_args(original: Any) -> Any:
@@ -71,7 +94,7 @@ def _wrap_parse_args(original: Any) -> Any:
 
 def _wrap_pretrain(original: Any) -> Any:
     def pretrain(*args: Any, **kwargs: Any) -> Any:
-        with monitor_hooks.closing_monitor():
+        with monitor_lifetime.closing_monitor(release=True):
             if takes_config_container(original) and is_legacy_call(args, kwargs):
                 return bridge_legacy_call(original, args, kwargs)
             return original(*args, **kwargs)
@@ -100,6 +123,7 @@ def check_model(model_chunks: list[Any], optimizer: Any = None, scheduler: Any =
             raise GateConfigError(message)
     backend = "/".join(report.backends) or None
     sinks = monitor_hooks.attach(args, model_chunks, optimizer, scheduler, backend=backend)
+    monitor_lifetime.close_at_exit()
     line = startup_line(report, monitor_sinks=sinks)
     RUN.model_built, RUN.startup_line = True, line
     if not dist.is_initialized() or dist.get_rank() == 0:
@@ -125,4 +149,5 @@ def enable_megatron_gate() -> None:
     wrap([arguments, initialize], "parse_args", _wrap_parse_args)
     wrap([megatron_training, training], "pretrain", _wrap_pretrain)
     wrap([training], "setup_model_and_optimizer", _wrap_setup_model_and_optimizer)
+    wrap([training], "train", monitor_lifetime.wrap_train)
     monitor_hooks.install(training)

@@ -23,9 +23,8 @@ same on all of them).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -258,28 +257,6 @@ def attach(
     )
     _wrap_optimizer(optimizer, ACTIVE)
     return monitor_sinks(config)
-
-
-@contextlib.contextmanager
-def closing_monitor() -> Iterator[None]:
-    """Close the active monitor when `pretrain` returns or fails, with the matching status."""
-    global ACTIVE
-    status = "completed"
-    try:
-        yield
-    except KeyboardInterrupt:
-        status = "interrupted"
-        raise
-    except SystemExit as exit_:
-        status = "completed" if exit_.code in (0, None) else "interrupted"
-        raise
-    except BaseException:
-        status = "failed"
-        raise
-    finally:
-        if ACTIVE is not None:
-            ACTIVE.monitor.close(status)
-            ACTIVE = None
 
 
 # ---------------------------------------------------------------------- hooks

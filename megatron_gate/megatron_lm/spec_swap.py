@@ -2,8 +2,10 @@
 
 Megatron-LM scripts choose their layer spec in many ways (TE or local, MoE block specs, `--spec`,
 qk-layernorm, custom builders); every GPT model still goes through `GPTModel.__init__` with a
-`transformer_layer_spec`. Gating the spec there keeps everything the script chose and changes
-only `self_attention`, for both the 0.19 config-container API and older `model_provider`s.
+`transformer_layer_spec`, every hybrid model through `HybridModel.__init__` with a
+`hybrid_stack_spec`. Gating the spec there keeps everything the script chose and changes only
+the self-attention (of the `*` layers of a hybrid pattern), for both the 0.19 config-container
+API and older `model_provider`s.
 """
 
 from __future__ import annotations
@@ -44,25 +46,47 @@ def gate_layer_spec(spec: Any, gate: GateConfig) -> Any:
 
     Raises a `GateConfigError` when the spec is gated with another granularity already.
     """
-    for existing in _existing_gates(spec):
-        if existing.granularity != gate.granularity:
-            raise GateConfigError(
-                f"--gated-attention {gate.granularity} conflicts with a spec that is already "
-                f"gated {existing.granularity} (--spec megatron_gate.spec ...): use one of them."
-            )
+    _check_no_conflict(_existing_gates(spec), gate)
     return gate_spec(spec, gate)
 
 
-def gating_init(original: Callable[..., None], gate: GateConfig) -> Callable[..., None]:
-    """A `GPTModel.__init__` that gates its `transformer_layer_spec` (2nd argument or keyword)."""
+def _check_no_conflict(existing: set[GateConfig], gate: GateConfig) -> None:
+    for other in existing:
+        if other.granularity != gate.granularity:
+            raise GateConfigError(
+                f"--gated-attention {gate.granularity} conflicts with a spec that is already "
+                f"gated {other.granularity} (--spec megatron_gate...): use one of them."
+            )
+
+
+def gate_hybrid_spec(spec: Any, gate: GateConfig) -> Any:
+    """A hybrid stack spec with its attention layers gated by `gate` (same checks as GPT's)."""
+    from megatron_gate.hybrid_spec import attention_layer_gate, gate_hybrid_stack_spec
+
+    existing = attention_layer_gate(spec)
+    _check_no_conflict({existing} if existing else set(), gate)
+    return gate_hybrid_stack_spec(spec, gate)
+
+
+def gating_init(
+    original: Callable[..., None],
+    gate: GateConfig,
+    *,
+    spec_argument: str = "transformer_layer_spec",
+    gate_spec_of: Callable[[Any, GateConfig], Any] | None = None,
+) -> Callable[..., None]:
+    """A model `__init__` that gates its layer spec (`spec_argument`: 2nd argument or keyword).
+
+    `GPTModel` takes `transformer_layer_spec`; `HybridModel` takes `hybrid_stack_spec` with
+    `gate_spec_of=gate_hybrid_spec`.
+    """
+    gate_spec_of = gate_spec_of or gate_layer_spec
 
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        if "transformer_layer_spec" in kwargs:
-            kwargs["transformer_layer_spec"] = gate_layer_spec(
-                kwargs["transformer_layer_spec"], gate
-            )
+        if spec_argument in kwargs:
+            kwargs[spec_argument] = gate_spec_of(kwargs[spec_argument], gate)
         elif len(args) >= 2:
-            args = (args[0], gate_layer_spec(args[1], gate), *args[2:])
+            args = (args[0], gate_spec_of(args[1], gate), *args[2:])
         original(self, *args, **kwargs)
 
     return __init__

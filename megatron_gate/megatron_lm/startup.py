@@ -104,9 +104,13 @@ def startup_line(report: GateReport, *, monitor_sinks: Sequence[str]) -> str:
     # Layers outside the GPT decoder spec (e.g. multi-token-prediction layers) stay ungated.
     ungated = sorted(set(report.attention_layers) - set(report.gated_layers))
     note = f" (not gated: {_ranges(ungated)})" if ungated and report.gated_layers else ""
+    total = len(report.attention_layers)
+    # A hybrid pattern ("*-*-") numbers all its layers: say that only some are attention layers.
+    if report.attention_layers != tuple(range(1, total + 1)):
+        note = " attention layers" + note
     return (
         f"megatron-gate: gated attention on layers {_ranges(report.gated_layers)} of "
-        f"{len(report.attention_layers)}{note} | granularity {'/'.join(report.granularities) or '-'} | "
+        f"{total}{note} | granularity {'/'.join(report.granularities) or '-'} | "
         f"backend {'/'.join(report.backends) or '-'} | {parallel} | monitor sinks: {sinks}"
     )
 
@@ -119,6 +123,8 @@ def missing_gate_message(report: GateReport, *, requested: str) -> str | None:
         f"{requested} was given, but the built model has no GatedSelfAttention layer "
         f"({len(report.attention_layers)} self-attention layers, none gated), so training would "
         "silently run without the gate. Stopping before training. megatron-gate gates the layer "
-        "spec given to megatron.core's GPTModel: build the model with GPTModel (not a custom or "
-        "legacy model class), or pass --spec megatron_gate.spec headwise_spec|elementwise_spec."
+        "spec given to megatron.core's GPTModel or HybridModel: build the model with one of them "
+        "(not a custom or legacy model class), or pass --spec megatron_gate.spec "
+        "headwise_spec|elementwise_spec (megatron_gate.hybrid_spec headwise|elementwise for a "
+        "HybridModel)."
     )

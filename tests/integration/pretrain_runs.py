@@ -86,9 +86,19 @@ def run_smoke_script(
 
 
 def run_pretrain(
-    script: Path, *args: str, nproc: int = 1, timeout: float = 240, cpu_flags: bool = True
+    script: Path,
+    *args: str,
+    nproc: int = 1,
+    timeout: float = 240,
+    cpu_flags: bool = True,
+    model_flags: tuple[str, ...] = tuple(TINY_GPT),
+    through_megatron_gate: bool = True,
 ) -> PretrainRun:
-    """`[torchrun] -m megatron_gate.run SCRIPT <tiny GPT flags> ARGS`; returns code and output."""
+    """`[torchrun] -m megatron_gate.run SCRIPT <tiny GPT flags> ARGS`; returns code and output.
+
+    `through_megatron_gate=False` runs the script itself (through `data/run_on_cpu.py`, which
+    adds only the CPU switch), as a patched Megatron-LM script is run.
+    """
     env = _environment()
     port = str(free_port())
     if nproc == 1:  # no launcher: the env:// variables torchrun would set
@@ -98,7 +108,8 @@ def run_pretrain(
     else:
         launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
                     "--master-addr=127.0.0.1", f"--master-port={port}"]  # fmt: skip
-    command = [*launcher, "-m", "megatron_gate.run", str(script), *TINY_GPT]
+    entry = ["-m", "megatron_gate.run"] if through_megatron_gate else [str(DATA / "run_on_cpu.py")]
+    command = [*launcher, *entry, str(script), *model_flags]
     command += [*(CPU_FLAGS if cpu_flags else []), *args]
     result = subprocess.run(
         command, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout

@@ -1,6 +1,9 @@
-"""A run that asks for the gate and would train without it stops at start-up with its error."""
+"""A run that asks for the gate and would train without it, or that names a bad monitor config,
+stops with its one-line error before any model is built or trained."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 from pretrain_runs import DATA, MIN_SCRIPT, run_pretrain
@@ -9,17 +12,33 @@ from megatron_gate.run import ERROR_EXIT_CODE
 
 pytestmark = pytest.mark.slow
 
+_MODEL_BUILT = "model-and-optimizer-setup"  # Megatron's timer line after the model is built
 
-def test_wrong_spec_stops_before_training() -> None:
+
+def test_wrong_spec_stops_before_training_and_lists_only_spec_names() -> None:
     # Megatron itself would log the failed import and train its default, ungated spec.
     run = run_pretrain(MIN_SCRIPT, "--train-iters", "2", "--spec", "megatron_gate.spec",
                        "headwise_specs")  # fmt: skip
     assert run.returncode == ERROR_EXIT_CODE, run.output[-3000:]
-    assert (
-        "megatron-gate: error: --spec megatron_gate.spec headwise_specs: megatron_gate.spec has "
-        "no 'headwise_specs'" in run.output
-    )
-    assert not run.losses()
+    assert run.lines(
+        "megatron-gate run: error: megatron_gate.spec has no spec 'headwise_specs' (--spec "
+        "megatron_gate.spec headwise_specs): use one of headwise_spec, elementwise_spec, "
+        "headwise, elementwise"
+    ), run.output[-3000:]
+    assert _MODEL_BUILT not in run.output and not run.losses()
+
+
+def test_bad_stability_config_stops_at_argument_parsing(tmp_path: Path) -> None:
+    """Checked before the model, the optimizer and the `--load` checkpoint are built."""
+    monitor_yaml = tmp_path / "monitor.yaml"
+    monitor_yaml.write_text("log_interval: 10\nlayer_interval: 5\n")
+    run = run_pretrain(
+        MIN_SCRIPT, "--train-iters", "2", "--gated-attention", "headwise",
+        "--stability-config", str(monitor_yaml), "--load", str(tmp_path / "no-checkpoint"),
+    )  # fmt: skip
+    assert run.returncode == ERROR_EXIT_CODE, run.output[-3000:]
+    assert run.lines("megatron-gate run: error: monitor config key 'layer_interval'")
+    assert _MODEL_BUILT not in run.output and not run.losses()
 
 
 def test_model_without_gate_stops_at_start_up() -> None:
@@ -29,7 +48,7 @@ def test_model_without_gate_stops_at_start_up() -> None:
     )
     assert run.returncode == ERROR_EXIT_CODE, run.output[-3000:]
     assert (
-        "megatron-gate: error: --gated-attention headwise was given, but the built model has no "
-        "GatedSelfAttention layer (2 self-attention layers, none gated)" in run.output
+        "megatron-gate run: error: --gated-attention headwise was given, but the built model has "
+        "no GatedSelfAttention layer (2 self-attention layers, none gated)" in run.output
     )
     assert not run.losses()

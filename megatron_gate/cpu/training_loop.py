@@ -1,7 +1,6 @@
-"""Opt-in CPU runtime for Megatron-LM's training loop (`megatron.training.pretrain`) with gloo.
+"""CPU patches for Megatron-LM's training loop (`megatron.training.pretrain`) with gloo.
 
-`megatron_gate.cpu` makes Megatron-Core models run on the CPU. `pretrain` makes a few more
-CUDA-only calls; `enable_cpu_training_runtime()` applies the model runtime and redirects these:
+`pretrain` makes more CUDA-only calls than a model does:
 
 - `allow_no_cuda`: `initialize_megatron` asserts CUDA unless `allow_no_cuda=True`, which
   `pretrain` cannot pass;
@@ -16,15 +15,13 @@ CUDA-only calls; `enable_cpu_training_runtime()` applies the model runtime and r
   is a no-op stand-in;
 - `memory_stats`: memory reports read CUDA allocator statistics; they answer 0.
 
-Like `megatron_gate.cpu`, it is idempotent, leaves a CUDA machine untouched, and keeps every
-original reachable as `__wrapped__`. `prebuilt_dataset_helpers()` is separate because it is a fix
-for GPUs too (a megatron-core wheel has no Makefile for its dataset helpers).
+`prebuilt_dataset_helpers()` is a fix for GPUs too (a megatron-core wheel ships the compiled
+dataset helper but no Makefile), so `megatron_gate.run` applies it on every machine.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 from collections.abc import Callable
 from typing import Any
@@ -32,9 +29,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from megatron_gate.cpu import CpuPatch, enable_cpu_runtime, no_op, replace_attribute
-
-logger = logging.getLogger(__name__)
+from megatron_gate.cpu.patching import CpuPatch, no_op, replace_attribute
 
 
 class CudaTensorTypeNames(TorchFunctionMode):
@@ -129,21 +124,6 @@ TRAINING_PATCHES: tuple[CpuPatch, ...] = (
     CpuPatch("cuda_streams", _patch_streams),
     CpuPatch("memory_stats", _patch_memory_stats),
 )
-
-_APPLIED: list[str] = []
-
-
-def enable_cpu_training_runtime(*, force: bool = False) -> list[str]:
-    """Apply the model and training-loop CPU patches (once) when CUDA is absent; return the names."""
-    if torch.cuda.is_available() and not force:
-        logger.info("megatron_gate.cpu_training: CUDA is available; CPU runtime not applied.")
-        return []
-    applied = enable_cpu_runtime(force=force)
-    for patch in TRAINING_PATCHES:
-        if patch.name not in _APPLIED:
-            patch.apply()
-            _APPLIED.append(patch.name)
-    return applied + list(_APPLIED)
 
 
 def prebuilt_dataset_helpers() -> None:

@@ -1,7 +1,4 @@
-"""Opt-in CPU runtime: lets Megatron-Core models run forward/backward on the CPU with gloo.
-
-Megatron-Core is written for CUDA. On a machine without CUDA, `enable_cpu_runtime()` redirects the
-few CUDA-only calls that a model build, a training step and pipeline schedules make:
+"""CPU patches for Megatron-Core models: forward/backward and pipeline schedules with gloo.
 
 - `cuda_device_to_cpu`: a torch-function mode that maps `device="cuda"`/`cuda:N`/`N` arguments,
   `Tensor.cuda()`, `Tensor.to("cuda")` and `pin_memory()` to the CPU (Megatron allocates on
@@ -15,23 +12,18 @@ few CUDA-only calls that a model build, a training step and pipeline schedules m
 - `dynamo_off`: torch.compile (Megatron's `jit_fuser`) is disabled: compiling fused ops costs ~15 s
   per process on a small CPU and buys nothing there.
 
-It is explicit and idempotent, does nothing when CUDA is available (a CUDA run is never touched),
-and every patched function keeps its original as `__wrapped__`. The mode is installed on the
-calling thread (the training thread).
+The mode is installed on the calling thread (the training thread). Applied by
+`megatron_gate.cpu.enable_cpu_runtime()`.
 """
 
 from __future__ import annotations
 
-import functools
-import logging
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
 
-logger = logging.getLogger(__name__)
+from megatron_gate.cpu.patching import CpuPatch, no_op, replace_attribute
 
 
 def _is_cuda_device(device: Any) -> bool:
@@ -71,26 +63,6 @@ def _shadow_manual_seed(seed: int) -> None:
     _SHADOW_CUDA_GENERATOR.manual_seed(int(seed))
 
 
-def no_op(*_args: Any, **_kwargs: Any) -> None:
-    """Stand-in for CUDA calls that have nothing to do on the CPU."""
-    return None
-
-
-def replace_attribute(owner: Any, name: str, replacement: Callable[..., Any]) -> None:
-    """Set `owner.name = replacement`, keeping the original reachable as `__wrapped__`."""
-    original = getattr(owner, name, None)
-    if getattr(original, "_megatron_gate_cpu", False):
-        return
-
-    @functools.wraps(replacement)
-    def patched(*args: Any, **kwargs: Any) -> Any:
-        return replacement(*args, **kwargs)
-
-    patched.__wrapped__ = original  # type: ignore[attr-defined]
-    patched._megatron_gate_cpu = True  # type: ignore[attr-defined]
-    setattr(owner, name, patched)
-
-
 def _patch_current_device() -> None:
     replace_attribute(torch.cuda, "current_device", lambda: "cpu")
 
@@ -127,40 +99,10 @@ def _install_device_mode() -> None:
         _MODE.__enter__()
 
 
-@dataclass(frozen=True)
-class CpuPatch:
-    """One named redirection of a CUDA-only call."""
-
-    name: str
-    apply: Callable[[], None]
-
-
-PATCHES: tuple[CpuPatch, ...] = (
+MODEL_PATCHES: tuple[CpuPatch, ...] = (
     CpuPatch("cuda_device_to_cpu", _install_device_mode),
     CpuPatch("cuda_current_device", _patch_current_device),
     CpuPatch("cuda_rng", _patch_rng),
     CpuPatch("cuda_synchronize", _patch_synchronize),
     CpuPatch("dynamo_off", _patch_dynamo),
 )
-
-_APPLIED: list[str] = []
-
-
-def enable_cpu_runtime(*, force: bool = False) -> list[str]:
-    """Apply the CPU patches (once) when CUDA is absent; return the names applied.
-
-    `force=True` is for tests only; on a CUDA machine the call is otherwise a logged no-op.
-    """
-    if torch.cuda.is_available() and not force:
-        logger.info("megatron_gate.cpu: CUDA is available; CPU runtime not applied.")
-        return []
-    for patch in PATCHES:
-        if patch.name not in _APPLIED:
-            patch.apply()
-            _APPLIED.append(patch.name)
-    return list(_APPLIED)
-
-
-def applied_patches() -> list[str]:
-    """Names of the CPU patches applied in this process."""
-    return list(_APPLIED)
