@@ -57,10 +57,32 @@ def _on_parsed(args: argparse.Namespace) -> None:
     gate_args.check_spec_importable(args)
     # A bad --stability-config must stop the run now, not after the model, the optimizer and
     # the --load checkpoint are built.
-    MonitorConfig.from_cli_args(args)
+    _hand_nan_checks_to_guard(args, MonitorConfig.from_cli_args(args))
     RUN.args, RUN.gate = args, gate_args.gate_config_from_args(args)
     if RUN.gate is not None:
         _gate_model_classes(RUN.gate)
+
+
+def _hand_nan_checks_to_guard(args: argparse.Namespace, config: MonitorConfig) -> None:
+    """Let the guard skip NaN/Inf steps instead of Megatron stopping the run at the first one.
+
+    Megatron-LM's `--check-for-nan-in-loss-and-grad` is on by default and raises before the
+    optimizer step, so a configured `guard.skip_non_finite` would never be carried out. The
+    user asked for the guard by running the monitor; Megatron's check is turned off and the
+    run says so (`guard.skip_non_finite: false` keeps Megatron's check).
+    """
+    guard = config.guard
+    wants_guard = config.enabled and guard.enabled and guard.skip_non_finite
+    if not wants_guard or not getattr(args, "check_for_nan_in_loss_and_grad", False):
+        return
+    args.check_for_nan_in_loss_and_grad = False
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(
+            "megatron-gate: the stability guard skips NaN/Inf steps, so Megatron's "
+            "--check-for-nan-in-loss-and-grad (which stops the run) is off; set "
+            "guard.skip_non_finite: false in --stability-config to keep Megatron's check.",
+            flush=True,
+        )
 
 
 def _gate_model_classes(gate: GateConfig) -> None:
