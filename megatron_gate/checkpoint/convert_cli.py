@@ -33,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Convert; 0 on success, 2 on bad input (nothing written)."""
     return report_errors(
+        "convert",
         lambda: convert(
             args.input,
             args.output,

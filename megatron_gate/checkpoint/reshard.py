@@ -34,6 +34,7 @@ from megatron_gate.checkpoint.safe_io import (
     commit,
     partial_path,
 )
+from megatron_gate.checkpoint.torch_dist_files import vet_torch_dist_dir
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 RELEASE = "release"
@@ -44,15 +45,29 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
     path = Path(path)
     tracker = path / TRACKER_FILE
     if tracker.is_file():
-        iteration = tracker.read_text().strip()
-        name = RELEASE if iteration == RELEASE else f"iter_{int(iteration):07d}"
-        path = path / name
+        path = path / _tracked_iteration(tracker)
     if not (path / "metadata.json").is_file():
         raise CheckpointError(
             f"{path} is not a torch_dist checkpoint (no metadata.json); pass the checkpoint "
             f"directory or its Megatron-LM root (with {TRACKER_FILE})."
         )
+    # Before torch or Megatron unpickle anything in it (see torch_dist_files).
+    vet_torch_dist_dir(path)
     return path
+
+
+def _tracked_iteration(tracker: Path) -> str:
+    """The directory name Megatron-LM's tracker file names: `release` or `iter_NNNNNNN`."""
+    with tracker.open("rb") as stream:
+        text = stream.read(64).decode("ascii", errors="replace").strip()
+    if text == RELEASE:
+        return RELEASE
+    if not text.isdigit():
+        raise CheckpointError(
+            f"tracker file holds {text[:20]!r}, not 'release' or an iteration number "
+            f"({tracker}): write the iteration to load, e.g. 'release'."
+        )
+    return f"iter_{int(text):07d}"
 
 
 def read_shape(path: str | Path, model_config: str | Path | None = None) -> GptShape:
@@ -83,6 +98,22 @@ def _shared_partial(directory: Path) -> Path:
     return Path(chosen[0])
 
 
+def write_distributed(model: torch.nn.Module, partial: Path, *, shape: GptShape) -> None:
+    """Write `model` (this rank's part) as a complete Megatron-LM checkpoint directory at
+    `partial`, which must not exist yet; every rank calls it. Nothing is renamed: the caller
+    commits `partial` (see `safe_io.commit`)."""
+    from megatron.core import dist_checkpointing
+
+    if _rank() == 0:
+        (partial / RELEASE).mkdir(parents=True)
+    _barrier()
+    dist_checkpointing.save({"model": model.sharded_state_dict()}, str(partial / RELEASE))
+    _barrier()
+    if _rank() == 0:
+        (partial / TRACKER_FILE).write_text(RELEASE + "\n")
+        shape.save_json(partial / SHAPE_FILE)
+
+
 def save_distributed(
     model: torch.nn.Module, directory: str | Path, *, shape: GptShape, force: bool = False
 ) -> Path:
@@ -90,19 +121,11 @@ def save_distributed(
 
     Written into a temporary sibling first and renamed by rank 0 when all ranks are done.
     """
-    from megatron.core import dist_checkpointing
-
     directory = check_output(directory, force=force)
     partial = _shared_partial(directory)
-    if _rank() == 0:
-        (partial / RELEASE).mkdir(parents=True)
-    _barrier()
     try:
-        dist_checkpointing.save({"model": model.sharded_state_dict()}, str(partial / RELEASE))
-        _barrier()
+        write_distributed(model, partial, shape=shape)
         if _rank() == 0:
-            (partial / TRACKER_FILE).write_text(RELEASE + "\n")
-            shape.save_json(partial / SHAPE_FILE)
             commit(partial, directory, force=force)
     except BaseException:
         if _rank() == 0 and partial.exists():

@@ -25,6 +25,7 @@ def run(args: argparse.Namespace) -> int:
     """Reshard; 0 on success, 2 on bad input (nothing written)."""
     layout = None if args.check_tp is None else (args.check_tp, args.check_pp)
     return report_errors(
+        "reshard",
         lambda: reshard(
             args.input,
             args.output,

@@ -24,6 +24,7 @@ from megatron_gate.demo.trainer import (
     demo_monitor_config,
     execute,
 )
+from megatron_gate.errors import InputError
 from megatron_gate.monitor import MonitorConfigError
 
 DEFAULTS = TrainConfig(
@@ -39,7 +40,7 @@ DEFAULTS = TrainConfig(
 )
 
 
-class DemoInputError(ValueError):
+class DemoInputError(InputError):
     """A flag value the demo cannot run with (the message names the flag and the fix)."""
 
 

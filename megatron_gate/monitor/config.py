@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from megatron_gate.errors import InputError
 from megatron_gate.monitor import schema
 
 
-class MonitorConfigError(ValueError):
+class MonitorConfigError(InputError):
     """A monitor configuration key or value that cannot be used; the message names the fix."""
 
 
