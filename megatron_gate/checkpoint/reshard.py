@@ -212,6 +212,43 @@ def verify_loadable(path: str | Path, shape: GptShape, *, tp: int, pp: int) -> l
     return launch(_verify_worker, world_size=tp * pp, payload=payload)
 
 
+MAX_CHECK_RANKS = 64
+"""`--check-tp * --check-pp` above this is refused: each rank is a CPU process."""
+
+
+def check_layout_request(layout: tuple[int, int], *, megatron_format: str) -> None:
+    """Raise unless (tp, pp) is a layout `verify_loadable` can start."""
+    if megatron_format != "torch_dist":
+        raise CheckpointError(
+            "--check-tp/--check-pp need a torch_dist output (--megatron-format): pass "
+            "--megatron-format torch_dist or drop --check-tp."
+        )
+    for flag, value in zip(("--check-tp", "--check-pp"), layout, strict=True):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise CheckpointError(f"{flag} {value} is not a positive size ({flag}): pass 1 or more.")
+    if layout[0] * layout[1] > MAX_CHECK_RANKS:
+        raise CheckpointError(
+            f"--check-tp {layout[0]} x --check-pp {layout[1]} needs {layout[0] * layout[1]} "
+            f"processes (--check-tp): at most {MAX_CHECK_RANKS} are started here."
+        )
+
+
+def check_layout_fits(shape: GptShape, tp: int, pp: int) -> None:
+    """Raise unless `shape`'s heads, query groups and layers split over (tp, pp)."""
+    if shape.num_attention_heads % tp or (
+        shape.num_query_groups % tp and tp % shape.num_query_groups
+    ):
+        raise CheckpointError(
+            f"--check-tp {tp}: {shape.num_attention_heads} heads / {shape.num_query_groups} "
+            "query groups cannot be split over that many ranks (--check-tp): pick a divisor."
+        )
+    if shape.num_layers % pp:
+        raise CheckpointError(
+            f"--check-pp {pp}: {shape.num_layers} layers cannot be split into {pp} equal "
+            "pipeline stages (--check-pp): pick a divisor of the layer count."
+        )
+
+
 def reshard(
     source: str | Path,
     output: str | Path,
@@ -226,19 +263,12 @@ def reshard(
     """
     from megatron_gate.checkpoint.convert import read_megatron, write_megatron
 
-    if check_layout is not None and megatron_format != "torch_dist":
-        raise CheckpointError("--check-tp/--check-pp need --megatron-format torch_dist.")
+    if check_layout is not None:
+        check_layout_request(check_layout, megatron_format=megatron_format)
     check_output(output, force=force)
     shape, state = read_megatron(source, model_config=model_config)
     if check_layout is not None:
-        tp, _ = check_layout
-        if shape.num_attention_heads % tp or (
-            shape.num_query_groups % tp and tp % shape.num_query_groups
-        ):
-            raise CheckpointError(
-                f"--check-tp {tp}: {shape.num_attention_heads} heads / {shape.num_query_groups} "
-                "query groups cannot be split over that many ranks."
-            )
+        check_layout_fits(shape, *check_layout)
     written = write_megatron(output, shape, state, megatron_format=megatron_format, force=force)
     if check_layout is not None:
         verify_loadable(written, shape, tp=check_layout[0], pp=check_layout[1])
