@@ -3,29 +3,28 @@
 `launch(worker, world_size=2, payload=...)` runs `worker(rank, world_size, payload)` in spawned
 processes that each joined a gloo process group, and returns the workers' results by rank. A
 failing rank's traceback is re-raised in the caller. Workers die with the launching process
-(`die_with_parent`): a `kill -9` of the command leaves no gloo rank running, and since only the
-launching process renames outputs into place, nothing is committed after it died.
+(`megatron_gate.worker_lifetime`): a `kill -9` of the command leaves no gloo rank running, and
+since only the launching process renames outputs into place, nothing is committed after it died.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import pickle
 import queue as queue_module
-import signal
 import socket
-import sys
-import threading
 import time
 import traceback
 from collections.abc import Callable
 from contextlib import closing
+from multiprocessing.managers import SyncManager
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from megatron_gate.worker_lifetime import children_die_with_me, die_with_parent
 
 Worker = Callable[[int, int, Any], Any]
 
@@ -67,41 +66,16 @@ def init_model_parallel(*, tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 12
     model_parallel_cuda_manual_seed(seed)
 
 
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-WATCHDOG_INTERVAL = 0.5
-"""Seconds between the parent-alive checks of a worker (where prctl is not available)."""
+def manager_dying_with_this_process(context: Any) -> SyncManager:
+    """A started `multiprocessing` manager whose server process dies with this one.
 
-
-def _set_parent_death_signal() -> bool:
-    """Ask Linux to SIGKILL this process when its parent dies; False where that is unavailable."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False
-
-
-def _watch_parent(parent_pid: int) -> None:
-    """Exit at once when the parent is gone (re-parented: getppid changes)."""
-    while True:
-        if os.getppid() != parent_pid:
-            os._exit(1)  # no clean-up handlers: the parent, which commits outputs, is dead
-        time.sleep(WATCHDOG_INTERVAL)
-
-
-def die_with_parent(parent_pid: int) -> None:
-    """Make this worker process end when `parent_pid` (the launching process) ends.
-
-    PR_SET_PDEATHSIG on Linux kills it with the parent, without polling; a daemon thread that
-    polls `os.getppid()` covers other systems, and the window before prctl took effect (a
-    parent that died during the worker's start-up).
+    Libraries that start a manager themselves (Megatron's checkpoint writer does) leave its
+    server running when their process is killed; this one is bound by `die_with_parent`.
     """
-    _set_parent_death_signal()
-    if os.getppid() != parent_pid:
-        os._exit(1)
-    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+    manager = SyncManager(ctx=context)
+    with children_die_with_me():
+        manager.start(die_with_parent, (os.getpid(),))
+    return manager
 
 
 def _entry(
@@ -155,8 +129,9 @@ def launch(
         )
         for rank in range(world_size)
     ]
-    for process in processes:
-        process.start()
+    with children_die_with_me():
+        for process in processes:
+            process.start()
     results: dict[int, Any] = {}
     failures: list[str] = []
     try:

@@ -104,6 +104,7 @@ def write_distributed(model: torch.nn.Module, partial: Path, *, shape: GptShape)
     commits `partial` (see `safe_io.commit`)."""
     from megatron.core import dist_checkpointing
 
+    _bind_megatron_write_queue()
     if _rank() == 0:
         (partial / RELEASE).mkdir(parents=True)
     _barrier()
@@ -112,6 +113,21 @@ def write_distributed(model: torch.nn.Module, partial: Path, *, shape: GptShape)
     if _rank() == 0:
         (partial / TRACKER_FILE).write_text(RELEASE + "\n")
         shape.save_json(partial / SHAPE_FILE)
+
+
+def _bind_megatron_write_queue() -> None:
+    """Give Megatron's torch_dist writer a results queue whose manager process dies with this
+    one. Megatron starts its own on the first save (`get_write_results_queue`, cached in the
+    module), and that server outlives a killed worker; seeding the cache avoids it."""
+    import multiprocessing
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from megatron_gate.distributed import manager_dying_with_this_process
+
+    if getattr(filesystem_async, "_results_queue", "unknown") is None:
+        manager = manager_dying_with_this_process(multiprocessing.get_context("spawn"))
+        filesystem_async._results_queue = manager.Queue()  # the proxy keeps `manager` alive
 
 
 def save_distributed(

@@ -61,8 +61,8 @@ class CheckpointStore:
         return earlier[-1] if earlier else None
 
     def load(self, step: int) -> dict[str, Any]:
-        """Read the checkpoint of `step`."""
-        return torch.load(self.path(step), weights_only=False)
+        """Read the checkpoint of `step` (tensors and plain values only: no code from files)."""
+        return torch.load(self.path(step), weights_only=True)
 
 
 @dataclass
