@@ -29,9 +29,12 @@ from megatron_gate.checkpoint.model import GptShape, check_full_state_dict, read
 from megatron_gate.checkpoint.safe_io import (
     CheckpointError,
     atomic_output,
+    check_free_space,
+    check_not_input,
     check_output,
     load_torch,
     save_torch,
+    tensor_bytes,
 )
 
 FULL_FORMAT = "megatron-gate/full-state-dict/1"
@@ -104,6 +107,7 @@ def write_hf_dir(
     """Write `config.json` + `model.safetensors` atomically."""
     from safetensors.torch import save_file
 
+    check_free_space(path, tensor_bytes(tensors))
     with atomic_output(path, force=force, directory=True) as partial:
         (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         contiguous = {name: tensor.contiguous() for name, tensor in tensors.items()}
@@ -225,6 +229,7 @@ def save_full_as_distributed(
 
     # The worker only fills the temporary directory; this process (the one the user started)
     # renames it into place, so a worker that outlives a killed parent commits nothing.
+    check_free_space(path, tensor_bytes(state))
     with atomic_output(path, force=force) as partial:
         launch(_save_full_worker, world_size=1, payload=(str(partial), shape.to_dict(), state))
     return Path(path)
@@ -302,6 +307,7 @@ def convert(
     source = Path(source)
     if not source.exists():
         raise CheckpointError(f"input {source} does not exist.")
+    check_not_input(source, output)
     check_output(output, force=force)
     if to_format == "megatron":
         shape, state = _to_megatron(from_format, source, zero_centered_gamma=zero_centered_gamma)

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from megatron_gate.checkpoint.model import SHAPE_FILE, GptShape
 from megatron_gate.checkpoint.safe_io import (
     CheckpointError,
+    check_not_input,
     check_output,
     commit,
     partial_path,
@@ -281,6 +282,7 @@ def reshard(
 
     if check_layout is not None:
         check_layout_request(check_layout, megatron_format=megatron_format)
+    check_not_input(source, output)
     check_output(output, force=force)
     shape, state = read_megatron(source, model_config=model_config)
     if check_layout is not None:

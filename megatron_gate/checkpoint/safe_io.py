@@ -42,6 +42,16 @@ def check_output(path: str | os.PathLike, *, force: bool) -> Path:
     return path
 
 
+def check_not_input(source: str | os.PathLike, output: str | os.PathLike) -> None:
+    """Raise if `output` is `source` or lies inside it (a forced write would replace the input
+    while it is being read)."""
+    source, target = Path(source).resolve(), Path(output).resolve()
+    if target == source or source in target.parents:
+        raise CheckpointError(
+            f"output {output} is the input or inside it (output): write to another path."
+        )
+
+
 def _probe_writable(path: Path) -> None:
     """Create and remove a file beside `path` (os.access says yes to root on read-only mounts)."""
     probe = path.with_name(f".{path.name}.probe-{os.getpid()}")
@@ -144,15 +154,54 @@ def atomic_output(
             partial.mkdir()
         yield partial
         commit(partial, path, force=force)
-    except OSError as error:
+    except (OSError, RuntimeError) as error:
         _remove(partial)
-        raise CheckpointError(
-            f"writing the output failed ({path}: {error.strerror or error}); free some space or "
-            "choose another output location, then rerun (nothing was written)."
-        ) from error
+        # torch.save reports a full disk as a RuntimeError of its zip writer.
+        if isinstance(error, OSError) or _disk_nearly_full(path.parent):
+            raise CheckpointError(
+                f"writing the output failed ({path}: {getattr(error, 'strerror', None) or error}): "
+                "free some space or choose another output location (nothing was written)."
+            ) from error
+        raise
     except BaseException:
         _remove(partial)
         raise
+
+
+DISK_FULL_MARGIN = 1 << 20
+"""Free bytes below which a failed write is reported as a full disk."""
+
+
+def _disk_nearly_full(directory: Path) -> bool:
+    try:
+        return shutil.disk_usage(directory).free < DISK_FULL_MARGIN
+    except OSError:
+        return False
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of every tensor in `obj` (nested dicts, lists and tuples)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(value) for value in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(value) for value in obj)
+    return 0
+
+
+def check_free_space(path: str | os.PathLike, needed: int) -> None:
+    """Raise before writing `needed` bytes beside `path` when its file system has less free."""
+    directory = Path(path).parent
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return  # unknown: the write itself reports a failure
+    if needed > free:
+        raise CheckpointError(
+            f"output needs about {needed / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free "
+            f"({directory}): free some space or choose another output location."
+        )
 
 
 def load_torch(path: str | os.PathLike) -> Any:
@@ -171,6 +220,7 @@ def load_torch(path: str | os.PathLike) -> Any:
 def save_torch(obj: Any, path: str | os.PathLike, *, force: bool) -> Path:
     """`torch.save(obj)` to `path` atomically; refuses to replace `path` unless `force`."""
     path = Path(path)
+    check_free_space(path, tensor_bytes(obj))
     with atomic_output(path, force=force) as partial:
         torch.save(obj, partial)
     return path
