@@ -79,7 +79,7 @@ def _kill_and_check(parent: subprocess.Popen, victims: set[int]) -> None:
     assert not survivors, f"processes outlived their killed parent: {names}"
 
 
-WORKER_MODULE = '''
+WORKER_MODULE = """
 import multiprocessing, time
 from megatron_gate.distributed import manager_dying_with_this_process
 
@@ -91,21 +91,23 @@ def work(rank, world_size, payload):
     open(f"{folder}/ready-{rank}", "w").close()
     time.sleep(seconds)
     return rank, queue is not None
-'''
+"""
 
 
 def test_two_gloo_workers_and_their_manager_die_with_a_killed_parent(tmp_path: Path) -> None:
     """`demo --tp 2` / `reshard --check-tp 2` shape: two ranks, each with a child of its own."""
     (tmp_path / "sleeper.py").write_text(textwrap.dedent(WORKER_MODULE))
     script = tmp_path / "parent.py"
-    script.write_text(textwrap.dedent("""
+    script.write_text(
+        textwrap.dedent("""
         import sys
         sys.path.insert(0, sys.argv[1])
         from megatron_gate.distributed import launch
         from sleeper import work
         if __name__ == "__main__":
             launch(work, world_size=2, payload=(sys.argv[1], 600))
-    """))
+    """)
+    )
     env = {**os.environ, "TORCHDYNAMO_DISABLE": "1"}
     parent = subprocess.Popen([sys.executable, str(script), str(tmp_path)], env=env)
     try:
@@ -145,9 +147,7 @@ def test_killed_torch_dist_convert_leaves_no_worker_and_commits_nothing(tmp_path
     parent = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
     try:
         # Kill while the worker starts (seconds before it could write): it must not go on alone.
-        tree = _wait_for(
-            lambda: _descendants(parent.pid) or None, timeout=120, what="the worker"
-        )
+        tree = _wait_for(lambda: _descendants(parent.pid) or None, timeout=120, what="the worker")
         _kill_and_check(parent, tree)
     finally:
         if parent.poll() is None:
@@ -175,7 +175,9 @@ def test_next_run_removes_partials_of_dead_runs_and_keeps_live_ones(tmp_path: Pa
     user_file = tmp_path / "notes.partial-1"  # not ours: no leading dot
     user_file.write_text("keep")
     removed = remove_stale_partials(tmp_path)
-    assert sorted(p.name for p in removed) == sorted([f".out.pt.partial-{dead}", f".dist.partial-{dead}"])
+    assert sorted(p.name for p in removed) == sorted(
+        [f".out.pt.partial-{dead}", f".dist.partial-{dead}"]
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, user_file.name])
 
 

@@ -43,5 +43,5 @@ def run(args: argparse.Namespace) -> int:
             megatron_format=args.megatron_format or "torch",
             zero_centered_gamma=args.zero_centered_gamma,
             model_config=args.model_config,
-        )
+        ),
     )

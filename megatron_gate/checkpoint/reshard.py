@@ -242,7 +242,9 @@ def check_layout_request(layout: tuple[int, int], *, megatron_format: str) -> No
         )
     for flag, value in zip(("--check-tp", "--check-pp"), layout, strict=True):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise CheckpointError(f"{flag} {value} is not a positive size ({flag}): pass 1 or more.")
+            raise CheckpointError(
+                f"{flag} {value} is not a positive size ({flag}): pass 1 or more."
+            )
     if layout[0] * layout[1] > MAX_CHECK_RANKS:
         raise CheckpointError(
             f"--check-tp {layout[0]} x --check-pp {layout[1]} needs {layout[0] * layout[1]} "

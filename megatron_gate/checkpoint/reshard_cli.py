@@ -36,5 +36,5 @@ def run(args: argparse.Namespace) -> int:
             force=args.force,
             model_config=args.model_config,
             check_layout=layout,
-        )
+        ),
     )

@@ -29,5 +29,5 @@ def run(args: argparse.Namespace) -> int:
             force=args.force,
             megatron_format=args.megatron_format,
             model_config=args.model_config,
-        )
+        ),
     )

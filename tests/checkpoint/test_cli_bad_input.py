@@ -72,9 +72,7 @@ def _truncated(root: Path) -> Path:
 
 
 def _megatron(root: Path) -> Path:
-    return write_megatron(
-        root / "meg.pt", SHAPE, _random(expected_full_shapes(SHAPE)), force=False
-    )
+    return write_megatron(root / "meg.pt", SHAPE, _random(expected_full_shapes(SHAPE)), force=False)
 
 
 def _model_config(root: Path, text: str) -> Path:
@@ -88,11 +86,13 @@ TO_HF = ["convert", "--from", "megatron", "--to", "hf"]
 
 CASES: dict[str, Case] = {
     "truncated safetensors": lambda r: (
-        [*HF, str(_truncated(r))], ("safetensors file cannot be read", "model.safetensors")
+        [*HF, str(_truncated(r))],
+        ("safetensors file cannot be read", "model.safetensors"),
     ),
     "config not JSON": lambda r: ([*HF, str(_edit_config(r, "{"))], ("not valid UTF-8 JSON",)),
     "config not UTF-8": lambda r: (
-        [*HF, str(_edit_config(r, b'{"a": "\xff"}'))], ("not valid UTF-8 JSON",)
+        [*HF, str(_edit_config(r, b'{"a": "\xff"}'))],
+        ("not valid UTF-8 JSON",),
     ),
     "config a list": lambda r: ([*HF, str(_edit_config(r, "[1, 2]"))], ("not a JSON object",)),
     "config layers a string": lambda r: (
@@ -100,16 +100,20 @@ CASES: dict[str, Case] = {
         ("num_hidden_layers='2' is not a positive integer",),
     ),
     "config heads a float": lambda r: (
-        [*HF, str(_hf(r, config={"num_attention_heads": 4.0}))], ("num_attention_heads=4.0",)
+        [*HF, str(_hf(r, config={"num_attention_heads": 4.0}))],
+        ("num_attention_heads=4.0",),
     ),
     "config rope a string": lambda r: (
-        [*HF, str(_hf(r, config={"rope_parameters": "fast"}))], ("config.json is malformed",)
+        [*HF, str(_hf(r, config={"rope_parameters": "fast"}))],
+        ("config.json is malformed",),
     ),
     "config layer_types a number": lambda r: (
-        [*HF, str(_hf(r, config={"layer_types": 5}))], ("config.json is malformed",)
+        [*HF, str(_hf(r, config={"layer_types": 5}))],
+        ("config.json is malformed",),
     ),
     "config lacks hidden_size": lambda r: (
-        [*HF, str(_hf(r, config={"hidden_size": None}))], ("lacks hidden_size",)
+        [*HF, str(_hf(r, config={"hidden_size": None}))],
+        ("lacks hidden_size",),
     ),
     "config declares fewer layers": lambda r: (
         [*HF, str(_hf(r, config={"num_hidden_layers": 1}))],
@@ -120,13 +124,22 @@ CASES: dict[str, Case] = {
         ("unexpected tensor model.visual.proj.weight",),
     ),
     "key/value heads 0": lambda r: (
-        [*HF, str(_hf(r, config={"num_key_value_heads": 0}))], ("num_key_value_heads=0",)
+        [*HF, str(_hf(r, config={"num_key_value_heads": 0}))],
+        ("num_key_value_heads=0",),
     ),
     "index without weight_map": lambda r: (
-        [*HF, str(_sharded(r, {"metadata": {}}))], ("no weight_map",)
+        [*HF, str(_sharded(r, {"metadata": {}}))],
+        ("no weight_map",),
     ),
     "index naming a missing shard": lambda r: (
-        [*HF, str(_sharded(r, {"weight_map": {"a": "shard-1.safetensors", "b": "shard-2.safetensors"}}))],
+        [
+            *HF,
+            str(
+                _sharded(
+                    r, {"weight_map": {"a": "shard-1.safetensors", "b": "shard-2.safetensors"}}
+                )
+            ),
+        ],
         ("shard-2.safetensors", "missing"),
     ),  # fmt: skip
     "index shard outside the folder": lambda r: (
@@ -139,44 +152,59 @@ CASES: dict[str, Case] = {
         ("not valid UTF-8 JSON", "shape.json"),
     ),
     "model-config query groups 0": lambda r: (
-        [*TO_HF, str(_megatron(r)), "--model-config",
-         str(_model_config(r, json.dumps({**SHAPE.to_dict(), "num_query_groups": 0})))],
+        [
+            *TO_HF,
+            str(_megatron(r)),
+            "--model-config",
+            str(_model_config(r, json.dumps({**SHAPE.to_dict(), "num_query_groups": 0}))),
+        ],
         ("num_query_groups=0", "out of range"),
     ),  # fmt: skip
     "model-config layers a string": lambda r: (
-        [*TO_HF, str(_megatron(r)), "--model-config",
-         str(_model_config(r, json.dumps({**SHAPE.to_dict(), "num_layers": "2"})))],
+        [
+            *TO_HF,
+            str(_megatron(r)),
+            "--model-config",
+            str(_model_config(r, json.dumps({**SHAPE.to_dict(), "num_layers": "2"}))),
+        ],
         ("num_layers='2' is not a int",),
     ),  # fmt: skip
     "model-config rotary_percent 2": lambda r: (
-        [*TO_HF, str(_megatron(r)), "--model-config",
-         str(_model_config(r, json.dumps({**SHAPE.to_dict(), "rotary_percent": 2.0})))],
+        [
+            *TO_HF,
+            str(_megatron(r)),
+            "--model-config",
+            str(_model_config(r, json.dumps({**SHAPE.to_dict(), "rotary_percent": 2.0}))),
+        ],
         ("rotary_percent=2.0",),
     ),  # fmt: skip
     "megatron input not a checkpoint": lambda r: (
-        [*TO_HF, str(_model_config(r, "not a pickle"))], ("weights_only=True",)
+        [*TO_HF, str(_model_config(r, "not a pickle"))],
+        ("weights_only=True",),
     ),
     "check-tp 0": lambda r: (["reshard", str(_megatron(r)), "--check-tp", "0"], ("--check-tp 0",)),
     "check-tp -2": lambda r: (
-        ["reshard", str(_megatron(r)), "--check-tp", "-2"], ("--check-tp -2",)
+        ["reshard", str(_megatron(r)), "--check-tp", "-2"],
+        ("--check-tp -2",),
     ),
     "check-pp 0": lambda r: (["reshard", str(_megatron(r)), "--check-pp", "0"], ("--check-pp 0",)),
     "check layout too large": lambda r: (
-        ["reshard", str(_megatron(r)), "--check-tp", "16", "--check-pp", "16"], ("256 processes",)
+        ["reshard", str(_megatron(r)), "--check-tp", "16", "--check-pp", "16"],
+        ("256 processes",),
     ),
     "check-tp not dividing heads": lambda r: (
-        ["reshard", str(_megatron(r)), "--check-tp", "3"], ("cannot be split",)
+        ["reshard", str(_megatron(r)), "--check-tp", "3"],
+        ("cannot be split",),
     ),
     "check-pp not dividing layers": lambda r: (
-        ["reshard", str(_megatron(r)), "--check-tp", "1", "--check-pp", "3"], ("2 layers",)
+        ["reshard", str(_megatron(r)), "--check-tp", "1", "--check-pp", "3"],
+        ("2 layers",),
     ),
     "check with a torch output": lambda r: (
         ["reshard", str(_megatron(r)), "--check-tp", "2", "--megatron-format", "torch"],
         ("torch_dist",),
     ),
-    "retrofit of a gated model": lambda r: (
-        ["retrofit", str(_megatron(r))], ("already gated",)
-    ),
+    "retrofit of a gated model": lambda r: (["retrofit", str(_megatron(r))], ("already gated",)),
 }
 
 
@@ -240,7 +268,9 @@ def read_only_folder(tmp_path: Path):  # noqa: ANN201 - a generator fixture
     if mounted.returncode != 0:
         pytest.skip("root without the right to mount a read-only tmpfs; chmod does not bind root")
     yield folder
-    subprocess.run(["umount", "-l", str(folder)], check=False)  # lazy: a failed writer may hold a handle
+    subprocess.run(
+        ["umount", "-l", str(folder)], check=False
+    )  # lazy: a failed writer may hold a handle
 
 
 def test_read_only_output_location_is_one_error_line(
@@ -261,7 +291,9 @@ def small_disk(tmp_path: Path):  # noqa: ANN201 - a generator fixture
     if mounted.returncode != 0:
         pytest.skip("cannot mount a small tmpfs here (needs root or CAP_SYS_ADMIN)")
     yield folder
-    subprocess.run(["umount", "-l", str(folder)], check=False)  # lazy: a failed writer may hold a handle
+    subprocess.run(
+        ["umount", "-l", str(folder)], check=False
+    )  # lazy: a failed writer may hold a handle
 
 
 def test_disk_full_is_one_error_line_and_leaves_no_partial(
