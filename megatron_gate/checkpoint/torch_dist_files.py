@@ -90,8 +90,6 @@ class MetadataUnpickler(pickle.Unpickler):
 
 def read_metadata(checkpoint_dir: Path) -> Any:
     """The `Metadata` of `checkpoint_dir/.metadata`, unpickled with the allow-list only."""
-    from torch.distributed.checkpoint.metadata import Metadata
-
     path = checkpoint_dir / METADATA_FILE
     if not path.is_file():
         raise CheckpointError(
@@ -110,11 +108,43 @@ def read_metadata(checkpoint_dir: Path) -> Any:
             f"torch_dist metadata cannot be read safely ({path}): {_first_line(error)}; "
             "pass a checkpoint written by Megatron or megatron-gate."
         ) from error
-    if not isinstance(metadata, Metadata) or not isinstance(metadata.storage_data, dict):
-        raise CheckpointError(
-            f"torch_dist metadata holds no checkpoint index ({path}): pass a complete checkpoint."
-        )
+    _check_structure(metadata, path)
     return metadata
+
+
+def _check_structure(metadata: Any, path: Path) -> None:
+    """Raise unless `metadata` has the shape torch's reader relies on (an allow-listed pickle can
+    still build objects with missing or wrongly typed fields)."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (
+        BytesStorageMetadata,
+        Metadata,
+        MetadataIndex,
+        TensorStorageMetadata,
+    )
+
+    entries = getattr(metadata, "state_dict_metadata", None)
+    storage = getattr(metadata, "storage_data", None)
+    valid = (
+        isinstance(metadata, Metadata)
+        and isinstance(entries, dict)
+        and isinstance(storage, dict)
+        and all(
+            isinstance(key, str) and isinstance(value, (TensorStorageMetadata, BytesStorageMetadata))
+            for key, value in entries.items()
+        )
+        and all(
+            isinstance(index, MetadataIndex)
+            and isinstance(getattr(index, "fqn", None), str)
+            and isinstance(info, _StorageInfo)
+            for index, info in storage.items()
+        )
+    )
+    if not valid:
+        raise CheckpointError(
+            f"torch_dist metadata is not a checkpoint index ({path}): pass a complete checkpoint "
+            "written by Megatron or megatron-gate."
+        )
 
 
 def _first_line(error: BaseException) -> str:
@@ -143,6 +173,9 @@ def _check_range(checkpoint_dir: Path, info: Any, sizes: dict[Path, int]) -> Pat
             )
         sizes[path] = path.stat().st_size
     offset, length = getattr(info, "offset", None), getattr(info, "length", None)
+    transforms = getattr(info, "transform_descriptors", None)
+    if transforms is not None and not isinstance(transforms, (list, tuple)):
+        offset = None  # reported below as damaged
     valid = all(isinstance(v, int) and not isinstance(v, bool) for v in (offset, length))
     if not valid or offset < 0 or length < 0 or offset + length > sizes[path]:
         raise CheckpointError(
@@ -154,7 +187,7 @@ def _check_range(checkpoint_dir: Path, info: Any, sizes: dict[Path, int]) -> Pat
 
 def _check_object(path: Path, info: Any, fqn: str) -> None:
     """Unpickle one non-tensor entry weights-only, as the default planner would not."""
-    if info.transform_descriptors:
+    if getattr(info, "transform_descriptors", None):
         raise CheckpointError(
             f"torch_dist entry {fqn} is stored with transforms {list(info.transform_descriptors)} "
             f"({path}): only plain entries are read; re-save the checkpoint without them."
@@ -189,7 +222,7 @@ def vet_torch_dist_dir(checkpoint_dir: str | Path) -> None:
 
     checkpoint_dir = Path(checkpoint_dir)
     metadata = read_metadata(checkpoint_dir)
-    entries = metadata.state_dict_metadata if isinstance(metadata.state_dict_metadata, dict) else {}
+    entries = metadata.state_dict_metadata
     sizes: dict[Path, int] = {}
     for index, info in metadata.storage_data.items():
         path = _check_range(checkpoint_dir, info, sizes)
