@@ -10,14 +10,12 @@ the output folder stays empty and the input is unchanged.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from error_checks import assert_one_error_line, listing
+from error_checks import assert_one_error_line, listing, read_only_folder, small_disk
 
 from megatron_gate.checkpoint import hf_qwen3_next
 from megatron_gate.checkpoint.convert import write_hf_dir, write_megatron
@@ -253,47 +251,12 @@ def test_missing_output_folder_is_one_error_line(
     assert_one_error_line(capsys.readouterr().err, "convert", "does not exist")
 
 
-@pytest.fixture
-def read_only_folder(tmp_path: Path):  # noqa: ANN201 - a generator fixture
-    """A folder nothing can be written to: chmod for a normal user, a read-only tmpfs for root."""
-    folder = tmp_path / "ro"
-    folder.mkdir()
-    if os.geteuid() != 0:
-        folder.chmod(0o555)
-        yield folder
-        folder.chmod(0o755)
-        return
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)],
-                             capture_output=True)  # fmt: skip
-    if mounted.returncode != 0:
-        pytest.skip("root without the right to mount a read-only tmpfs; chmod does not bind root")
-    yield folder
-    subprocess.run(
-        ["umount", "-l", str(folder)], check=False
-    )  # lazy: a failed writer may hold a handle
-
-
 def test_read_only_output_location_is_one_error_line(
     tmp_path: Path, read_only_folder: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     hf = _hf(tmp_path)
     assert main([*HF, str(hf), str(read_only_folder / "out.pt")]) == 2
     assert_one_error_line(capsys.readouterr().err, "convert", "not writable", str(read_only_folder))
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path):  # noqa: ANN201 - a generator fixture
-    """A 256 KiB tmpfs: a checkpoint bigger than that cannot be written there."""
-    folder = tmp_path / "small"
-    folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)],
-                             capture_output=True)  # fmt: skip
-    if mounted.returncode != 0:
-        pytest.skip("cannot mount a small tmpfs here (needs root or CAP_SYS_ADMIN)")
-    yield folder
-    subprocess.run(
-        ["umount", "-l", str(folder)], check=False
-    )  # lazy: a failed writer may hold a handle
 
 
 def test_disk_full_is_one_error_line_and_leaves_no_partial(
@@ -346,3 +309,6 @@ def test_unexpected_error_is_one_line_with_the_debug_hint(
     assert line.endswith("(rerun with --debug for the traceback)")
     with pytest.raises(RuntimeError, match="something deep broke"):
         main([*argv, "--debug"])
+
+
+__all__ = ["read_only_folder", "small_disk"]  # fixtures used above

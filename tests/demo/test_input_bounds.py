@@ -6,13 +6,11 @@ and leave the folder it was pointed at exactly as it was.
 
 from __future__ import annotations
 
-import os
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from error_checks import assert_one_error_line, listing
+from error_checks import assert_one_error_line, listing, read_only_folder
 
 from megatron_gate.cli import main
 
@@ -120,23 +118,6 @@ def test_demo_refuses_before_any_work(
     assert listing(tmp_path) == before
 
 
-@pytest.fixture
-def read_only_folder(tmp_path: Path):  # noqa: ANN201 - a generator fixture
-    folder = tmp_path / "ro"
-    folder.mkdir()
-    if os.geteuid() != 0:
-        folder.chmod(0o555)
-        yield folder
-        folder.chmod(0o755)
-        return
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)],
-                             capture_output=True)  # fmt: skip
-    if mounted.returncode != 0:
-        pytest.skip("root without the right to mount a read-only tmpfs; chmod does not bind root")
-    yield folder
-    subprocess.run(["umount", "-l", str(folder)], check=False)
-
-
 def test_demo_refuses_a_read_only_out(
     read_only_folder: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -165,3 +146,6 @@ def test_sweep_refuses_before_any_work(
     assert code == 2
     assert_one_error_line(capsys.readouterr().err, "sweep", *fragments)
     assert listing(tmp_path) == []
+
+
+__all__ = ["read_only_folder"]  # a fixture used above
