@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from megatron_gate.errors import InputError
 from megatron_gate.worker_lifetime import children_die_with_me, die_with_parent
 
 Worker = Callable[[int, int, Any], Any]
@@ -87,6 +88,8 @@ def _entry(
         # Plain pickle bytes, not the queue's shared-memory tensors: those die with this process.
         result = pickle.dumps(worker(rank, world_size, payload))
         queue.put((rank, True, result))
+    except InputError as error:  # the user's input: the parent re-raises it as one line
+        queue.put((rank, False, InputError(str(error))))
     except BaseException:  # noqa: BLE001 - reported to the parent, which re-raises
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -111,6 +114,8 @@ def _collect(
             continue
         if ok:
             results[rank] = pickle.loads(value)
+        elif isinstance(value, InputError):
+            raise value
         else:
             failures.append(f"rank {rank} failed:\n{value}")
 
@@ -118,7 +123,11 @@ def _collect(
 def launch(
     worker: Worker, *, world_size: int = 2, payload: Any = None, timeout: float = 600
 ) -> list[Any]:
-    """Run `worker(rank, world_size, payload)` on `world_size` gloo ranks; return results by rank."""
+    """Run `worker(rank, world_size, payload)` on `world_size` gloo ranks; return results by rank.
+
+    A rank's `InputError` (a bad checkpoint, say) is raised here as an `InputError` with the same
+    message; any other failure as a `RuntimeError` holding the rank's traceback.
+    """
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     context = mp.get_context("spawn")
     queue = context.Queue()
@@ -138,7 +147,7 @@ def launch(
         _collect(processes, queue, results, failures, timeout)
     finally:
         for process in processes:
-            process.join(timeout=5 if failures else timeout)
+            process.join(timeout=5 if failures or len(results) < len(processes) else timeout)
             if process.is_alive():
                 process.kill()
     if failures:

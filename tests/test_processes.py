@@ -188,3 +188,17 @@ def test_output_set_aside_by_a_dead_forced_run_is_restored(tmp_path: Path) -> No
     remove_stale_partials(tmp_path)
     assert (tmp_path / "out.pt").read_text() == "previous output"
     assert [p.name for p in tmp_path.iterdir()] == ["out.pt"]
+
+
+def test_a_workers_input_error_reaches_the_command_as_one(tmp_path: Path) -> None:
+    """A bad checkpoint found inside a gloo worker is an `InputError` (one line, exit 2), not a
+    `RuntimeError` carrying the worker's traceback."""
+    from megatron_gate.checkpoint.model import GptShape
+    from megatron_gate.checkpoint.reshard import verify_loadable
+    from megatron_gate.errors import InputError
+
+    shape = GptShape(num_layers=1, hidden_size=32, ffn_hidden_size=48, num_attention_heads=4,
+                     num_query_groups=2, kv_channels=8, vocab_size=64)  # fmt: skip
+    with pytest.raises(InputError, match="not a torch_dist checkpoint") as raised:
+        verify_loadable(tmp_path / "missing", shape, tp=1, pp=1)
+    assert "Traceback" not in str(raised.value)

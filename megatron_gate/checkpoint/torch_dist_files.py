@@ -130,7 +130,8 @@ def _check_structure(metadata: Any, path: Path) -> None:
         and isinstance(entries, dict)
         and isinstance(storage, dict)
         and all(
-            isinstance(key, str) and isinstance(value, (TensorStorageMetadata, BytesStorageMetadata))
+            isinstance(key, str)
+            and isinstance(value, (TensorStorageMetadata, BytesStorageMetadata))
             for key, value in entries.items()
         )
         and all(
