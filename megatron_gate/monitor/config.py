@@ -364,7 +364,7 @@ def _validate_detector(name: str, detector: DetectorConfig) -> None:
         f"must be in [4, {UPPER_BOUNDS['window']}].",
     )
     _require(
-        detector.threshold is None or detector.threshold > 0, f"{key}.threshold", "must be > 0."
+        detector.threshold is None or detector.threshold >= 0, f"{key}.threshold", "must be >= 0."
     )
     _require(
         1 <= detector.min_history <= detector.window,

@@ -64,7 +64,7 @@ DEMO_CASES: dict[str, Case] = {
     ),
     "monitor threshold negative": lambda r: (
         ["--monitor-set", "detectors.attention_sink.threshold=-1"],
-        ("threshold", "> 0"),
+        ("threshold", ">= 0"),
     ),
     "monitor window huge": lambda r: (
         ["--monitor-set", "detectors.loss_spike.window=100000000"],
