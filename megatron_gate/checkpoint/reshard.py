@@ -105,7 +105,7 @@ def write_distributed(model: torch.nn.Module, partial: Path, *, shape: GptShape)
     commits `partial` (see `safe_io.commit`)."""
     from megatron.core import dist_checkpointing
 
-    _bind_megatron_write_queue()
+    bind_megatron_write_queue()
     if _rank() == 0:
         (partial / RELEASE).mkdir(parents=True)
     _barrier()
@@ -116,10 +116,11 @@ def write_distributed(model: torch.nn.Module, partial: Path, *, shape: GptShape)
         shape.save_json(partial / SHAPE_FILE)
 
 
-def _bind_megatron_write_queue() -> None:
+def bind_megatron_write_queue() -> None:
     """Give Megatron's torch_dist writer a results queue whose manager process dies with this
     one. Megatron starts its own on the first save (`get_write_results_queue`, cached in the
-    module), and that server outlives a killed worker; seeding the cache avoids it."""
+    module), and that server outlives a killed worker; seeding the cache avoids it. Call it in
+    every process before `dist_checkpointing.save`."""
     import multiprocessing
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
