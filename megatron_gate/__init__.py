@@ -11,7 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from megatron_gate.config import GateConfig, GateConfigError
+from megatron_gate import worker_lifetime as _worker_lifetime
+
+# First thing in a spawned worker: bind it to its starter before any heavy import.
+_worker_lifetime.bind_if_started_as_worker()
+
+from megatron_gate.config import GateConfig, GateConfigError  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from megatron_gate.errors import InputError
+
 Granularity = Literal["elementwise", "headwise"]
 Backend = Literal["auto", "te", "local"]
 
@@ -12,7 +14,7 @@ GRANULARITIES: tuple[str, ...] = ("elementwise", "headwise")
 BACKENDS: tuple[str, ...] = ("auto", "te", "local")
 
 
-class GateConfigError(ValueError):
+class GateConfigError(InputError):
     """A gated-attention setting that cannot work; the message names the field and the fix."""
 
 

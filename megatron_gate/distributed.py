@@ -2,7 +2,9 @@
 
 `launch(worker, world_size=2, payload=...)` runs `worker(rank, world_size, payload)` in spawned
 processes that each joined a gloo process group, and returns the workers' results by rank. A
-failing rank's traceback is re-raised in the caller.
+failing rank's traceback is re-raised in the caller. Workers die with the launching process
+(`megatron_gate.worker_lifetime`): a `kill -9` of the command leaves no gloo rank running, and
+since only the launching process renames outputs into place, nothing is committed after it died.
 """
 
 from __future__ import annotations
@@ -15,11 +17,15 @@ import time
 import traceback
 from collections.abc import Callable
 from contextlib import closing
+from multiprocessing.managers import SyncManager
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from megatron_gate.errors import InputError
+from megatron_gate.worker_lifetime import children_die_with_me, die_with_parent
 
 Worker = Callable[[int, int, Any], Any]
 
@@ -62,12 +68,29 @@ def init_model_parallel(*, tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 12
     model_parallel_cuda_manual_seed(seed)
 
 
-def _entry(rank: int, world_size: int, port: int, worker: Worker, payload: Any, queue: Any) -> None:
+def manager_dying_with_this_process(context: Any) -> SyncManager:
+    """A started `multiprocessing` manager whose server process dies with this one.
+
+    Libraries that start a manager themselves (Megatron's checkpoint writer does) leave its
+    server running when their process is killed; this one is bound by `die_with_parent`.
+    """
+    manager = SyncManager(ctx=context)
+    with children_die_with_me():
+        manager.start(die_with_parent, (os.getpid(),))
+    return manager
+
+
+def _entry(
+    rank: int, world_size: int, port: int, worker: Worker, payload: Any, queue: Any, parent: int
+) -> None:
+    die_with_parent(parent)
     try:
         init_process_group(rank, world_size, port)
         # Plain pickle bytes, not the queue's shared-memory tensors: those die with this process.
         result = pickle.dumps(worker(rank, world_size, payload))
         queue.put((rank, True, result))
+    except InputError as error:  # the user's input: the parent re-raises it as one line
+        queue.put((rank, False, InputError(str(error))))
     except BaseException:  # noqa: BLE001 - reported to the parent, which re-raises
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -92,6 +115,8 @@ def _collect(
             continue
         if ok:
             results[rank] = pickle.loads(value)
+        elif isinstance(value, InputError):
+            raise value
         else:
             failures.append(f"rank {rank} failed:\n{value}")
 
@@ -99,24 +124,31 @@ def _collect(
 def launch(
     worker: Worker, *, world_size: int = 2, payload: Any = None, timeout: float = 600
 ) -> list[Any]:
-    """Run `worker(rank, world_size, payload)` on `world_size` gloo ranks; return results by rank."""
+    """Run `worker(rank, world_size, payload)` on `world_size` gloo ranks; return results by rank.
+
+    A rank's `InputError` (a bad checkpoint, say) is raised here as an `InputError` with the same
+    message; any other failure as a `RuntimeError` holding the rank's traceback.
+    """
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     context = mp.get_context("spawn")
     queue = context.Queue()
     port = free_port()
     processes = [
-        context.Process(target=_entry, args=(rank, world_size, port, worker, payload, queue))
+        context.Process(
+            target=_entry, args=(rank, world_size, port, worker, payload, queue, os.getpid())
+        )
         for rank in range(world_size)
     ]
-    for process in processes:
-        process.start()
+    with children_die_with_me():
+        for process in processes:
+            process.start()
     results: dict[int, Any] = {}
     failures: list[str] = []
     try:
         _collect(processes, queue, results, failures, timeout)
     finally:
         for process in processes:
-            process.join(timeout=5 if failures else timeout)
+            process.join(timeout=5 if failures or len(results) < len(processes) else timeout)
             if process.is_alive():
                 process.kill()
     if failures:

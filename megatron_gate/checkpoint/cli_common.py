@@ -6,8 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from megatron_gate.checkpoint.safe_io import CheckpointError
-from megatron_gate.config import GateConfigError
+from megatron_gate.errors import INPUT_ERROR_EXIT, InputError, error_line
 
 
 def add_io_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,12 +29,20 @@ def add_io_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def report_errors(action: Callable[[], object]) -> int:
-    """Run `action`; print a clear one-line error and return 2 for bad input, 0 on success."""
+def report_errors(command: str, action: Callable[[], object]) -> int:
+    """Run `action`; print one error line and return 2 for bad input, 0 on success.
+
+    `FileExistsError` and a failed write (`OSError`) count as bad input: the output location is
+    the user's choice. Anything else propagates to `megatron_gate.cli` (one line, `--debug`).
+    """
     try:
         written = action()
-    except (CheckpointError, GateConfigError, FileExistsError) as error:
-        print(f"megatron-gate: error: {error}", file=sys.stderr)
-        return 2
+    except (InputError, FileExistsError) as error:
+        print(error_line(command, error), file=sys.stderr)
+        return INPUT_ERROR_EXIT
+    except OSError as error:
+        print(error_line(command, f"{error} (output or input file): check the paths and free "
+                         "space, then rerun"), file=sys.stderr)  # fmt: skip
+        return INPUT_ERROR_EXIT
     print(f"wrote {written}")
     return 0

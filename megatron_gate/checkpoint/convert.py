@@ -16,20 +16,25 @@ go to a temporary path renamed at the end; an existing output needs `force=True`
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from megatron_gate.checkpoint import hf_qwen3_next, paper_qwen3
-from megatron_gate.checkpoint.model import GptShape, check_full_state_dict
+from megatron_gate.checkpoint.model import GptShape, check_full_state_dict, read_json_object
 from megatron_gate.checkpoint.safe_io import (
     CheckpointError,
     atomic_output,
+    check_free_space,
+    check_not_input,
     check_output,
     load_torch,
     save_torch,
+    tensor_bytes,
 )
 
 FULL_FORMAT = "megatron-gate/full-state-dict/1"
@@ -42,26 +47,58 @@ MEGATRON_FORMATS = ("torch", "torch_dist")
 # ------------------------------------------------------------------ Hugging Face directories
 def read_hf_dir(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """`(config.json dict, tensors)` of a Hugging Face model directory (safetensors only)."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{path} has no config.json; pass a Hugging Face model directory.")
-    config = json.loads(config_file.read_text())
+    config = read_json_object(config_file, what="config.json")
+    tensors: dict[str, torch.Tensor] = {}
+    for file in _weight_files(path):
+        tensors.update(_load_safetensors(file))
+    return config, tensors
+
+
+def _weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a model directory: one file, or the shards its index names."""
     if (path / HF_WEIGHTS).is_file():
-        files = [path / HF_WEIGHTS]
-    elif (path / HF_INDEX).is_file():
-        weight_map = json.loads((path / HF_INDEX).read_text())["weight_map"]
-        files = [path / name for name in sorted(set(weight_map.values()))]
-    else:
+        return [path / HF_WEIGHTS]
+    index = path / HF_INDEX
+    if not index.is_file():
         raise CheckpointError(
             f"{path} has neither {HF_WEIGHTS} nor {HF_INDEX}; only safetensors checkpoints convert."
         )
-    tensors: dict[str, torch.Tensor] = {}
-    for file in files:
-        tensors.update(load_file(str(file)))
-    return config, tensors
+    weight_map = read_json_object(index, what="safetensors index").get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(
+            f"safetensors index has no weight_map object ({index}): regenerate the index "
+            '(it maps every tensor name to its shard: {"weight_map": {"name": "file"}}).'
+        )
+    names = sorted({str(name) for name in weight_map.values()})
+    for name in names:
+        if Path(name).name != name or name in (".", ".."):
+            raise CheckpointError(
+                f"safetensors index names a shard outside the model directory ({name!r} in "
+                f"{index}): shards must be plain file names."
+            )
+        if not (path / name).is_file():
+            raise CheckpointError(
+                f"safetensors shard {name} named by the index is missing ({index}): copy the "
+                "complete model directory."
+            )
+    return [path / name for name in names]
+
+
+def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(
+            f"safetensors file cannot be read ({file}): {str(error)[:200]}; the file is truncated "
+            "or damaged: copy it again."
+        ) from error
 
 
 def write_hf_dir(
@@ -70,6 +107,7 @@ def write_hf_dir(
     """Write `config.json` + `model.safetensors` atomically."""
     from safetensors.torch import save_file
 
+    check_free_space(path, tensor_bytes(tensors))
     with atomic_output(path, force=force, directory=True) as partial:
         (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         contiguous = {name: tensor.contiguous() for name, tensor in tensors.items()}
@@ -89,13 +127,14 @@ def read_megatron(
     The shape comes from `model_config` (a `GptShape` JSON) when given, else from the
     checkpoint; `shape_changes` are applied to it before the tensors are checked against it.
     """
-    from megatron_gate.checkpoint.reshard import read_shape
+    from megatron_gate.checkpoint.reshard import read_shape, resolve_checkpoint_dir
 
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"input {path} does not exist.")
     saved = None
     if path.is_dir():
+        resolve_checkpoint_dir(path)  # vets the pickled files here, before a worker reads them
         shape = read_shape(path, model_config)
     else:
         saved = load_torch(path)
@@ -161,15 +200,15 @@ def _load_full_worker(_rank: int, _world: int, payload: tuple[str, dict]) -> dic
 
 def _save_full_worker(_rank: int, _world: int, payload: tuple) -> None:
     from megatron_gate.checkpoint.model import build_gpt_from_shape
-    from megatron_gate.checkpoint.reshard import save_distributed
+    from megatron_gate.checkpoint.reshard import write_distributed
     from megatron_gate.distributed import init_model_parallel
 
-    path, shape_fields, state, force = payload
+    partial, shape_fields, state = payload
     shape = GptShape.from_dict(shape_fields)
     init_model_parallel(tp=1, pp=1)
     model = build_gpt_from_shape(_storage_shape(shape))
     model.load_state_dict(state, strict=False)  # keys checked by write_megatron
-    save_distributed(model, path, shape=shape, force=force)
+    write_distributed(model, Path(partial), shape=shape)
 
 
 def load_full_from_distributed(path: Path, shape: GptShape) -> dict[str, torch.Tensor]:
@@ -188,8 +227,11 @@ def save_full_as_distributed(
     """Write a full state dict as a torch_dist checkpoint (one gloo process, TP=1/PP=1)."""
     from megatron_gate.distributed import launch
 
-    check_output(path, force=force)
-    launch(_save_full_worker, world_size=1, payload=(str(path), shape.to_dict(), state, force))
+    # The worker only fills the temporary directory; this process (the one the user started)
+    # renames it into place, so a worker that outlives a killed parent commits nothing.
+    check_free_space(path, tensor_bytes(state))
+    with atomic_output(path, force=force) as partial:
+        launch(_save_full_worker, world_size=1, payload=(str(partial), shape.to_dict(), state))
     return Path(path)
 
 
@@ -198,11 +240,30 @@ def _to_megatron(
     side: str, path: Path, *, zero_centered_gamma: bool
 ) -> tuple[GptShape, dict[str, torch.Tensor]]:
     config, tensors = read_hf_dir(path)
+    with malformed_config_is_input_error(path / "config.json"):
+        if side == "hf":
+            shape = hf_qwen3_next.shape_from_config(config, zero_centered_gamma=zero_centered_gamma)
+        else:
+            shape = paper_qwen3.shape_from_config(config)
     if side == "hf":
-        shape = hf_qwen3_next.shape_from_config(config, zero_centered_gamma=zero_centered_gamma)
         return shape, hf_qwen3_next.hf_to_megatron(tensors, shape)
-    shape = paper_qwen3.shape_from_config(config)
     return shape, paper_qwen3.paper_to_megatron(tensors, shape)
+
+
+@contextlib.contextmanager
+def malformed_config_is_input_error(config_file: Path) -> Iterator[None]:
+    """Turn a wrongly typed `config.json` field (a list where a number belongs, a string where
+    a mapping does) met while reading the config into a `CheckpointError` naming the file."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as error:
+        if isinstance(error, CheckpointError):
+            raise
+        detail = f"{type(error).__name__}: {str(error)[:200]}"
+        raise CheckpointError(
+            f"config.json is malformed ({config_file}): {detail}; fix the wrongly typed or "
+            "missing field."
+        ) from error
 
 
 def _from_megatron(
@@ -246,6 +307,7 @@ def convert(
     source = Path(source)
     if not source.exists():
         raise CheckpointError(f"input {source} does not exist.")
+    check_not_input(source, output)
     check_output(output, force=force)
     if to_format == "megatron":
         shape, state = _to_megatron(from_format, source, zero_centered_gamma=zero_centered_gamma)

@@ -45,9 +45,12 @@ def run(args: argparse.Namespace) -> int:
         "model_config": args.model_config,
     }
     if megatron_dev.FORMAT in (args.from_format, args.to_format):
-        return report_errors(lambda: megatron_dev.convert_dev(args.input, args.output, **common))
+        return report_errors(
+            "convert", lambda: megatron_dev.convert_dev(args.input, args.output, **common)
+        )
     return report_errors(
+        "convert",
         lambda: convert(
             args.input, args.output, zero_centered_gamma=args.zero_centered_gamma, **common
-        )
+        ),
     )

@@ -36,7 +36,13 @@ from typing import Any
 
 import torch
 
-from megatron_gate.checkpoint.model import GptShape, hf_config_fields, shape_from_hf_config
+from megatron_gate.checkpoint.model import (
+    GptShape,
+    check_tensors,
+    hf_config_fields,
+    hf_int,
+    shape_from_hf_config,
+)
 from megatron_gate.checkpoint.safe_io import CheckpointError
 
 ARCHITECTURE = "Qwen3NextForCausalLM"
@@ -69,7 +75,7 @@ def _rope(config: dict[str, Any]) -> tuple[float, float]:
 
 
 def _check_dense_full_attention(config: dict[str, Any]) -> None:
-    layers = config["num_hidden_layers"]
+    layers = hf_int(config, "num_hidden_layers")
     layer_types = config.get("layer_types") or ["full_attention"] * layers
     linear = [i for i, kind in enumerate(layer_types) if kind != "full_attention"]
     if linear:
@@ -193,16 +199,10 @@ def _attention_to_hf(fused: torch.Tensor, shape: GptShape) -> dict[str, torch.Te
 
 
 def check_hf_tensors(hf: dict[str, torch.Tensor], shape: GptShape) -> None:
-    """Raise a `CheckpointError` naming the first missing or mis-shaped Hugging Face tensor."""
-    expected = expected_hf_shapes(shape)
-    for key, size in expected.items():
-        if key not in hf:
-            raise CheckpointError(f"Hugging Face checkpoint: tensor {key} is missing.")
-        if tuple(hf[key].shape) != size:
-            raise CheckpointError(
-                f"Hugging Face checkpoint: tensor {key} has shape {list(hf[key].shape)}, "
-                f"expected {list(size)} from config.json."
-            )
+    """Raise a `CheckpointError` naming missing, unexpected or mis-shaped Hugging Face tensors."""
+    check_tensors(
+        hf, expected_hf_shapes(shape), source="Hugging Face checkpoint", hint="from config.json"
+    )
 
 
 def expected_hf_shapes(shape: GptShape) -> dict[str, tuple[int, ...]]:

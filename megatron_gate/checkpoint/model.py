@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -59,6 +61,7 @@ class GptShape:
     untie_embeddings_and_output_weights: bool = True
 
     def __post_init__(self) -> None:
+        _check_field_types(self)
         if self.granularity not in ("elementwise", "headwise", None):
             raise CheckpointError(
                 f"GptShape.granularity={self.granularity!r}; use 'elementwise', 'headwise' or None."
@@ -108,14 +111,76 @@ class GptShape:
 
     @classmethod
     def load_json(cls, path: str | Path) -> GptShape:
-        """Read a shape written by `save_json`."""
+        """Read a shape written by `save_json` (a JSON object of `GptShape` fields)."""
         path = Path(path)
         if not path.is_file():
             raise CheckpointError(
                 f"model shape file {path} does not exist; pass --model-config with a "
                 f"{SHAPE_FILE} describing the model."
             )
-        return cls.from_dict(json.loads(path.read_text()))
+        fields = read_json_object(path, what="model shape")
+        try:
+            return cls.from_dict(fields)
+        except CheckpointError as error:
+            raise CheckpointError(f"{error} ({path})") from None
+
+
+MAX_JSON_BYTES = 16 << 20
+"""Config and index JSON files larger than this are refused unread."""
+
+
+def read_json_object(path: Path, *, what: str) -> dict[str, Any]:
+    """The JSON object in `path`; a `CheckpointError` naming the file for anything else."""
+    try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise CheckpointError(
+                f"{what} file is larger than {MAX_JSON_BYTES >> 20} MiB ({path}): pass the "
+                "small JSON file the model was saved with."
+            )
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise CheckpointError(
+            f"{what} file is not valid UTF-8 JSON ({path}): {str(error)[:200]}; fix or "
+            "regenerate the file."
+        ) from None
+    if not isinstance(data, dict):
+        raise CheckpointError(
+            f"{what} file holds a {type(data).__name__}, not a JSON object ({path}): expected "
+            '{"field": value, ...}.'
+        )
+    return data
+
+
+_FIELD_KINDS = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+def _check_field_types(shape: GptShape) -> None:
+    """Every field has its declared type; sizes are >= 1 and floats finite (no ZeroDivision or
+    a 0-layer model later)."""
+    for field in dataclasses.fields(shape):
+        value = getattr(shape, field.name)
+        declared = str(field.type).replace(" ", "")
+        if declared == "str|None" and value is None:
+            continue
+        kind = _FIELD_KINDS[declared.split("|")[0]]
+        ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        if not ok:
+            raise CheckpointError(
+                f"model shape field {field.name}={value!r} is not a {declared} (model config): "
+                "fix the value in config.json or --model-config."
+            )
+        positive = kind in (int, float) and field.name not in ("rotary_percent",)
+        if (
+            (kind is float and not math.isfinite(value))
+            or (positive and value <= 0)
+            or (field.name == "rotary_percent" and not 0 < value <= 1)
+        ):
+            raise CheckpointError(
+                f"model shape field {field.name}={value!r} is out of range (model config): "
+                "sizes must be >= 1, numbers finite and > 0, rotary_percent in (0, 1]."
+            )
 
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu}
@@ -223,26 +288,51 @@ def expected_full_shapes(shape: GptShape) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_full_state_dict(
-    state_dict: dict[str, torch.Tensor], shape: GptShape, *, source: str
+def _named(keys: list[str]) -> str:
+    shown = ", ".join(keys[:3])
+    return shown + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+
+def check_tensors(
+    tensors: Mapping[str, torch.Tensor],
+    expected: Mapping[str, tuple[int, ...]],
+    *,
+    source: str,
+    hint: str,
 ) -> None:
-    """Raise a `CheckpointError` naming the first missing, unexpected or mis-shaped tensor."""
-    expected = expected_full_shapes(shape)
-    tensors = {key: value for key, value in state_dict.items() if not key.endswith("_extra_state")}
+    """Raise a `CheckpointError` naming missing, unexpected and mis-shaped tensors.
+
+    `tensors` must hold exactly `expected`: an extra tensor (say `model.layers.2.*` when the
+    config declares two layers) would otherwise be dropped silently. `hint` says which
+    description the tensors were compared with (config.json, --model-config, ...).
+    """
     missing = sorted(set(expected) - set(tensors))
     if missing:
-        raise CheckpointError(f"{source}: tensor {missing[0]} is missing ({len(missing)} missing).")
+        raise CheckpointError(
+            f"{source}: tensor {_named(missing)} is missing ({len(missing)} missing) ({hint}): "
+            "pass the complete checkpoint or fix the model description."
+        )
     unexpected = sorted(set(tensors) - set(expected))
     if unexpected:
         raise CheckpointError(
-            f"{source}: unexpected tensor {unexpected[0]} ({len(unexpected)} unexpected) for {shape}."
+            f"{source}: unexpected tensor {_named(unexpected)} ({len(unexpected)} unexpected) "
+            f"({hint}): the checkpoint holds more than its description declares (e.g. more "
+            "layers); fix the description or remove the extra tensors."
         )
     for key, size in expected.items():
         found = tuple(tensors[key].shape)
         if found != size:
             raise CheckpointError(
-                f"{source}: tensor {key} has shape {list(found)}, expected {list(size)}."
+                f"{source}: tensor {key} has shape {list(found)}, expected {list(size)} ({hint})."
             )
+
+
+def check_full_state_dict(
+    state_dict: dict[str, torch.Tensor], shape: GptShape, *, source: str
+) -> None:
+    """Raise a `CheckpointError` naming missing, unexpected or mis-shaped tensors."""
+    tensors = {key: value for key, value in state_dict.items() if not key.endswith("_extra_state")}
+    check_tensors(tensors, expected_full_shapes(shape), source=source, hint="model shape")
 
 
 def shape_from_hf_config(config: dict[str, Any], **architecture: Any) -> GptShape:
@@ -253,21 +343,38 @@ def shape_from_hf_config(config: dict[str, Any], **architecture: Any) -> GptShap
     """
     if config.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"config.json hidden_act={config['hidden_act']!r}; expected 'silu'.")
-    heads = config["num_attention_heads"]
+    heads, hidden = hf_int(config, "num_attention_heads"), hf_int(config, "hidden_size")
     return GptShape(
-        num_layers=config["num_hidden_layers"],
-        hidden_size=config["hidden_size"],
-        ffn_hidden_size=config["intermediate_size"],
+        num_layers=hf_int(config, "num_hidden_layers"),
+        hidden_size=hidden,
+        ffn_hidden_size=hf_int(config, "intermediate_size"),
         num_attention_heads=heads,
-        num_query_groups=config.get("num_key_value_heads") or heads,
-        kv_channels=config.get("head_dim") or config["hidden_size"] // heads,
-        vocab_size=config["vocab_size"],
-        max_sequence_length=config.get("max_position_embeddings", 4096),
+        num_query_groups=hf_int(config, "num_key_value_heads", heads),
+        kv_channels=hf_int(config, "head_dim", hidden // heads),
+        vocab_size=hf_int(config, "vocab_size"),
+        max_sequence_length=hf_int(config, "max_position_embeddings", 4096),
         normalization="RMSNorm",
         layernorm_epsilon=config.get("rms_norm_eps", 1e-6),
         untie_embeddings_and_output_weights=not config.get("tie_word_embeddings", False),
         **architecture,
     )
+
+
+def hf_int(config: dict[str, Any], name: str, default: int | None = None) -> int:
+    """`config[name]` as a positive int (`default` when absent or null); a `CheckpointError`
+    naming the field otherwise."""
+    value = config.get(name)
+    if value is None:
+        if default is None:
+            raise CheckpointError(
+                f"config.json lacks {name} (config.json): add it (a positive integer)."
+            )
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CheckpointError(
+            f"config.json {name}={value!r} is not a positive integer (config.json): fix the value."
+        )
+    return value
 
 
 def hf_config_fields(shape: GptShape) -> dict[str, Any]:

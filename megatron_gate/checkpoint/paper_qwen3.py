@@ -25,7 +25,12 @@ from typing import Any
 
 import torch
 
-from megatron_gate.checkpoint.model import GptShape, hf_config_fields, shape_from_hf_config
+from megatron_gate.checkpoint.model import (
+    GptShape,
+    check_tensors,
+    hf_config_fields,
+    shape_from_hf_config,
+)
 from megatron_gate.checkpoint.safe_io import CheckpointError
 
 ARCHITECTURE = "Qwen3ForCausalLM"
@@ -123,14 +128,12 @@ def expected_paper_shapes(shape: GptShape) -> dict[str, tuple[int, ...]]:
 
 
 def _check(paper: dict[str, torch.Tensor], shape: GptShape) -> None:
-    for key, size in expected_paper_shapes(shape).items():
-        if key not in paper:
-            raise CheckpointError(f"paper Qwen3 checkpoint: tensor {key} is missing.")
-        if tuple(paper[key].shape) != size:
-            raise CheckpointError(
-                f"paper Qwen3 checkpoint: tensor {key} has shape {list(paper[key].shape)}, "
-                f"expected {list(size)} from config.json (gate flags, heads, head_dim)."
-            )
+    check_tensors(
+        paper,
+        expected_paper_shapes(shape),
+        source="paper Qwen3 checkpoint",
+        hint="from config.json: gate flags, heads, head_dim, layers",
+    )
 
 
 def _q_proj_to_fused(paper: dict[str, torch.Tensor], prefix: str, shape: GptShape) -> torch.Tensor:

@@ -30,10 +30,12 @@ import torch.distributed as dist
 from megatron_gate.checkpoint.model import SHAPE_FILE, GptShape
 from megatron_gate.checkpoint.safe_io import (
     CheckpointError,
+    check_not_input,
     check_output,
     commit,
     partial_path,
 )
+from megatron_gate.checkpoint.torch_dist_files import vet_torch_dist_dir
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 RELEASE = "release"
@@ -44,15 +46,29 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
     path = Path(path)
     tracker = path / TRACKER_FILE
     if tracker.is_file():
-        iteration = tracker.read_text().strip()
-        name = RELEASE if iteration == RELEASE else f"iter_{int(iteration):07d}"
-        path = path / name
+        path = path / _tracked_iteration(tracker)
     if not (path / "metadata.json").is_file():
         raise CheckpointError(
             f"{path} is not a torch_dist checkpoint (no metadata.json); pass the checkpoint "
             f"directory or its Megatron-LM root (with {TRACKER_FILE})."
         )
+    # Before torch or Megatron unpickle anything in it (see torch_dist_files).
+    vet_torch_dist_dir(path)
     return path
+
+
+def _tracked_iteration(tracker: Path) -> str:
+    """The directory name Megatron-LM's tracker file names: `release` or `iter_NNNNNNN`."""
+    with tracker.open("rb") as stream:
+        text = stream.read(64).decode("ascii", errors="replace").strip()
+    if text == RELEASE:
+        return RELEASE
+    if not text.isdigit():
+        raise CheckpointError(
+            f"tracker file holds {text[:20]!r}, not 'release' or an iteration number "
+            f"({tracker}): write the iteration to load, e.g. 'release'."
+        )
+    return f"iter_{int(text):07d}"
 
 
 def read_shape(path: str | Path, model_config: str | Path | None = None) -> GptShape:
@@ -83,6 +99,39 @@ def _shared_partial(directory: Path) -> Path:
     return Path(chosen[0])
 
 
+def write_distributed(model: torch.nn.Module, partial: Path, *, shape: GptShape) -> None:
+    """Write `model` (this rank's part) as a complete Megatron-LM checkpoint directory at
+    `partial`, which must not exist yet; every rank calls it. Nothing is renamed: the caller
+    commits `partial` (see `safe_io.commit`)."""
+    from megatron.core import dist_checkpointing
+
+    bind_megatron_write_queue()
+    if _rank() == 0:
+        (partial / RELEASE).mkdir(parents=True)
+    _barrier()
+    dist_checkpointing.save({"model": model.sharded_state_dict()}, str(partial / RELEASE))
+    _barrier()
+    if _rank() == 0:
+        (partial / TRACKER_FILE).write_text(RELEASE + "\n")
+        shape.save_json(partial / SHAPE_FILE)
+
+
+def bind_megatron_write_queue() -> None:
+    """Give Megatron's torch_dist writer a results queue whose manager process dies with this
+    one. Megatron starts its own on the first save (`get_write_results_queue`, cached in the
+    module), and that server outlives a killed worker; seeding the cache avoids it. Call it in
+    every process before `dist_checkpointing.save`."""
+    import multiprocessing
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from megatron_gate.distributed import manager_dying_with_this_process
+
+    if getattr(filesystem_async, "_results_queue", "unknown") is None:
+        manager = manager_dying_with_this_process(multiprocessing.get_context("spawn"))
+        filesystem_async._results_queue = manager.Queue()  # the proxy keeps `manager` alive
+
+
 def save_distributed(
     model: torch.nn.Module, directory: str | Path, *, shape: GptShape, force: bool = False
 ) -> Path:
@@ -90,19 +139,11 @@ def save_distributed(
 
     Written into a temporary sibling first and renamed by rank 0 when all ranks are done.
     """
-    from megatron.core import dist_checkpointing
-
     directory = check_output(directory, force=force)
     partial = _shared_partial(directory)
-    if _rank() == 0:
-        (partial / RELEASE).mkdir(parents=True)
-    _barrier()
     try:
-        dist_checkpointing.save({"model": model.sharded_state_dict()}, str(partial / RELEASE))
-        _barrier()
+        write_distributed(model, partial, shape=shape)
         if _rank() == 0:
-            (partial / TRACKER_FILE).write_text(RELEASE + "\n")
-            shape.save_json(partial / SHAPE_FILE)
             commit(partial, directory, force=force)
     except BaseException:
         if _rank() == 0 and partial.exists():
@@ -189,6 +230,45 @@ def verify_loadable(path: str | Path, shape: GptShape, *, tp: int, pp: int) -> l
     return launch(_verify_worker, world_size=tp * pp, payload=payload)
 
 
+MAX_CHECK_RANKS = 64
+"""`--check-tp * --check-pp` above this is refused: each rank is a CPU process."""
+
+
+def check_layout_request(layout: tuple[int, int], *, megatron_format: str) -> None:
+    """Raise unless (tp, pp) is a layout `verify_loadable` can start."""
+    if megatron_format != "torch_dist":
+        raise CheckpointError(
+            "--check-tp/--check-pp need a torch_dist output (--megatron-format): pass "
+            "--megatron-format torch_dist or drop --check-tp."
+        )
+    for flag, value in zip(("--check-tp", "--check-pp"), layout, strict=True):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise CheckpointError(
+                f"{flag} {value} is not a positive size ({flag}): pass 1 or more."
+            )
+    if layout[0] * layout[1] > MAX_CHECK_RANKS:
+        raise CheckpointError(
+            f"--check-tp {layout[0]} x --check-pp {layout[1]} needs {layout[0] * layout[1]} "
+            f"processes (--check-tp): at most {MAX_CHECK_RANKS} are started here."
+        )
+
+
+def check_layout_fits(shape: GptShape, tp: int, pp: int) -> None:
+    """Raise unless `shape`'s heads, query groups and layers split over (tp, pp)."""
+    if shape.num_attention_heads % tp or (
+        shape.num_query_groups % tp and tp % shape.num_query_groups
+    ):
+        raise CheckpointError(
+            f"--check-tp {tp}: {shape.num_attention_heads} heads / {shape.num_query_groups} "
+            "query groups cannot be split over that many ranks (--check-tp): pick a divisor."
+        )
+    if shape.num_layers % pp:
+        raise CheckpointError(
+            f"--check-pp {pp}: {shape.num_layers} layers cannot be split into {pp} equal "
+            "pipeline stages (--check-pp): pick a divisor of the layer count."
+        )
+
+
 def reshard(
     source: str | Path,
     output: str | Path,
@@ -203,19 +283,13 @@ def reshard(
     """
     from megatron_gate.checkpoint.convert import read_megatron, write_megatron
 
-    if check_layout is not None and megatron_format != "torch_dist":
-        raise CheckpointError("--check-tp/--check-pp need --megatron-format torch_dist.")
+    if check_layout is not None:
+        check_layout_request(check_layout, megatron_format=megatron_format)
+    check_not_input(source, output)
     check_output(output, force=force)
     shape, state = read_megatron(source, model_config=model_config)
     if check_layout is not None:
-        tp, _ = check_layout
-        if shape.num_attention_heads % tp or (
-            shape.num_query_groups % tp and tp % shape.num_query_groups
-        ):
-            raise CheckpointError(
-                f"--check-tp {tp}: {shape.num_attention_heads} heads / {shape.num_query_groups} "
-                "query groups cannot be split over that many ranks."
-            )
+        check_layout_fits(shape, *check_layout)
     written = write_megatron(output, shape, state, megatron_format=megatron_format, force=force)
     if check_layout is not None:
         verify_loadable(written, shape, tp=check_layout[0], pp=check_layout[1])

@@ -23,8 +23,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Reshard; 0 on success, 2 on bad input (nothing written)."""
-    layout = None if args.check_tp is None else (args.check_tp, args.check_pp)
+    # --check-pp alone asks for a check too; it must not pass silently having checked nothing.
+    asked = args.check_tp is not None or args.check_pp != 1
+    tp = 1 if args.check_tp is None else args.check_tp
+    layout = (tp, args.check_pp) if asked else None
     return report_errors(
+        "reshard",
         lambda: reshard(
             args.input,
             args.output,
@@ -32,5 +36,5 @@ def run(args: argparse.Namespace) -> int:
             force=args.force,
             model_config=args.model_config,
             check_layout=layout,
-        )
+        ),
     )

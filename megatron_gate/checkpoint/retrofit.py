@@ -27,7 +27,7 @@ import torch
 
 from megatron_gate.checkpoint.convert import read_megatron, write_megatron
 from megatron_gate.checkpoint.model import GptShape
-from megatron_gate.checkpoint.safe_io import CheckpointError, check_output
+from megatron_gate.checkpoint.safe_io import CheckpointError, check_not_input, check_output
 
 SOURCE_GATES = ("none", "native")
 
@@ -89,6 +89,7 @@ def retrofit(
             "--source-gate native holds elementwise gates; a headwise model cannot reproduce "
             "them exactly. Use --granularity elementwise."
         )
+    check_not_input(source, output)
     check_output(output, force=force)
     megatron_format = megatron_format or ("torch_dist" if Path(source).is_dir() else "torch")
     if source_gate == "native":

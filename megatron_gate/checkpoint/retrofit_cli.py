@@ -20,6 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Retrofit; 0 on success, 2 on bad input (nothing written)."""
     return report_errors(
+        "retrofit",
         lambda: retrofit(
             args.input,
             args.output,
@@ -28,5 +29,5 @@ def run(args: argparse.Namespace) -> int:
             force=args.force,
             megatron_format=args.megatron_format,
             model_config=args.model_config,
-        )
+        ),
     )

@@ -11,6 +11,8 @@ without a gate and with the gated attention of Qiu et al. (2025). Ends with a su
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -24,6 +26,7 @@ from megatron_gate.demo.trainer import (
     demo_monitor_config,
     execute,
 )
+from megatron_gate.errors import InputError
 from megatron_gate.monitor import MonitorConfigError
 from megatron_gate.monitor.actions import ABORT_EXIT_CODE
 
@@ -40,7 +43,21 @@ DEFAULTS = TrainConfig(
 )
 
 
-class DemoInputError(ValueError):
+MAX_LR = 100.0
+"""Peak learning rates above this train nothing (every run diverges at once)."""
+UPPER_BOUNDS = {
+    "--steps": 1_000_000,
+    "--layers": 64,
+    "--hidden": 8192,
+    "--heads": 256,
+    "--seq-len": 16384,
+    "--batch-size": 4096,
+    "--tp": 16,
+}
+"""Largest accepted flag values: memory and run time grow with them (one CPU process per rank)."""
+
+
+class DemoInputError(InputError):
     """A flag value the demo cannot run with (the message names the flag and the fix)."""
 
 
@@ -114,9 +131,7 @@ def train_config(
         tp=args.tp,
         log_interval=max(1, min(defaults.log_interval, args.steps // 10)),
         eval_interval=max(1, min(defaults.eval_interval, args.steps // 4)),
-        checkpoint_interval=max(
-            1, getattr(args, "checkpoint_interval", defaults.checkpoint_interval)
-        ),
+        checkpoint_interval=getattr(args, "checkpoint_interval", defaults.checkpoint_interval),
         write_checkpoints=defaults.write_checkpoints,
     )
 
@@ -125,14 +140,29 @@ def validate(config: TrainConfig, *, vocab_size: int = BYTE_VOCAB_SIZE) -> None:
     """Raise `DemoInputError` for flags that cannot train, before anything starts."""
     import torch
 
-    if not config.lr > 0:
-        raise DemoInputError(f"--lr {config.lr}: the learning rate must be > 0 (e.g. --lr 1e-2).")
+    if not (math.isfinite(config.lr) and config.lr > 0):
+        raise DemoInputError(
+            f"--lr {config.lr}: the learning rate must be > 0 and finite (e.g. --lr 1e-2)."
+        )
+    if config.lr > MAX_LR:
+        raise DemoInputError(
+            f"--lr {config.lr:g}: above {MAX_LR:g} every run diverges at its first step (--lr): "
+            "pass a smaller learning rate."
+        )
     for flag, value in (("--steps", config.steps), ("--layers", config.layers),
                         ("--hidden", config.hidden), ("--heads", config.heads),
                         ("--seq-len", config.seq_len), ("--batch-size", config.batch_size),
-                        ("--tp", config.tp)):  # fmt: skip
+                        ("--tp", config.tp),
+                        ("--checkpoint-interval", config.checkpoint_interval)):  # fmt: skip
         if value < 1:
             raise DemoInputError(f"{flag} {value}: must be a positive integer.")
+        if value > UPPER_BOUNDS.get(flag, value):
+            raise DemoInputError(
+                f"{flag} {value}: at most {UPPER_BOUNDS[flag]} ({flag}): the demo trains on the "
+                "CPU and memory grows with it; use Megatron-LM (megatron_gate.run) for larger runs."
+            )
+    if not 0 <= config.seed < 2**63:
+        raise DemoInputError(f"--seed {config.seed}: must be in [0, 2**63) (--seed).")
     if config.hidden % config.heads:
         raise DemoInputError(
             f"--hidden {config.hidden} is not divisible by --heads {config.heads}; "
@@ -153,10 +183,7 @@ def validate(config: TrainConfig, *, vocab_size: int = BYTE_VOCAB_SIZE) -> None:
 
 def prepare_out(out: Path, run_names: list[str], *, overwrite: bool) -> None:
     """Create `out`; refuse a file, and earlier runs unless `overwrite` (then remove them)."""
-    if out.exists() and not out.is_dir():
-        raise DemoInputError(
-            f"--out {out} is a file; pass a folder path (it is created if missing)."
-        )
+    check_folder("--out", out)
     for name in run_names:
         run_dir = out / name
         if run_dir.exists() and any(run_dir.iterdir()):
@@ -167,6 +194,26 @@ def prepare_out(out: Path, run_names: list[str], *, overwrite: bool) -> None:
                 )
             shutil.rmtree(run_dir)
     out.mkdir(parents=True, exist_ok=True)
+
+
+def check_folder(flag: str, folder: Path) -> None:
+    """Raise unless `folder` is, or can be created as, a writable folder (nothing is created)."""
+    if folder.exists() and not folder.is_dir():
+        raise DemoInputError(
+            f"{flag} {folder} is a file; pass a folder path (it is created if missing)."
+        )
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is None or not existing.is_dir():
+        raise DemoInputError(f"{flag} {folder}: {existing} is not a folder ({flag}).")
+    probe = existing / f".megatron-gate-probe-{os.getpid()}"
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        raise DemoInputError(
+            f"{flag} {folder} is not writable ({existing}: {error.strerror or error}): choose "
+            "a writable folder."
+        ) from None
 
 
 def demo_variants(granularity: str) -> list[Variant]:
@@ -207,6 +254,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = train_config(args, DEFAULTS, lr=args.lr, seed=args.seed)
         validate(config)
+        if args.figures_dir is not None:
+            check_folder("--figures-dir", args.figures_dir)
         corpus = load_corpus(args.data)
         validate(config, vocab_size=corpus.vocab_size)
         check_corpus_size(corpus, seq_len=config.seq_len)

@@ -183,6 +183,20 @@ def complete_groups(runs: Sequence[SweepRun]) -> list[SweepRun]:
     return [r for r in runs if all((r.lr, r.seed, v) in done for v in variants)]
 
 
+MAX_RUNS = 1000
+"""Largest sweep accepted (runs are sequential on the CPU)."""
+
+
+def _check_unique(flag: str, names: list[str]) -> None:
+    """Two values that name the same run folder (`1e-2,0.01`) would overwrite each other."""
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise DemoInputError(
+            f"{flag} repeats {', '.join(repeated)} ({flag}): every value names one run folder; "
+            "list each value once."
+        )
+
+
 def plan_runs(args: argparse.Namespace) -> tuple[list[tuple], list[TrainConfig]]:
     """(variant, config, run dir) for every variant x LR x seed; raises `DemoInputError`."""
     lrs = _csv(float, args.lrs, "--lrs")
@@ -191,6 +205,15 @@ def plan_runs(args: argparse.Namespace) -> tuple[list[tuple], list[TrainConfig]]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise DemoInputError(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}.")
+    _check_unique("--lrs", [f"{lr:g}" for lr in lrs])
+    _check_unique("--seeds", [str(seed) for seed in seeds])
+    _check_unique("--variants", names)
+    total = len(lrs) * len(seeds) * len(names)
+    if total > MAX_RUNS:
+        raise DemoInputError(
+            f"--lrs x --seeds x --variants asks for {total} runs (--lrs): at most {MAX_RUNS}; "
+            "sweep fewer values."
+        )
     runs, configs = [], []
     # Seed-major, coarse-to-fine LR order: an interrupted sweep still spans the LR range.
     for seed in seeds:

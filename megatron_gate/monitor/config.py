@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from megatron_gate.errors import InputError
 from megatron_gate.monitor import schema
 
 
-class MonitorConfigError(ValueError):
+class MonitorConfigError(InputError):
     """A monitor configuration key or value that cannot be used; the message names the fix."""
 
 
@@ -172,15 +173,10 @@ class MonitorConfig:
     @classmethod
     def from_yaml(cls, path: str | Path) -> MonitorConfig:
         """Read a YAML file; a top-level `monitor:` key is accepted as well."""
-        import yaml
-
         path = Path(path)
         if not path.is_file():
             raise MonitorConfigError(f"monitor config {path} does not exist.")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise MonitorConfigError(f"monitor config {path} is not valid YAML: {error}") from error
+        data = load_yaml(_read_config_text(path), source=f"monitor config {path}") or {}
         if not isinstance(data, dict):
             raise MonitorConfigError(f"monitor config {path} must be a mapping of keys to values.")
         if set(data) == {"monitor"}:
@@ -219,8 +215,6 @@ class MonitorConfig:
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> MonitorConfig:
         """Build from the flags added by `add_cli_arguments` (YAML first, then `--monitor-set`)."""
-        import yaml
-
         data: dict[str, Any] = {}
         if getattr(args, "monitor_config", None):
             data = cls.from_yaml(args.monitor_config).to_dict()
@@ -234,13 +228,96 @@ class MonitorConfig:
                 target = target.setdefault(parent, {})
                 if not isinstance(target, dict):
                     raise MonitorConfigError(f"--monitor-set {item!r}: {parent} is not a section.")
-            target[leaf] = yaml.safe_load(raw)
+            target[leaf] = load_yaml(raw, source=f"--monitor-set {key.strip()}")
         if getattr(args, "no_monitor", False):
             data["enabled"] = False
         return cls.from_dict(data)
 
 
+# ---------------------------------------------------------------------- reading YAML
+MAX_YAML_BYTES = 1 << 20
+"""A monitor config (file or --monitor-set value) larger than this is refused unread."""
+MAX_YAML_DEPTH = 16
+"""Nesting deeper than this is refused (the config itself is three levels deep)."""
+
+
+def _read_config_text(path: Path) -> str:
+    try:
+        if path.stat().st_size > MAX_YAML_BYTES:
+            raise MonitorConfigError(
+                f"monitor config is larger than {MAX_YAML_BYTES >> 10} KiB ({path}): a monitor "
+                "config is a few lines; pass the right file."
+            )
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise MonitorConfigError(
+            f"monitor config is not UTF-8 text ({path}: byte {error.start}): save it as UTF-8."
+        ) from None
+    except OSError as error:
+        raise MonitorConfigError(
+            f"monitor config cannot be read ({path}: {error.strerror or error}): check the path."
+        ) from None
+
+
+def _check_yaml_events(text: str, source: str) -> None:
+    """Refuse aliases (`*name`: a "billion laughs" bomb expands them) and deep nesting, from the
+    parser's events, before anything is constructed or expanded."""
+    import yaml
+
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent):
+            raise MonitorConfigError(
+                f"{source}: YAML aliases (*{event.anchor}) are not accepted (monitor config): "
+                "write the values out."
+            )
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_YAML_DEPTH:
+                raise MonitorConfigError(
+                    f"{source}: nested deeper than {MAX_YAML_DEPTH} levels (monitor config): "
+                    "the monitor config has three levels; check the file."
+                )
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+
+
+def load_yaml(text: str, *, source: str) -> Any:
+    """`yaml.safe_load(text)` with the limits above; every failure is a `MonitorConfigError`
+    whose message never echoes the (possibly huge) input."""
+    import yaml
+
+    if len(text) > MAX_YAML_BYTES:
+        raise MonitorConfigError(
+            f"{source}: longer than {MAX_YAML_BYTES >> 10} KiB (monitor config): refused."
+        )
+    try:
+        _check_yaml_events(text, source)
+        return yaml.safe_load(text)
+    except MonitorConfigError:
+        raise
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or type(error).__name__
+        raise MonitorConfigError(
+            f"{source}: not valid YAML{where}: {str(problem)[:120]} (monitor config): fix the "
+            "syntax (quote values that contain ':' or '#')."
+        ) from None
+    except RecursionError:
+        raise MonitorConfigError(f"{source}: nested too deeply (monitor config).") from None
+    except (ValueError, OverflowError, TypeError) as error:  # e.g. a 5,000-digit integer
+        raise MonitorConfigError(
+            f"{source}: a value cannot be read ({str(error)[:120]}) (monitor config): "
+            "use plain numbers, strings and booleans."
+        ) from None
+
+
 # ---------------------------------------------------------------------- validation
+MAX_INT = 10**9
+"""Largest magnitude of any integer key (counts and intervals; tighter limits below)."""
+UPPER_BOUNDS = {"log_interval": 10_000, "probe_queries": 4096, "window": 100_000}
+"""Keys whose memory grows with their value: buffered steps, probe rows, history windows."""
 _SECTIONS = (DetectorConfig, DetectorsConfig, GuardConfig, SinksConfig, MonitorConfig)
 
 
@@ -262,29 +339,33 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             return value
     elif annotation is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            _require(abs(value) <= MAX_INT, key, f"must be at most {MAX_INT:.0e} in magnitude.")
             return value
     elif annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            _require(abs(value) <= 1e300 and math.isfinite(value), key, "must be a finite number.")
             return float(value)
     elif annotation is str and isinstance(value, str):
         return value
     name = getattr(annotation, "__name__", str(annotation))
-    raise MonitorConfigError(f"monitor config key {key!r}: expected {name}, got {value!r}.")
+    shown = repr(value) if len(repr(value)) <= 80 else f"a {type(value).__name__}"
+    raise MonitorConfigError(f"monitor config key {key!r}: expected {name}, got {shown}.")
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:
     if isinstance(data, cls):
         return data
     if not isinstance(data, dict):
+        shown = repr(data) if len(repr(data)) <= 80 else f"a {type(data).__name__}"
         raise MonitorConfigError(
             f"monitor config key {prefix.rstrip('.') or '<root>'!r}: expected a mapping, "
-            f"got {data!r}."
+            f"got {shown}."
         )
     hints = _field_types(cls)
-    unknown = sorted(set(data) - set(hints))
+    unknown = sorted((str(key) for key in data if key not in hints), key=str)
     if unknown:
         raise MonitorConfigError(
-            f"unknown monitor config key {prefix + unknown[0]!r}; allowed keys here: "
+            f"unknown monitor config key {(prefix + unknown[0])[:100]!r}; allowed keys here: "
             f"{', '.join(sorted(hints))}."
         )
     values = {key: _coerce(value, hints[key], prefix + key) for key, value in data.items()}
@@ -314,7 +395,14 @@ def _validate_detector(name: str, detector: DetectorConfig) -> None:
         f"{detector.severity!r} is not one of {', '.join(schema.SEVERITIES)}.",
     )
     _require(detector.z_threshold > 0, f"{key}.z_threshold", "must be > 0.")
-    _require(detector.window >= 4, f"{key}.window", "must be >= 4.")
+    _require(
+        4 <= detector.window <= UPPER_BOUNDS["window"],
+        f"{key}.window",
+        f"must be in [4, {UPPER_BOUNDS['window']}].",
+    )
+    _require(
+        detector.threshold is None or detector.threshold >= 0, f"{key}.threshold", "must be >= 0."
+    )
     _require(
         1 <= detector.min_history <= detector.window,
         f"{key}.min_history",
@@ -341,13 +429,21 @@ def _validate_guard(guard: GuardConfig) -> None:
 
 
 def _validate(config: MonitorConfig) -> None:
-    _require(config.log_interval >= 1, "log_interval", "must be >= 1.")
+    _require(
+        1 <= config.log_interval <= UPPER_BOUNDS["log_interval"],
+        "log_interval",
+        f"must be in [1, {UPPER_BOUNDS['log_interval']}] (the steps in between are buffered).",
+    )
     _require(
         config.layer_interval >= 1 and config.layer_interval % config.log_interval == 0,
         "layer_interval",
         f"must be a positive multiple of log_interval ({config.log_interval}).",
     )
-    _require(config.probe_queries >= 0, "probe_queries", "must be >= 0.")
+    _require(
+        0 <= config.probe_queries <= UPPER_BOUNDS["probe_queries"],
+        "probe_queries",
+        f"must be in [0, {UPPER_BOUNDS['probe_queries']}].",
+    )
     _require(0 < config.lr_backoff_factor < 1, "lr_backoff_factor", "must be in (0, 1).")
     _require(config.lr_backoff_steps >= 1, "lr_backoff_steps", "must be >= 1.")
     _require(config.rollback_skip_batches >= 0, "rollback_skip_batches", "must be >= 0.")
