@@ -115,10 +115,10 @@ class LayerObservations:
     """One step's layer observations, kept as lists of 0-d device tensors until packed.
 
     Each observation carries its position in the packed blocks (`kind_index * num_layers +
-    layer_index`), so that all of them become the packed blocks with one `scatter_reduce_` /
-    `scatter_reduce_` per block: the op count of a logged step does not grow with the layers (or the
-    microbatches) beyond the hooks' own reductions. Element counts are known from shapes: they
-    stay on the host.
+    layer_index`), so that all of them become the packed blocks with one `scatter_reduce_`
+    (maxes) or `index_add_` (sums) per block: the op count of a logged step does not grow with
+    the layers (or the microbatches) beyond the hooks' own reductions. Element counts are known
+    from shapes: they stay on the host.
     """
 
     def __init__(self, num_layers: int) -> None:
