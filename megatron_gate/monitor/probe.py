@@ -70,12 +70,13 @@ def probe_attention(
     sq, batch, heads, head_dim = query.shape
     key_len, _, groups, _ = key.shape
     count = positions.numel()
-    # [sq, b, np, hn] -> [k, b, ng, hpg, hn]: queries grouped by the key head they share.
-    sampled = _float32(query.index_select(0, positions)).mul_(softmax_scale)
-    sampled = sampled.view(count, batch, groups, heads // groups, head_dim)
-    # [b, ng, hpg, k, sk] scaled scores; no key repeat needed for GQA. -> [b, np, k, sk]
-    logits = torch.einsum("kbgph,sbgh->bgpks", sampled, _float32(key))
-    logits = logits.reshape(batch, heads, count, key_len)
+    # [sq, b, np, hn] -> [b, np, k, hn] -> [b, ng, hpg * k, hn]: each key head's queries in a
+    # row block (np = ng * hpg, contiguous after index_select), scaled here (k rows).
+    sampled = _float32(query.permute(1, 2, 0, 3).index_select(2, positions)).mul_(softmax_scale)
+    sampled = sampled.view(batch, groups, (heads // groups) * count, head_dim)
+    # [b, ng, hpg * k, hn] @ [b, ng, hn, sk] -> [b, np, k, sk]; no key repeat needed for GQA.
+    logits = torch.matmul(sampled, _float32(key).permute(1, 2, 3, 0))
+    logits = logits.view(batch, heads, count, key_len)
     hidden = visible_keys_mask(positions, key_len, attention_mask=attention_mask)
     logits.masked_fill_(hidden, float("-inf"))
     first_token_share = torch.softmax(logits, dim=-1)[..., 0]
