@@ -271,10 +271,7 @@ def memory_child(shape: argparse.Namespace, variant: str, size: str) -> dict[str
             reset = _reset_peak_rss()
             before = _status_kib("VmRSS") * 1024
         trainer.block(measured)
-        if cuda:
-            peak = torch.cuda.max_memory_allocated()
-        else:
-            peak = _status_kib("VmHWM") * 1024
+        peak = torch.cuda.max_memory_allocated() if cuda else _status_kib("VmHWM") * 1024
         trainer.close()
     return {
         "variant": variant,
@@ -468,6 +465,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _fast_checksum() -> bool:
+    from megatron_gate.monitor.sinks.tensorboard import use_fast_checksum
+
+    return use_fast_checksum()
+
+
 def _setup(args: argparse.Namespace) -> None:
     from megatron_gate.distributed import free_port, init_model_parallel, init_process_group
 
@@ -489,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
         "torch_threads": torch.get_num_threads(),
         "guard": guard_available(),
+        "tensorboard_fast_checksum": _fast_checksum(),
         "variants": variants(),
         "model": {k: getattr(args, k) for k in ("hidden", "heads", "groups", "seq", "batch")},
         "probe": {
