@@ -396,9 +396,7 @@ def measure_small(args: argparse.Namespace, run_dir: str) -> dict[str, Any]:
 def measure_production(args: argparse.Namespace, run_dir: str, small: Any) -> dict[str, Any]:
     """The production-like shape: single-step blocks, interleaved; default cadence estimated."""
     shape = _shape(args, **PRODUCTION)
-    timing = interleaved(
-        shape, f"{run_dir}/production", steps=[1], rounds=args.production_rounds
-    )
+    timing = interleaved(shape, f"{run_dir}/production", steps=[1], rounds=args.production_rounds)
     memory = peak_memory(_shape_argv(shape), "production")
     entry: dict[str, Any] = {
         "shape": PRODUCTION,
