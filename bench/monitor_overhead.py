@@ -13,12 +13,13 @@ one monitor must not run in another variant's steps):
 - `no_guard` (only when the guard exists): the default cadence with `guard.enabled: false`;
   `default_cadence / no_guard` is the guard's own cost, reported as `guard`.
 
-Wall clock: rounds of one block per variant (a whole 100-step cadence period for the small
-model, so that a block holds 89 unlogged steps, 9 scalar log steps, the update-norm step and one
-per-layer step), the order rotated and reversed from round to round so that machine noise hits
-every variant alike; per round the ratio `variant / plain` of that round's block wall times;
-reported: the median over rounds and the spread (min, quartiles, max). On CUDA a block is timed
-with CUDA events.
+Wall clock: rounds of a whole 100-step cadence period per variant for the small model (89
+unlogged steps, 9 scalar log steps, the update-norm step and one per-layer step), interleaved
+step by step (step i of every variant, in rotating order, then step i + 1) so that machine
+noise hits every variant alike; per round the ratio `variant / plain` of the period's wall time
+(and of its process CPU time); reported: the median over rounds and the spread (min, quartiles,
+max), plus `robust_wall_time_ratio` (sums of per-step medians over rounds). On CUDA steps are
+timed with CUDA events.
 
 The production-like shape (hidden 1024, sequence 1024, 4 layers, 16 heads, 4 query groups)
 takes seconds per step on this CPU: a 100-step period per variant and round is out of reach, so
@@ -155,21 +156,27 @@ class Trainer:
                 self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def block(self, steps: list[int]) -> float:
-        """Wall seconds of `steps` (sink writes included; CUDA: timed with CUDA events)."""
-        if self.device.type == "cuda":
+    def block(self, steps: list[int]) -> tuple[float, float]:
+        """(wall s, process CPU s) of `steps`, the sink thread's writes included.
+
+        The wait for the background sink thread is part of the block: its work is the
+        monitor's, and it must not spill into the next variant's block. CUDA: wall time from
+        CUDA events around the block.
+        """
+        cuda = self.device.type == "cuda"
+        if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-        wall = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         for step in steps:
             self.step(step)
         if self.monitor is not None:
-            self.monitor.sinks.wait()  # the background sink thread's work belongs to the block
-        if self.device.type == "cuda":
+            self.monitor.sinks.wait()
+        if cuda:
             end.record()
             end.synchronize()
-            return start.elapsed_time(end) / 1e3
-        return time.perf_counter() - wall
+            return start.elapsed_time(end) / 1e3, time.process_time() - cpu
+        return time.perf_counter() - wall, time.process_time() - cpu
 
     def close(self) -> None:
         """Close the monitor (its hooks leave the model)."""
@@ -191,44 +198,71 @@ def _spread(values: list[float]) -> dict[str, float]:
 def interleaved(
     shape: argparse.Namespace, run_dir: str, *, steps: list[int], rounds: int
 ) -> dict[str, Any]:
-    """Rounds of one block per variant in rotating order; per-round ratios to `plain`."""
+    """Step by step interleaved variants (rotating order); per-round period ratios to `plain`.
+
+    Each step index of the period runs once per variant before the next index, so a burst of
+    load from other jobs hits every variant within milliseconds. Per round: the ratio of the
+    period's summed step times (wall, and process CPU); also the ratio of the sums of per-step
+    median wall times over rounds (`robust_wall_time_ratio`, insensitive to single preempted
+    steps).
+    """
     names = variants()
     trainers = {name: Trainer(shape, name, f"{run_dir}/{name}") for name in names}
     for trainer in trainers.values():  # warm-up: lazy optimizer state, allocator, first hooks
         trainer.block(steps[:2])
-    times: dict[str, list[float]] = {name: [] for name in names}
+    # wall[name][round][i], cpu[name][round]
+    wall: dict[str, list[list[float]]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
     for round_index in range(rounds):
-        order = names[round_index % len(names) :] + names[: round_index % len(names)]
-        if round_index % 2:
-            order.reverse()
-        for name in order:
-            times[name].append(trainers[name].block(steps))
+        for name in names:
+            wall[name].append([])
+            cpu[name].append(0.0)
+        for position, step in enumerate(steps):
+            shift = (round_index * len(steps) + position) % len(names)
+            order = names[shift:] + names[:shift]
+            if (round_index + position) % 2:
+                order.reverse()
+            for name in order:
+                seconds, cpu_seconds = trainers[name].block([step])
+                wall[name][-1].append(seconds)
+                cpu[name][-1] += cpu_seconds
         print(
             f"  round {round_index + 1}/{rounds}: "
-            + ", ".join(f"{n} {times[n][-1] / times['plain'][-1]:.4f}" for n in names[1:]),
+            + ", ".join(f"{n} {sum(wall[n][-1]) / sum(wall['plain'][-1]):.4f}" for n in names[1:]),
             flush=True,
         )
     for trainer in trainers.values():
         trainer.close()
+    period = {name: [sum(times) for times in wall[name]] for name in names}
+    per_step_median = {
+        name: sum(statistics.median(column) for column in zip(*wall[name], strict=True))
+        for name in names
+    }
     result: dict[str, Any] = {
         "block_steps": len(steps),
         "rounds": rounds,
-        "median_step_s_plain": statistics.median(times["plain"]) / len(steps),
+        "median_step_s_plain": statistics.median(period["plain"]) / len(steps),
     }
-    for name in names[1:]:
-        ratios = [t / p for t, p in zip(times[name], times["plain"], strict=True)]
-        result[name] = _ratios(ratios)
-    if "no_guard" in times:
-        ratios = [t / p for t, p in zip(times["default_cadence"], times["no_guard"], strict=True)]
-        result["guard"] = _ratios(ratios)
+    for name, baseline in [(n, "plain") for n in names[1:]] + (
+        [("guard", "no_guard")] if "no_guard" in names else []
+    ):
+        measured = "default_cadence" if name == "guard" else name
+        result[name] = _ratios(
+            [t / p for t, p in zip(period[measured], period[baseline], strict=True)],
+            [t / p for t, p in zip(cpu[measured], cpu[baseline], strict=True)],
+            per_step_median[measured] / per_step_median[baseline],
+        )
     return result
 
 
-def _ratios(ratios: list[float]) -> dict[str, Any]:
+def _ratios(wall: list[float], cpu: list[float], robust: float) -> dict[str, Any]:
     return {
-        "median_wall_time_ratio": statistics.median(ratios),
-        "spread": _spread(ratios),
-        "wall_time_ratios": ratios,
+        "median_wall_time_ratio": statistics.median(wall),
+        "wall_spread": _spread(wall),
+        "robust_wall_time_ratio": robust,
+        "median_cpu_time_ratio": statistics.median(cpu),
+        "cpu_spread": _spread(cpu),
+        "wall_time_ratios": wall,
     }
 
 

@@ -575,55 +575,83 @@ def _grad(param: torch.nn.Parameter) -> torch.Tensor | None:
 class ScalarBuffer:
     """Per-step scalars of one log interval, without host reads.
 
-    Tensor values (the loss, a grad norm from `clip_grad_norm_`) are copied into a
-    `[log_interval, len(SCALARS)]` device buffer: one small copy per value, no sync. Python
-    numbers (the learning rate, tokens/s) stay on the host. `merged()` joins both at log time;
-    NaN/Inf is found there from the stored values themselves.
+    A step's tensor values (the loss, a grad norm from `clip_grad_norm_`) are copied with ONE
+    `stack` into a small device tensor (no sync; a copy, so that a buffer the loop updates in
+    place, such as a loss scale, keeps this step's value). Python numbers (the learning rate,
+    tokens/s) stay on the host. `merged()` joins both at log time with a few ops for the whole
+    interval; NaN/Inf is found there from the stored values themselves.
     """
 
     def __init__(self, rows: int, device: torch.device) -> None:
         self.rows = rows
+        self.device = device
         self.names = schema.SCALARS
         self.columns = {name: column for column, name in enumerate(self.names)}
-        self.device_values = torch.zeros(rows, len(self.names), dtype=torch.float64, device=device)
-        self.on_device = [[False] * len(self.names) for _ in range(rows)]
-        self.host_values: list[list[float | None]] = [[None] * len(self.names) for _ in range(rows)]
         self.steps: list[int | None] = [None] * rows
+        # per row: (columns, stacked device values) and the host values (None: absent)
+        self._device_rows: list[tuple[tuple[int, ...], torch.Tensor] | None] = [None] * rows
+        self._host_values: list[list[float | None]] = [[None] * len(self.names)] * rows
+        self._index_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def record(self, row: int, step: int, scalars: dict[str, float | torch.Tensor | None]) -> None:
         """Write one step's scalars into `row`."""
         self.steps[row] = step
+        host: list[float | None] = [None] * len(self.names)
+        columns: list[int] = []
+        tensors: list[torch.Tensor] = []
         for name, value in scalars.items():
             column = self.columns[name]
             if isinstance(value, torch.Tensor):
-                with torch.no_grad():  # the buffer must not join the autograd graph
-                    self.device_values[row, column] = (
-                        value if value.dim() == 0 else value.reshape(())
-                    )
-                self.on_device[row][column] = True
-                self.host_values[row][column] = None
-            else:
-                self.on_device[row][column] = False
-                self.host_values[row][column] = None if value is None else float(value)
+                columns.append(column)
+                tensors.append(self._scalar(value))
+            elif value is not None:
+                host[column] = float(value)
+        self._host_values[row] = host
+        self._device_rows[row] = (tuple(columns), torch.stack(tensors)) if tensors else None
+
+    def _scalar(self, value: torch.Tensor) -> torch.Tensor:
+        """A 0-d view of `value` on the buffer's device, outside the autograd graph."""
+        if value.requires_grad:
+            value = value.detach()
+        if value.dim() != 0:
+            value = value.reshape(())
+        return value if value.device == self.device else value.to(self.device)
 
     def merged(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(values with absent entries 0, presence 0/1, per-row non-finite flag), on the device."""
-        device = self.device_values.device
-        host = torch.tensor(
-            [[0.0 if v is None else v for v in row] for row in self.host_values],
-            dtype=torch.float64,
-        ).to(device)
-        on_device = torch.tensor(self.on_device).to(device)
-        present = on_device | torch.tensor(
-            [[v is not None for v in row] for row in self.host_values]
-        ).to(device)
-        values = torch.where(on_device, self.device_values, host)
-        non_finite = (~torch.isfinite(values) & present).any(dim=1).double()
-        values = torch.where(present, values, torch.zeros_like(values))
-        return values, present.double(), non_finite
+        presence = [[float(v is not None) for v in values] for values in self._host_values]
+        filled = [(row, entry) for row, entry in enumerate(self._device_rows) if entry is not None]
+        for row, (columns, _) in filled:
+            presence[row] = list(presence[row])
+            for column in columns:
+                presence[row][column] = 1.0
+        # [2, rows, width]: host values (0 where absent or on the device), presence
+        host_values = [[0.0 if v is None else v for v in values] for values in self._host_values]
+        host = torch.tensor([host_values, presence], dtype=torch.float64)
+        if host.device != self.device:
+            host = host.to(self.device)
+        values, present = host[0], host[1]
+        if filled:
+            rows, columns = self._index(tuple((row, entry[0]) for row, entry in filled))
+            device_values = torch.cat([entry[1] for _, entry in filled]).to(torch.float64)
+            # device and host entries are disjoint: where one is present the other is 0
+            values = values.index_put((rows, columns), device_values, accumulate=True)
+        non_finite = torch.isfinite(values).logical_not_().any(dim=1).double()
+        return values, present, non_finite
+
+    def _index(self, pattern: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, column) index tensors of the device entries, cached: the same every interval."""
+        if pattern not in self._index_cache:
+            rows = [row for row, columns in pattern for _ in columns]
+            columns = [column for _, row_columns in pattern for column in row_columns]
+            self._index_cache[pattern] = (
+                torch.tensor(rows, dtype=torch.long).to(self.device),
+                torch.tensor(columns, dtype=torch.long).to(self.device),
+            )
+        return self._index_cache[pattern]
 
     def clear(self) -> None:
         """Forget the recorded steps (after they were read)."""
         self.steps = [None] * self.rows
-        self.on_device = [[False] * len(self.names) for _ in range(self.rows)]
-        self.host_values = [[None] * len(self.names) for _ in range(self.rows)]
+        self._device_rows = [None] * self.rows
+        self._host_values = [[None] * len(self.names)] * self.rows

@@ -68,6 +68,14 @@ class PackLayout:
                 row[slot.start : slot.start + slot.size] = float("-inf")
         return row
 
+    def _neutral_piece(self, slot: Slot, device: torch.device | str) -> torch.Tensor:
+        """The neutral row's view of `slot`, cached (read only: `cat` copies it)."""
+        return self._cached(
+            f"neutral/{slot.name}",
+            device,
+            lambda on: self.neutral(device=on)[slot.start : slot.start + slot.size],
+        )
+
     def max_mask(self, *, device: torch.device | str = "cpu") -> torch.Tensor:
         """Boolean `[width]`: True where the column is reduced by max."""
         return self._cached("max_mask", device, self._build_max_mask)
@@ -94,7 +102,7 @@ class PackLayout:
         for name, slot in self.slots.items():
             value = values.get(name)
             if value is None:
-                pieces.append(neutral[slot.start : slot.start + slot.size])
+                pieces.append(self._neutral_piece(slot, device))
                 continue
             if value.numel() != slot.size:
                 raise ValueError(f"slot {name!r} holds {slot.size} values, got {value.numel()}")
