@@ -76,10 +76,24 @@ def variants() -> list[str]:
     return names + (["no_guard"] if guard_available() else [])
 
 
+# --breakdown: a fully logged step with its parts switched off one after the other
+_QUIET = {"sinks": {"console": False, "tensorboard": False}}
+_LOGGED = {"log_interval": 1, "layer_interval": 1}
+BREAKDOWN: dict[str, dict[str, Any]] = {
+    "fully_logged": _LOGGED,
+    "without_tensorboard": {**_LOGGED, **_QUIET},
+    "without_probe": {**_LOGGED, **_QUIET, "probe_queries": 0},
+    "without_update_norm": {**_LOGGED, **_QUIET, "probe_queries": 0, "update_norm": False},
+    "scalars_only": {"log_interval": 1, "layer_interval": 10**6, **_QUIET, "update_norm": False},
+}
+
+
 def _overrides(variant: str) -> dict[str, Any] | None:
     """MonitorConfig overrides of a variant (None: no monitor)."""
     if variant == "plain":
         return None
+    if variant in BREAKDOWN and variant != "fully_logged":
+        return BREAKDOWN[variant]
     if variant == "fully_logged":
         return {"log_interval": 1, "layer_interval": 1}
     if variant == "no_guard":
@@ -196,7 +210,12 @@ def _spread(values: list[float]) -> dict[str, float]:
 
 
 def interleaved(
-    shape: argparse.Namespace, run_dir: str, *, steps: list[int], rounds: int
+    shape: argparse.Namespace,
+    run_dir: str,
+    *,
+    steps: list[int],
+    rounds: int,
+    names: list[str] | None = None,
 ) -> dict[str, Any]:
     """Step by step interleaved variants (rotating order); per-round period ratios to `plain`.
 
@@ -206,7 +225,7 @@ def interleaved(
     median wall times over rounds (`robust_wall_time_ratio`, insensitive to single preempted
     steps).
     """
-    names = variants()
+    names = names or variants()
     trainers = {name: Trainer(shape, name, f"{run_dir}/{name}") for name in names}
     for trainer in trainers.values():  # warm-up: lazy optimizer state, allocator, first hooks
         trainer.block(steps[:2])
@@ -460,6 +479,16 @@ def measure_production(args: argparse.Namespace, run_dir: str, small: Any) -> di
     return entry
 
 
+def breakdown(args: argparse.Namespace, run_dir: str) -> dict[str, Any]:
+    """Where a fully logged step's time goes: its parts switched off one by one, interleaved."""
+    shape = _shape(args, layers=args.breakdown)
+    names = ["plain", *BREAKDOWN]
+    timing = interleaved(
+        shape, f"{run_dir}/breakdown", steps=list(range(1, 21)), rounds=args.rounds, names=names
+    )
+    return {"layers": args.breakdown, "variants": BREAKDOWN, **timing}
+
+
 def _print_size(name: str, entry: dict[str, Any]) -> None:
     parts = [
         f"{variant} {entry[variant]['median_wall_time_ratio']:.4f}x wall, "
@@ -489,6 +518,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-production", action="store_true", help="skip the 1024 shape")
     parser.add_argument("--probe-repetitions", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a busy CPU)")
+    parser.add_argument(
+        "--breakdown",
+        type=int,
+        metavar="LAYERS",
+        help="only the breakdown of a fully logged step at LAYERS layers (its own output file)",
+    )
     parser.add_argument("--memory-child", metavar="VARIANT", help=argparse.SUPPRESS)
     parser.add_argument("--size", default="small", help=argparse.SUPPRESS)
     parser.add_argument(
@@ -527,10 +562,14 @@ def main(argv: list[str] | None = None) -> int:
         "tensorboard_fast_checksum": _fast_checksum(),
         "variants": variants(),
         "model": {k: getattr(args, k) for k in ("hidden", "heads", "groups", "seq", "batch")},
-        "probe": {
-            "training_model": probe_cost(args, args.probe_repetitions),
-            "production_shape": probe_cost(_shape(args, **PRODUCTION), args.probe_repetitions),
-        },
+    }
+    if args.breakdown:
+        with tempfile.TemporaryDirectory() as run_dir:
+            results["breakdown"] = breakdown(args, run_dir)
+        return _write(results, args.output)
+    results["probe"] = {
+        "training_model": probe_cost(args, args.probe_repetitions),
+        "production_shape": probe_cost(_shape(args, **PRODUCTION), args.probe_repetitions),
     }
     for name, probe in results["probe"].items():
         print(f"probe / attention forward ({name}): {probe['ratio']:.4f}", flush=True)
@@ -538,7 +577,11 @@ def main(argv: list[str] | None = None) -> int:
         results["by_layers"] = measure_small(args, run_dir)
         if not args.no_production:
             results["production_shape"] = measure_production(args, run_dir, results["by_layers"])
-    output = Path(args.output)
+    return _write(results, args.output)
+
+
+def _write(results: dict[str, Any], path: str) -> int:
+    output = Path(path)
     output.parent.mkdir(parents=True, exist_ok=True)
     temporary = output.with_suffix(".json.tmp")
     temporary.write_text(json.dumps(results, indent=2) + "\n")
