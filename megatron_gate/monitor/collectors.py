@@ -3,8 +3,11 @@
 - `LayerCollector`: forward hooks on Megatron `TransformerLayer`s (residual stream = the layer
   output), their `self_attention` and `mlp` outputs, the gate observers of `GatedSelfAttention`,
   and the attention-sink probe (a forward pre-hook on `self_attention.core_attention`, which
-  sees query and key after RoPE). Hooks are registered by `arm()` on per-layer steps only and
-  removed by `disarm()`: other steps pay nothing.
+  sees query and key after RoPE). Hooks are registered once; they record only while armed
+  (`arm()` on per-layer steps, `disarm()` after the backward): other steps pay a flag test.
+  What they see is kept as 0-d tensors (`LayerObservations`) and folded into the packed blocks
+  with a few stacked ops per logged step (`tensor_statistics.finish`, `index_add_`,
+  `scatter_reduce_`).
 - `ParameterCollector`: per-layer gradient sums of squares, and which parameters this rank
   counts (the update norm, `update_norm.UpdateNorm`, is measured by the optimizer step).
 - `ScalarBuffer`: per-step scalars written into a device buffer (no `.item()`), read once per
@@ -27,13 +30,12 @@ import torch
 from megatron_gate.monitor import schema
 from megatron_gate.monitor.probe import probe_attention, sample_positions
 from megatron_gate.monitor.reduction import PackLayout
+from megatron_gate.monitor.tensor_statistics import Partial, finish, partial_statistics
 from megatron_gate.monitor.update_norm import UpdateNorm
 
 logger = logging.getLogger(__name__)
 
 ACTIVATIONS = ("residual", "attention_output", "mlp_output")
-# sigmoid(gate) < 0.1 is exactly the first of 10 equal bins: the histogram gives the sparsity.
-_SPARSITY_IS_FIRST_BIN = schema.GATE_SPARSITY_THRESHOLD * schema.GATE_HISTOGRAM_BINS == 1.0
 
 
 # ---------------------------------------------------------------------- rank position
@@ -75,26 +77,6 @@ def rank_position(*, data_parallel_rank: int | None = None) -> RankPosition:
     return RankPosition(data_parallel_rank=data_parallel_rank)
 
 
-def _guarded(kind: str, hook: Any, warned: set[str]) -> Any:
-    """Run a hook, but never let its error reach the model's forward (warn once per kind)."""
-
-    def guarded(*args: Any, **kwargs: Any) -> Any:
-        try:
-            hook(*args, **kwargs)
-        except Exception as error:  # noqa: BLE001 - the monitor never stops training
-            if kind not in warned:
-                warned.add(kind)
-                logger.warning(
-                    "stability monitor: %s hook failed (%s: %s); its statistics are skipped.",
-                    kind,
-                    type(error).__name__,
-                    error,
-                )
-        return None
-
-    return guarded
-
-
 # ---------------------------------------------------------------------- layer discovery
 def find_layers(models: Iterable[torch.nn.Module]) -> dict[int, torch.nn.Module]:
     """Transformer layers by their global 1-based `layer_number` (pipeline-stage aware)."""
@@ -125,49 +107,141 @@ def _output_tensor(output: Any) -> torch.Tensor | None:
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         bias = output[1] if len(output) > 1 else None
         if isinstance(bias, torch.Tensor) and bias.shape[-1:] == output[0].shape[-1:]:
-            return output[0] + bias
+            return output[0].detach() + bias.detach()  # no autograd node for a statistic
         return output[0]
     return None
 
 
-# ---------------------------------------------------------------------- accumulators
-class Accumulator:
-    """Running (max, sum, count) per key; max and sum stay on the device."""
+# ---------------------------------------------------------------------- observations
+class LayerObservations:
+    """One step's layer observations, kept as lists of 0-d device tensors until packed.
 
-    def __init__(self) -> None:
-        self.maximum: dict[Any, torch.Tensor] = {}
-        self.total: dict[Any, torch.Tensor] = {}
-        self.count: dict[Any, float] = {}
+    Each observation carries its position in the packed blocks (`kind_index * num_layers +
+    layer_index`), so that all of them become the packed blocks with one `scatter_reduce_`
+    (maxes) or `index_add_` (sums) per block: the op count of a logged step does not grow with
+    the layers (or the microbatches) beyond the hooks' own reductions. Element counts are known
+    from shapes: they stay on the host.
+    """
 
-    def add(
-        self,
-        key: Any,
-        *,
-        maximum: torch.Tensor | None = None,
-        total: torch.Tensor | None = None,
-        count: float = 0.0,
-    ) -> None:
-        """Fold one observation in (max by max, total and count by sum)."""
-        if maximum is not None:
-            maximum = maximum.detach().float()
-            previous = self.maximum.get(key)
-            self.maximum[key] = maximum if previous is None else torch.maximum(previous, maximum)
-        if total is not None:
-            total = total.detach().float()
-            previous = self.total.get(key)
-            self.total[key] = total if previous is None else previous + total
-        self.count[key] = self.count.get(key, 0.0) + count
+    def __init__(self, num_layers: int) -> None:
+        self.num_layers = num_layers
+        self.activations: list[Partial] = []
+        self.activation_slots: list[int] = []
+        self.gate_sums: list[torch.Tensor] = []
+        self.gate_histograms: list[torch.Tensor] = []
+        self.gate_layers: list[int] = []
+        self.probe_max_logits: list[torch.Tensor] = []
+        self.probe_share_sums: list[torch.Tensor] = []
+        self.probe_layers: list[int] = []
+        self.counts = [0.0] * (len(LayerCollector.COUNT_KEYS) * num_layers)
+        self._index_cache: dict[tuple[tuple[int, ...], str], torch.Tensor] = {}
 
     def clear(self) -> None:
-        """Forget everything."""
-        self.maximum.clear()
-        self.total.clear()
-        self.count.clear()
+        """Forget the observations (a new per-layer step begins)."""
+        for observed in (
+            self.activations,
+            self.activation_slots,
+            self.gate_sums,
+            self.gate_histograms,
+            self.gate_layers,
+            self.probe_max_logits,
+            self.probe_share_sums,
+            self.probe_layers,
+        ):
+            observed.clear()
+        self.counts = [0.0] * len(self.counts)
+
+    @property
+    def empty(self) -> bool:
+        """Nothing was observed since the last `clear`."""
+        return not (self.activations or self.gate_sums or self.probe_max_logits)
+
+    def _index(self, slots: list[int], device: torch.device) -> torch.Tensor:
+        """Slot positions as a device tensor, cached: the same list every logged step."""
+        key = (tuple(slots), str(device))
+        if key not in self._index_cache:
+            self._index_cache[key] = torch.tensor(slots, dtype=torch.long).to(device)
+        return self._index_cache[key]
+
+    def blocks(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """The packed `layers/max`, `layers/sum`, `layers/count` (and `gate/histogram`) blocks."""
+        layers = self.num_layers
+        max_values: list[torch.Tensor] = []
+        max_slots: list[int] = []
+        sum_values: list[torch.Tensor] = []
+        sum_slots: list[int] = []
+        if self.activations:
+            abs_max, sumsq = finish(self.activations)
+            max_values.append(abs_max)
+            sum_values.append(sumsq)
+            max_slots += self.activation_slots
+            sum_slots += self.activation_slots
+        blocks: dict[str, torch.Tensor] = {}
+        if self.gate_histograms:
+            # [m, bins] per observation -> [num_layers, bins] summed per layer
+            histograms = torch.stack(self.gate_histograms).float()
+            gate_index = self._index(self.gate_layers, device)
+            blocks["gate/histogram"] = (
+                torch.zeros(layers, histograms.shape[1], device=device)
+                .index_add_(0, gate_index, histograms.to(device))
+                .reshape(-1)
+            )
+            # sigmoid(gate) < GATE_SPARSITY_THRESHOLD is exactly the first bin
+            sum_values += [torch.stack(self.gate_sums), histograms[:, 0]]
+            sum_slots += [3 * layers + n for n in self.gate_layers]
+            sum_slots += [4 * layers + n for n in self.gate_layers]
+        if self.probe_max_logits:
+            max_values.append(torch.stack(self.probe_max_logits))
+            max_slots += [3 * layers + n for n in self.probe_layers]
+            sum_values.append(torch.stack(self.probe_share_sums))
+            sum_slots += [5 * layers + n for n in self.probe_layers]
+        blocks["layers/max"] = _scattered(
+            max_values,
+            self._index(max_slots, device),
+            len(LayerCollector.MAX_KEYS) * layers,
+            neutral=-math.inf,
+            reduce="amax",
+            device=device,
+        )
+        blocks["layers/sum"] = _scattered(
+            sum_values,
+            self._index(sum_slots, device),
+            len(LayerCollector.SUM_KEYS) * layers,
+            neutral=0.0,
+            reduce="sum",
+            device=device,
+        )
+        blocks["layers/count"] = torch.tensor(self.counts, dtype=torch.float64)
+        return blocks
+
+
+def _scattered(
+    values: list[torch.Tensor],
+    index: torch.Tensor,
+    size: int,
+    *,
+    neutral: float,
+    reduce: str,
+    device: torch.device,
+) -> torch.Tensor:
+    """`[size]` float32: `values` (concatenated) folded into their slots by `reduce`."""
+    block = torch.full((size,), neutral, device=device)
+    if not values:
+        return block
+    source = torch.cat(values).to(device=device, dtype=torch.float32)
+    if reduce == "sum":
+        return block.index_add_(0, index, source)
+    return block.scatter_reduce_(0, index, source, reduce)
 
 
 # ---------------------------------------------------------------------- layer collector
 class LayerCollector:
-    """Activation, gate and attention-sink statistics of the transformer layers on this rank."""
+    """Activation, gate and attention-sink statistics of the transformer layers on this rank.
+
+    The hooks are registered once, at construction, and do nothing but test a flag unless a
+    per-layer step armed them (`arm`): no registration churn per step, and an unarmed step
+    costs one Python call per hooked module. `remove` takes them off the model.
+    """
 
     def __init__(
         self,
@@ -180,8 +254,8 @@ class LayerCollector:
         self.layers = layers
         self.num_layers = num_layers
         self.probe_queries = probe_queries if position.context_parallel_size == 1 else 0
-        self.stats = Accumulator()
-        self.gate_histogram: dict[int, torch.Tensor] = {}
+        self.observations = LayerObservations(num_layers)
+        self.active = False
         self._handles: list[Any] = []
         self._observers: list[tuple[list, Any]] = []
         self._warned: set[str] = set()
@@ -192,42 +266,26 @@ class LayerCollector:
                 "(each rank holds only a chunk of the keys); first_token_attention_share and "
                 "max_attention_logit are reported as null."
             )
+        self._register()
 
     @property
     def armed(self) -> bool:
-        """Whether hooks are registered now."""
-        return bool(self._handles or self._observers)
+        """Whether the hooks record now."""
+        return self.active
 
     def arm(self) -> None:
-        """Register the hooks (a per-layer step begins)."""
-        if self.armed:
-            return
-        self.stats.clear()
-        self.gate_histogram.clear()
-        for number, layer in self.layers.items():
-            self._handles.append(
-                layer.register_forward_hook(self._activation_hook(number, "residual"))
-            )
-            for name, kind in (("self_attention", "attention_output"), ("mlp", "mlp_output")):
-                module = getattr(layer, name, None)
-                if isinstance(module, torch.nn.Module):
-                    self._handles.append(
-                        module.register_forward_hook(self._activation_hook(number, kind))
-                    )
-            attention = getattr(layer, "self_attention", None)
-            observers = getattr(attention, "gate_observers", None)
-            if isinstance(observers, list):
-                observer = self._gate_observer(number)
-                observers.append(observer)
-                self._observers.append((observers, observer))
-            core = getattr(attention, "core_attention", None)
-            if self.probe_queries and isinstance(core, torch.nn.Module):
-                self._handles.append(
-                    core.register_forward_pre_hook(self._probe_hook(number, core), with_kwargs=True)
-                )
+        """Start recording (a per-layer step begins); forgets the previous step's statistics."""
+        if not self.active:
+            self.observations.clear()
+            self.active = True
 
     def disarm(self) -> None:
-        """Remove every hook (statistics stay until the next `arm`)."""
+        """Stop recording (statistics stay until the next `arm`)."""
+        self.active = False
+
+    def remove(self) -> None:
+        """Take every hook and gate observer off the model (the monitor closes)."""
+        self.active = False
         for handle in self._handles:
             handle.remove()
         for observers, observer in self._observers:
@@ -236,43 +294,86 @@ class LayerCollector:
         self._handles.clear()
         self._observers.clear()
 
+    def _register(self) -> None:
+        layers = self.num_layers
+        for number, layer in self.layers.items():
+            index = number - 1
+            hooked = [(layer, 0)]
+            for offset, name in enumerate(("self_attention", "mlp"), start=1):
+                module = getattr(layer, name, None)
+                if isinstance(module, torch.nn.Module):
+                    hooked.append((module, offset))
+            for module, kind_index in hooked:
+                hook = self._activation_hook(ACTIVATIONS[kind_index], kind_index * layers + index)
+                self._handles.append(module.register_forward_hook(hook))
+            attention = getattr(layer, "self_attention", None)
+            observers = getattr(attention, "gate_observers", None)
+            if isinstance(observers, list):
+                observer = self._gate_observer(index)
+                observers.append(observer)
+                self._observers.append((observers, observer))
+            core = getattr(attention, "core_attention", None)
+            if self.probe_queries and isinstance(core, torch.nn.Module):
+                self._handles.append(
+                    core.register_forward_pre_hook(self._probe_hook(index, core), with_kwargs=True)
+                )
+
+    def _safely(self, kind: str, observe: Any, *args: Any) -> None:
+        """Run an observation; its error never reaches the model's forward (warn once).
+
+        Observations detach what they read (cheaper than a `no_grad` context per call).
+        """
+        try:
+            observe(*args)
+        except Exception as error:  # noqa: BLE001 - the monitor never stops training
+            if kind not in self._warned:
+                self._warned.add(kind)
+                logger.warning(
+                    "stability monitor: %s hook failed (%s: %s); its statistics are skipped.",
+                    kind,
+                    type(error).__name__,
+                    error,
+                )
+
     # -------------------------------------------------------------- hooks
-    def _activation_hook(self, number: int, kind: str) -> Any:
+    def _activation_hook(self, kind: str, slot: int) -> Any:
         def hook(_module: torch.nn.Module, _inputs: Any, output: Any) -> None:
-            tensor = _output_tensor(output)
-            if tensor is None:
-                return
-            tensor = tensor.detach()
-            # aminmax reads the tensor once without an |h| copy (vector_norm(inf) is slow on CPU)
-            low, high = torch.aminmax(tensor)
-            self.stats.add(
-                (kind, number),
-                maximum=torch.maximum(high, -low),
-                total=torch.linalg.vector_norm(tensor, 2, dtype=torch.float32).square(),
-                count=float(tensor.numel()),
-            )
+            if self.active:
+                self._safely(kind, self._observe_activation, slot, output)
 
-        return _guarded(kind, hook, self._warned)
+        return hook
 
-    def _gate_observer(self, number: int) -> Any:
+    def _observe_activation(self, slot: int, output: Any) -> None:
+        tensor = _output_tensor(output)
+        if tensor is None:
+            return
+        observations = self.observations
+        observations.activations.append(partial_statistics(tensor.detach()))
+        observations.activation_slots.append(slot)
+        observations.counts[slot] += tensor.numel()
+
+    def _gate_observer(self, index: int) -> Any:
         def observe(_module: torch.nn.Module, gate_logits: torch.Tensor) -> None:
-            # [sq, b, np, hn | 1] pre-sigmoid gate -> values in (0, 1)
-            gate = torch.sigmoid(gate_logits.float())
-            self.stats.add(("gate", number), total=gate.sum(), count=float(gate.numel()))
-            # Bin index of each value (1.0 falls into the last bin); bincount is far cheaper
-            # than histc on the CPU and equal to it on equal-width bins over [0, 1].
-            bins = schema.GATE_HISTOGRAM_BINS
-            index = (gate * bins).long().clamp_(max=bins - 1)
-            histogram = torch.bincount(index.reshape(-1), minlength=bins).float()
-            if _SPARSITY_IS_FIRST_BIN:
-                below = histogram[0]
-            else:
-                below = (gate < schema.GATE_SPARSITY_THRESHOLD).sum()
-            self.stats.add(("gate_below", number), total=below)
-            previous = self.gate_histogram.get(number)
-            self.gate_histogram[number] = histogram if previous is None else previous + histogram
+            if self.active:
+                self._safely("gate", self._observe_gate, index, gate_logits)
 
-        return _guarded("gate", observe, self._warned)
+        return observe
+
+    def _observe_gate(self, index: int, gate_logits: torch.Tensor) -> None:
+        # [sq, b, np, hn | 1] pre-sigmoid gate -> values in (0, 1)
+        if gate_logits.dtype != torch.float32:
+            gate_logits = gate_logits.float()
+        gate = torch.sigmoid(gate_logits)
+        total = gate.sum()
+        # Bin index of each value, 1.0 in the last bin (`gate` is our own tensor: scaled in
+        # place); bincount is far cheaper than histc or bucketize on the CPU.
+        bins = schema.GATE_HISTOGRAM_BINS
+        bin_index = gate.mul_(bins).long().clamp_(max=bins - 1)
+        observations = self.observations
+        observations.gate_sums.append(total)
+        observations.gate_histograms.append(torch.bincount(bin_index.reshape(-1), minlength=bins))
+        observations.gate_layers.append(index)
+        observations.counts[3 * self.num_layers + index] += gate.numel()
 
     def _positions(self, seq_len: int, device: torch.device) -> torch.Tensor:
         """Sampled query positions, cached per (length, device): the same every step."""
@@ -281,32 +382,39 @@ class LayerCollector:
             self._position_cache[key] = sample_positions(seq_len, self.probe_queries, device=device)
         return self._position_cache[key]
 
-    def _probe_hook(self, number: int, core: torch.nn.Module) -> Any:
+    def _probe_hook(self, index: int, core: torch.nn.Module) -> Any:
         def hook(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-            query = args[0] if args else kwargs.get("query")
-            key = args[1] if len(args) > 1 else kwargs.get("key")
-            mask = args[3] if len(args) > 3 else kwargs.get("attention_mask")
-            if query is None or key is None or query.dim() != 4 or key.dim() != 4:
-                return
-            positions = self._positions(query.shape[0], query.device)
-            if positions.numel() == 0:
-                return
-            share_sum, share_count, max_logit = probe_attention(
-                query.detach(),
-                key.detach(),
-                softmax_scale=_softmax_scale(core, query.shape[-1]),
-                positions=positions,
-                attention_mask=mask if isinstance(mask, torch.Tensor) else None,
-            )
-            self.stats.add(
-                ("probe", number), maximum=max_logit, total=share_sum, count=float(share_count)
-            )
+            if self.active:
+                self._safely("attention-sink probe", self._observe_probe, index, core, args, kwargs)
 
-        return _guarded("attention-sink probe", hook, self._warned)
+        return hook
+
+    def _observe_probe(self, index: int, core: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        query = args[0] if args else kwargs.get("query")
+        key = args[1] if len(args) > 1 else kwargs.get("key")
+        mask = args[3] if len(args) > 3 else kwargs.get("attention_mask")
+        if query is None or key is None or query.dim() != 4 or key.dim() != 4:
+            return
+        positions = self._positions(query.shape[0], query.device)
+        if positions.numel() == 0:
+            return
+        share_sum, share_count, max_logit = probe_attention(
+            query.detach(),
+            key.detach(),
+            softmax_scale=_softmax_scale(core, query.shape[-1]),
+            positions=positions,
+            attention_mask=mask if isinstance(mask, torch.Tensor) else None,
+        )
+        observations = self.observations
+        observations.probe_max_logits.append(max_logit)
+        observations.probe_share_sums.append(share_sum)
+        observations.probe_layers.append(index)
+        observations.counts[4 * self.num_layers + index] += share_count
 
     # -------------------------------------------------------------- packing
     # Packed key-major blocks ([key 0: layers 1..L | key 1: layers 1..L | ...]) and the
     # slot names they unpack to: few, large pieces keep the logged step's op count low.
+    # `LayerObservations.blocks` relies on this order (activations first, then gate, probe).
     MAX_KEYS: tuple[tuple[str, str], ...] = (
         ("residual", "residual/max"),
         ("attention_output", "attention_output/max"),
@@ -339,21 +447,7 @@ class LayerCollector:
 
     def packed_values(self, device: torch.device) -> dict[str, torch.Tensor]:
         """Slot name -> flat tensor on `device` (neutral where a layer is not on this rank)."""
-        numbers = range(1, self.num_layers + 1)
-        stats = self.stats
-        max_keys = [(kind, n) for kind, _ in self.MAX_KEYS for n in numbers]
-        sum_keys = [(kind, n) for kind, _ in self.SUM_KEYS for n in numbers]
-        values = {
-            "layers/max": _stacked(stats.maximum, max_keys, -math.inf, device),
-            "layers/sum": _stacked(stats.total, sum_keys, 0.0, device),
-            "layers/count": torch.tensor(
-                [stats.count.get((kind, n), 0.0) for kind, _ in self.COUNT_KEYS for n in numbers],
-                dtype=torch.float64,
-            ),
-        }
-        if self.gate_histogram:
-            values["gate/histogram"] = _stacked(self.gate_histogram, list(numbers), 0.0, device)
-        return values
+        return self.observations.blocks(device)
 
     def unpack(self, values: dict[str, list[float]]) -> dict[str, list[float]]:
         """Reduced blocks -> per-statistic lists of `num_layers` values, by slot name."""
@@ -367,17 +461,6 @@ class LayerCollector:
             for index, (_, name) in enumerate(keys):
                 named[name] = values[block][index * count : (index + 1) * count]
         return named
-
-
-def _stacked(
-    values: dict[Any, torch.Tensor], keys: Sequence[Any], neutral: float, device: torch.device
-) -> torch.Tensor:
-    """One flat tensor of `values[key]` in `keys` order, `neutral` where missing."""
-    present = [values[key] for key in keys if key in values]
-    if not present:
-        return torch.full((len(keys),), neutral, device=device)
-    filler = torch.full_like(present[0], neutral)
-    return torch.stack([values.get(key, filler) for key in keys]).reshape(-1)
 
 
 def _softmax_scale(core: torch.nn.Module, head_dim: int) -> float:
@@ -471,55 +554,83 @@ def _grad(param: torch.nn.Parameter) -> torch.Tensor | None:
 class ScalarBuffer:
     """Per-step scalars of one log interval, without host reads.
 
-    Tensor values (the loss, a grad norm from `clip_grad_norm_`) are copied into a
-    `[log_interval, len(SCALARS)]` device buffer: one small copy per value, no sync. Python
-    numbers (the learning rate, tokens/s) stay on the host. `merged()` joins both at log time;
-    NaN/Inf is found there from the stored values themselves.
+    A step's tensor values (the loss, a grad norm from `clip_grad_norm_`) are copied with ONE
+    `stack` into a small device tensor (no sync; a copy, so that a buffer the loop updates in
+    place, such as a loss scale, keeps this step's value). Python numbers (the learning rate,
+    tokens/s) stay on the host. `merged()` joins both at log time with a few ops for the whole
+    interval; NaN/Inf is found there from the stored values themselves.
     """
 
     def __init__(self, rows: int, device: torch.device) -> None:
         self.rows = rows
+        self.device = device
         self.names = schema.SCALARS
         self.columns = {name: column for column, name in enumerate(self.names)}
-        self.device_values = torch.zeros(rows, len(self.names), dtype=torch.float64, device=device)
-        self.on_device = [[False] * len(self.names) for _ in range(rows)]
-        self.host_values: list[list[float | None]] = [[None] * len(self.names) for _ in range(rows)]
         self.steps: list[int | None] = [None] * rows
+        # per row: (columns, stacked device values) and the host values (None: absent)
+        self._device_rows: list[tuple[tuple[int, ...], torch.Tensor] | None] = [None] * rows
+        self._host_values: list[list[float | None]] = [[None] * len(self.names)] * rows
+        self._index_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def record(self, row: int, step: int, scalars: dict[str, float | torch.Tensor | None]) -> None:
         """Write one step's scalars into `row`."""
         self.steps[row] = step
+        host: list[float | None] = [None] * len(self.names)
+        columns: list[int] = []
+        tensors: list[torch.Tensor] = []
         for name, value in scalars.items():
             column = self.columns[name]
             if isinstance(value, torch.Tensor):
-                with torch.no_grad():  # the buffer must not join the autograd graph
-                    self.device_values[row, column] = (
-                        value if value.dim() == 0 else value.reshape(())
-                    )
-                self.on_device[row][column] = True
-                self.host_values[row][column] = None
-            else:
-                self.on_device[row][column] = False
-                self.host_values[row][column] = None if value is None else float(value)
+                columns.append(column)
+                tensors.append(self._scalar(value))
+            elif value is not None:
+                host[column] = float(value)
+        self._host_values[row] = host
+        self._device_rows[row] = (tuple(columns), torch.stack(tensors)) if tensors else None
+
+    def _scalar(self, value: torch.Tensor) -> torch.Tensor:
+        """A 0-d view of `value` on the buffer's device, outside the autograd graph."""
+        if value.requires_grad:
+            value = value.detach()
+        if value.dim() != 0:
+            value = value.reshape(())
+        return value if value.device == self.device else value.to(self.device)
 
     def merged(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(values with absent entries 0, presence 0/1, per-row non-finite flag), on the device."""
-        device = self.device_values.device
-        host = torch.tensor(
-            [[0.0 if v is None else v for v in row] for row in self.host_values],
-            dtype=torch.float64,
-        ).to(device)
-        on_device = torch.tensor(self.on_device).to(device)
-        present = on_device | torch.tensor(
-            [[v is not None for v in row] for row in self.host_values]
-        ).to(device)
-        values = torch.where(on_device, self.device_values, host)
-        non_finite = (~torch.isfinite(values) & present).any(dim=1).double()
-        values = torch.where(present, values, torch.zeros_like(values))
-        return values, present.double(), non_finite
+        presence = [[float(v is not None) for v in values] for values in self._host_values]
+        filled = [(row, entry) for row, entry in enumerate(self._device_rows) if entry is not None]
+        for row, (columns, _) in filled:
+            presence[row] = list(presence[row])
+            for column in columns:
+                presence[row][column] = 1.0
+        # [2, rows, width]: host values (0 where absent or on the device), presence
+        host_values = [[0.0 if v is None else v for v in values] for values in self._host_values]
+        host = torch.tensor([host_values, presence], dtype=torch.float64)
+        if host.device != self.device:
+            host = host.to(self.device)
+        values, present = host[0], host[1]
+        if filled:
+            rows, columns = self._index(tuple((row, entry[0]) for row, entry in filled))
+            device_values = torch.cat([entry[1] for _, entry in filled]).to(torch.float64)
+            # device and host entries are disjoint: where one is present the other is 0
+            values = values.index_put((rows, columns), device_values, accumulate=True)
+        non_finite = torch.isfinite(values).logical_not_().any(dim=1).double()
+        return values, present, non_finite
+
+    def _index(self, pattern: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, column) index tensors of the device entries, cached: the same every interval."""
+        if pattern not in self._index_cache:
+            rows = [row for row, columns in pattern for _ in columns]
+            columns = [column for _, row_columns in pattern for column in row_columns]
+            self._index_cache[pattern] = (
+                torch.tensor(rows, dtype=torch.long).to(self.device),
+                torch.tensor(columns, dtype=torch.long).to(self.device),
+            )
+        return self._index_cache[pattern]
 
     def clear(self) -> None:
         """Forget the recorded steps (after they were read)."""
         self.steps = [None] * self.rows
-        self.on_device = [[False] * len(self.names) for _ in range(self.rows)]
-        self.host_values = [[None] * len(self.names) for _ in range(self.rows)]
+        self._device_rows = [None] * self.rows
+        self._host_values = [[None] * len(self.names)] * self.rows

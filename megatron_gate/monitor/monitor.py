@@ -363,7 +363,7 @@ class StabilityMonitor:
         if not self.enabled:
             return
         try:
-            self.layer_collector.disarm()
+            self.layer_collector.remove()
             if status == "completed" and self._rows and self.step is not None:
                 self._flush(self.step, act=False)
         except Exception as error:  # noqa: BLE001

@@ -41,7 +41,8 @@ def visible_keys_mask(
     the mask is causal.
     """
     if attention_mask is not None:
-        return attention_mask.index_select(2, positions.to(attention_mask.device)).bool()
+        hidden = attention_mask.index_select(2, positions.to(attention_mask.device))
+        return hidden if hidden.dtype == torch.bool else hidden.bool()
     keys = torch.arange(key_len, device=positions.device)
     # [k, sk]: key j is hidden from query i when j > i (queries and keys share positions).
     return (keys[None, :] > positions[:, None])[None, None]
@@ -61,23 +62,30 @@ def probe_attention(
     Returns (sum of first-token shares, number of (query, head, batch) rows, max logit): the
     sum and max as 0-d float32 device tensors, the count as an int (known from shapes), so that
     shares can be summed across ranks before dividing.
+
+    About ten ops whatever the shape (a logged step runs it once per layer): the scale is
+    applied to the `k` sampled queries rather than to the scores, and the scores are masked
+    and soft-maxed in place.
     """
     sq, batch, heads, head_dim = query.shape
     key_len, _, groups, _ = key.shape
-    # [sq, b, np, hn] -> [k, b, ng, hpg, hn]: queries grouped by the key head they share.
-    sampled = query.index_select(0, positions).float()
-    sampled = sampled.reshape(len(positions), batch, groups, heads // groups, head_dim)
-    # [b, ng, hpg, k, sk] scaled scores; no key repeat needed for GQA.
-    logits = torch.einsum("kbgph,sbgh->bgpks", sampled, key.float()) * softmax_scale
-    logits = logits.reshape(batch, heads, len(positions), key_len)
+    count = positions.numel()
+    # [sq, b, np, hn] -> [b, np, k, hn] -> [b, ng, hpg * k, hn]: each key head's queries in a
+    # row block (np = ng * hpg, contiguous after index_select), scaled here (k rows).
+    sampled = _float32(query.permute(1, 2, 0, 3).index_select(2, positions)).mul_(softmax_scale)
+    sampled = sampled.view(batch, groups, (heads // groups) * count, head_dim)
+    # [b, ng, hpg * k, hn] @ [b, ng, hn, sk] -> [b, np, k, sk]; no key repeat needed for GQA.
+    logits = torch.matmul(sampled, _float32(key).permute(1, 2, 3, 0))
+    logits = logits.view(batch, heads, count, key_len)
     hidden = visible_keys_mask(positions, key_len, attention_mask=attention_mask)
-    logits = logits.masked_fill(hidden, float("-inf"))
+    logits.masked_fill_(hidden, float("-inf"))
     first_token_share = torch.softmax(logits, dim=-1)[..., 0]
-    return (
-        first_token_share.sum(),
-        first_token_share.numel(),
-        logits.amax(),
-    )
+    return first_token_share.sum(), first_token_share.numel(), logits.amax()
+
+
+def _float32(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` in float32, without a dispatched no-op when it already is."""
+    return tensor if tensor.dtype == torch.float32 else tensor.float()
 
 
 def plain_attention_probabilities(

@@ -68,6 +68,14 @@ class PackLayout:
                 row[slot.start : slot.start + slot.size] = float("-inf")
         return row
 
+    def _neutral_piece(self, slot: Slot, device: torch.device | str) -> torch.Tensor:
+        """The neutral row's view of `slot`, cached (read only: `cat` copies it)."""
+        return self._cached(
+            f"neutral/{slot.name}",
+            device,
+            lambda on: self.neutral(device=on)[slot.start : slot.start + slot.size],
+        )
+
     def max_mask(self, *, device: torch.device | str = "cpu") -> torch.Tensor:
         """Boolean `[width]`: True where the column is reduced by max."""
         return self._cached("max_mask", device, self._build_max_mask)
@@ -94,12 +102,14 @@ class PackLayout:
         for name, slot in self.slots.items():
             value = values.get(name)
             if value is None:
-                pieces.append(neutral[slot.start : slot.start + slot.size])
+                pieces.append(self._neutral_piece(slot, device))
                 continue
             if value.numel() != slot.size:
                 raise ValueError(f"slot {name!r} holds {slot.size} values, got {value.numel()}")
-            pieces.append(value.detach().reshape(-1).to(device=device, dtype=torch.float64))
-        return torch.cat(pieces)
+            pieces.append(_flat_on(value, neutral.device))
+        # cat promotes to float64 (the neutral pieces are float64)
+        row = torch.cat(pieces)
+        return row if row.dtype == torch.float64 else row.double()
 
     def combine(self, rows: torch.Tensor) -> torch.Tensor:
         """`[world, width]` gathered rows -> `[width]`: max columns by max, sum columns by sum."""
@@ -111,6 +121,15 @@ class PackLayout:
         return {
             name: reduced[slot.start : slot.start + slot.size] for name, slot in self.slots.items()
         }
+
+
+def _flat_on(value: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`value` as a detached 1-d tensor on `device`, dispatching only the ops it needs."""
+    if value.requires_grad:
+        value = value.detach()
+    if value.dim() != 1:
+        value = value.reshape(-1)
+    return value if value.device == device else value.to(device)
 
 
 def gather_rows(row: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
@@ -129,5 +148,6 @@ def gather_rows(row: torch.Tensor, group: dist.ProcessGroup | None = None) -> to
 def reduce_packed(
     layout: PackLayout, row: torch.Tensor, group: dist.ProcessGroup | None = None
 ) -> torch.Tensor:
-    """Gather every rank's packed row and combine them (one collective)."""
-    return layout.combine(gather_rows(row, group))
+    """Gather every rank's packed row and combine them (one collective; none for one rank)."""
+    rows = gather_rows(row, group)
+    return row if rows.shape[0] == 1 else layout.combine(rows)

@@ -227,6 +227,73 @@ def test_statistics_equal_plain_reference(one_rank_world: None, tmp_path: Path) 
     monitor.close()
 
 
+def _hook_count(model: torch.nn.Module) -> int:
+    hooks = 0
+    for module in model.modules():
+        hooks += len(module._forward_hooks) + len(module._forward_pre_hooks)
+        hooks += len(getattr(module, "gate_observers", []))
+    return hooks
+
+
+def test_microbatches_hooks_once_and_plain_reference(one_rank_world: None, tmp_path: Path) -> None:
+    """Two microbatches per step: every layer statistic is the combination of both forwards,
+    computed directly from tensors the test's own hooks saw; hooks are registered once, record
+    only on per-layer steps, and leave the model at close."""
+    model = tiny_gated_gpt(seed=7)
+    before = _hook_count(model)
+    monitor = StabilityMonitor(
+        _config(log_interval=2, layer_interval=2), models=[model], run_dir=tmp_path
+    )
+    registered = _hook_count(model) - before
+    assert registered > 0
+    seen: dict[tuple[str, int], list[torch.Tensor]] = {}
+
+    def keep(kind: str, number: int):  # noqa: ANN202
+        def hook(_module, _inputs, output):  # noqa: ANN001, ANN202
+            seen.setdefault((kind, number), []).append(output[0].detach().clone())
+
+        return hook
+
+    handles = []
+    for layer in model.decoder.layers:
+        n = layer.layer_number
+        handles += [
+            layer.register_forward_hook(keep("residual", n)),
+            layer.self_attention.register_forward_hook(keep("attention_output", n)),
+            layer.mlp.register_forward_hook(keep("mlp_output", n)),
+        ]
+        layer.self_attention.gate_observers.append(
+            lambda _m, g, n=n: seen.setdefault(("gate", n), []).append(g.clone())
+        )
+    own = 4 * len(model.decoder.layers)  # the test's three forward hooks and one observer
+    for step in range(3):  # step 1: not a per-layer step, its forwards must not be recorded
+        seen.clear()
+        monitor.start_step(step)
+        for micro in range(2):
+            lm_loss(model, batch_at(10 * step + micro)).backward()
+        monitor.end_step(step, loss=1.0)
+        assert _hook_count(model) - before == registered + own  # no registration per step
+    (record,) = [r for r in monitor.last_records if r["step"] == 2]
+    layers = record["layers"]
+    for layer in model.decoder.layers:
+        n = layer.layer_number
+        for kind in ("residual", "attention_output", "mlp_output"):
+            both = torch.cat([t.reshape(-1) for t in seen[(kind, n)]]).double()
+            assert len(seen[(kind, n)]) == 2
+            assert layers[f"max_abs_{kind}"][n - 1] == pytest.approx(both.abs().max().item())
+            assert layers[f"rms_{kind}"][n - 1] == pytest.approx(
+                both.square().mean().sqrt().item(), rel=1e-5
+            )
+        gate = torch.sigmoid(torch.cat([g.reshape(-1) for g in seen[("gate", n)]]).double())
+        assert layers["gate_mean"][n - 1] == pytest.approx(gate.mean().item(), rel=1e-5)
+        histogram = torch.histc(gate, bins=schema.GATE_HISTOGRAM_BINS, min=0.0, max=1.0)
+        assert record["gate_histogram"][n - 1] == histogram.tolist()
+    for handle in handles:
+        handle.remove()
+    monitor.close()
+    assert _hook_count(model) - before == own - len(handles)  # the test's gate observers
+
+
 def test_state_dict_resume_keeps_history(one_rank_world: None, tmp_path: Path) -> None:
     config = _config(log_interval=1, layer_interval=1, detectors={"loss_spike": {"min_history": 4}})
     model = tiny_gated_gpt()

@@ -6,6 +6,8 @@ import io
 import json
 from pathlib import Path
 
+import pytest
+
 from megatron_gate.monitor import schema
 from megatron_gate.monitor.sinks import (
     ConsoleSink,
@@ -70,6 +72,31 @@ def test_tensorboard_tags(tmp_path: Path) -> None:
     } <= tags
     assert "stability/layer_02/max_abs_residual" not in tags  # None is not written
     assert accumulator.Scalars("stability/loss")[0].step == 7
+
+
+def test_fast_tensorboard_checksum_equals_tensorboards(tmp_path: Path) -> None:
+    """The `crc32c` checksum gives TensorBoard's own bytes: its reader verifies every record."""
+    import os
+
+    pytest.importorskip("crc32c")
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.summary.writer import record_writer
+
+    from megatron_gate.monitor.sinks.tensorboard import use_fast_checksum
+
+    assert use_fast_checksum() and use_fast_checksum()  # applies once, idempotent
+    fast = record_writer.masked_crc32c
+    pure = fast.__wrapped__
+    for size in (0, 1, 7, 8, 9, 1000, 5000):
+        data = os.urandom(size)
+        assert fast(data) == pure(data), size
+    sink = TensorBoardSink(log_dir=tmp_path)
+    sink.write(STEP)
+    sink.close()
+    (events,) = tmp_path.glob("events.out.tfevents.*")
+    # the loader recomputes each record's checksum with the pure-Python function
+    loaded = list(EventFileLoader(str(events)).Load())
+    assert any(value.tag == "stability/loss" for event in loaded for value in event.summary.value)
 
 
 def test_console_table_and_group() -> None:
