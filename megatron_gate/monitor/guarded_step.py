@@ -73,13 +73,59 @@ def _buckets(groups: list[dict[str, Any]], bucket_bytes: int) -> Iterator[list[d
         yield bucket
 
 
-def _state_tensors(optimizer: Any, params: Sequence[torch.Tensor]) -> list[tuple[Any, str]]:
-    return [
-        (param, key)
+StateKey = tuple[int, str]
+
+
+def _state_tensors(optimizer: Any, params: Sequence[torch.Tensor]) -> dict[StateKey, torch.Tensor]:
+    """The tensors of the optimizer state of `params`, by (parameter id, state key)."""
+    return {
+        (id(param), key): value
         for param in params
         for key, value in optimizer.state.get(param, {}).items()
         if isinstance(value, torch.Tensor)
-    ]
+    }
+
+
+class _FlatCopy:
+    """The values of some tensors, one flat copy per (device, dtype): a few ops per bucket
+    instead of several per tensor (small models have many small tensors)."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
+        self.tensors = list(tensors)
+        self.runs: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for index, tensor in enumerate(self.tensors):
+            self.runs.setdefault((tensor.device, tensor.dtype), []).append(index)
+        self.flat = {key: self._cat(indices) for key, indices in self.runs.items()}
+
+    def _cat(self, indices: list[int]) -> torch.Tensor:
+        return torch.cat([self.tensors[i].detach().reshape(-1) for i in indices])
+
+    def _pieces(self, key: tuple[torch.device, torch.dtype], flat: torch.Tensor) -> list:
+        indices = self.runs[key]
+        chunks = flat.split([self.tensors[i].numel() for i in indices])
+        return [chunk.view_as(self.tensors[i]) for chunk, i in zip(chunks, indices, strict=True)]
+
+    def old_values(self) -> list[torch.Tensor]:
+        """The copied values, as views shaped like the tensors, in their order."""
+        values: list[torch.Tensor | None] = [None] * len(self.tensors)
+        for key, indices in self.runs.items():
+            for i, piece in zip(indices, self._pieces(key, self.flat[key]), strict=True):
+                values[i] = piece
+        return values  # type: ignore[return-value]
+
+    def keep_where_rejected(
+        self, accept: torch.Tensor, current: Sequence[torch.Tensor] | None = None
+    ) -> None:
+        """current = where(accept, current, copy), in place (a select, never a multiply).
+
+        `current` are the tensors now holding the values (default: the copied tensors
+        themselves; an optimizer may have replaced its state tensors by new ones)."""
+        if current is not None:
+            self.tensors = list(current)
+        for key, indices in self.runs.items():
+            selected = torch.where(accept, self._cat(indices), self.flat[key])
+            targets = [self.tensors[i].detach() for i in indices]
+            torch._foreach_copy_(targets, self._pieces(key, selected))
 
 
 @torch.no_grad()
@@ -91,26 +137,20 @@ def _step_bucket(
     on_bucket: OnBucket | None,
 ) -> None:
     params = [param for group in bucket for param in group["params"]]
-    old_params = [param.detach().clone() for param in params]
-    old_state: dict[tuple[int, str], torch.Tensor] = {}
-    if accept is not None:
-        old_state = {
-            (id(param), key): optimizer.state[param][key].clone()
-            for param, key in _state_tensors(optimizer, params)
-        }
+    old_params = _FlatCopy(params)
+    before = _state_tensors(optimizer, params) if accept is not None else {}
+    old_state = _FlatCopy(list(before.values()))
     optimizer.step()
     if on_bucket is not None:
-        on_bucket(params, old_params)
+        on_bucket(params, old_params.old_values())
     if accept is None:
         return
-    for param, old in zip(params, old_params, strict=True):
-        param.copy_(torch.where(accept, param, old))
-    for param, key in _state_tensors(optimizer, params):
-        new = optimizer.state[param][key]
-        old = old_state.get((id(param), key))
-        if old is None:  # created by this step: "before" is the fresh state
-            old = torch.zeros_like(new)
-        new.copy_(torch.where(accept, new, old))
+    after = _state_tensors(optimizer, params)
+    old_params.keep_where_rejected(accept)
+    old_state.keep_where_rejected(accept, [after[key] for key in before])
+    for key, new in after.items():
+        if key not in before:  # created by this step: "before" is the fresh state (zeros)
+            new.copy_(torch.where(accept, new, torch.zeros_like(new)))
 
 
 @contextlib.contextmanager
