@@ -386,9 +386,7 @@ def score_curve(curve: Curve, openings: list[Opening], tally: Tally) -> None:
     covered = set()
     for start, end in spans:
         covered.update(range(start, end + 1))
-    tally.healthy_steps += sum(
-        1 for i in range(curve.steps) if curve.first_step + i not in covered
-    )
+    tally.healthy_steps += sum(1 for i in range(curve.steps) if curve.first_step + i not in covered)
     for opening in openings:
         if any(start <= opening.step <= end for start, end in spans):
             tally.true_events[opening.kind] = tally.true_events.get(opening.kind, 0) + 1

@@ -32,6 +32,7 @@ import torch
 
 TRACES = Path(__file__).resolve().parent / "results" / "traces"
 REPEAT = 8
+SEQ_LEN, BATCH = 32, 4  # small: the traces are generated on a shared 2-core CPU
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,7 +41,7 @@ class TraceRun:
 
     name: str
     layers: int = 2
-    hidden: int = 64
+    hidden: int = 32
     lr: float = 3e-3
     steps: int = 800
     seed: int = 0
@@ -51,25 +52,22 @@ class TraceRun:
 def plan() -> list[TraceRun]:
     """The traced runs: healthy ones of several sizes/LRs, then each fault at two steps/seeds."""
     healthy = [
-        TraceRun(name="healthy_l2_h64_lr3e-3", steps=1500),
-        TraceRun(name="healthy_l2_h64_lr1e-2", lr=1e-2, steps=1500, seed=1),
-        TraceRun(name="healthy_l4_h64_lr3e-3", layers=4, steps=1200, seed=2),
-        TraceRun(name="healthy_l2_h128_lr2e-3", hidden=128, lr=2e-3, steps=1000, seed=3),
+        TraceRun(name="healthy_l2_h32_lr3e-3", steps=700),
+        TraceRun(name="healthy_l2_h32_lr1e-2", lr=1e-2, steps=700, seed=1),
+        TraceRun(name="healthy_l3_h64_lr3e-3", layers=3, hidden=64, steps=500, seed=2),
     ]
     faults = ["corrupted_batch", "repeated_batch", "lr_jump", "scaled_weight", "bitflip_weight",
               "nan_batch"]  # fmt: skip
     runs = []
     for index, fault in enumerate(faults):
-        for seed, fault_step in ((10 + index, 350), (20 + index, 520)):
-            runs.append(
-                TraceRun(name=f"{fault}_s{seed}", seed=seed, steps=650, fault=fault,
-                         fault_step=fault_step)
-            )  # fmt: skip
+        seed = 10 + index
+        runs.append(TraceRun(name=f"{fault}_s{seed}", seed=seed, steps=420, fault=fault,
+                             fault_step=300 + 7 * index))  # fmt: skip
     return healthy + runs
 
 
 def _learning_rate(run: TraceRun, step: int) -> float:
-    warmup = 50
+    warmup = 30
     if step <= warmup:
         return run.lr * step / warmup
     progress = (step - warmup) / max(1, run.steps - warmup)
@@ -97,16 +95,22 @@ def _inject_weight_fault(model: torch.nn.Module, fault: str) -> None:
 def trace(run: TraceRun) -> dict:
     """Train `run` and return its per-step scalars and labels."""
     from megatron_gate.demo.data import BatchSampler, embedded_corpus
-    from megatron_gate.demo.trainer import TrainConfig, VARIANTS, build_model, build_optimizer
-    from megatron_gate.demo.trainer import grad_norm, token_loss
+    from megatron_gate.demo.trainer import (
+        VARIANTS,
+        TrainConfig,
+        build_model,
+        build_optimizer,
+        grad_norm,
+        token_loss,
+    )
 
     corpus = embedded_corpus()
     config = TrainConfig(layers=run.layers, hidden=run.hidden, lr=run.lr, steps=run.steps,
-                         seq_len=64, batch_size=8, seed=run.seed)  # fmt: skip
+                         seq_len=SEQ_LEN, batch_size=BATCH, seed=run.seed)  # fmt: skip
     model = build_model(config, VARIANTS["baseline"], vocab_size=corpus.vocab_size,
                         device=torch.device("cpu"))  # fmt: skip
     optimizer = build_optimizer(model, config)
-    batches = BatchSampler(corpus.train, seq_len=64, batch_size=8, seed=run.seed)
+    batches = BatchSampler(corpus.train, seq_len=SEQ_LEN, batch_size=BATCH, seed=run.seed)
     noise = torch.Generator().manual_seed(run.seed)
     scalars: dict[str, list[float | None]] = {"loss": [], "grad_norm": [], "update_norm": [],
                                               "learning_rate": [], "nan_or_inf": []}  # fmt: skip
@@ -142,8 +146,13 @@ def trace(run: TraceRun) -> dict:
             optimizer.step()
         update = math.sqrt(sum(float((p.detach() - b).pow(2).sum())
                                for p, b in zip(model.parameters(), before, strict=True)))  # fmt: skip
-        for name, item in (("loss", value), ("grad_norm", norm), ("update_norm", update),
-                           ("learning_rate", lr), ("nan_or_inf", 0.0 if finite else 1.0)):
+        for name, item in (
+            ("loss", value),
+            ("grad_norm", norm),
+            ("update_norm", update),
+            ("learning_rate", lr),
+            ("nan_or_inf", 0.0 if finite else 1.0),
+        ):
             scalars[name].append(item if math.isfinite(item) else None)  # fmt: skip
     labels_out = []
     if run.fault is not None:

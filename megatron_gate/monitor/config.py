@@ -51,7 +51,7 @@ class DetectorConfig:
     1.4826 x MAD of the residuals) above which an event opens."""
     window: int = 128
     """Past values kept: residual history of scalar detectors, running median of per-layer ones."""
-    level_window: int = 16
+    level_window: int = 8
     """Scalar detectors: the level is the median of this many recent (non-event) values."""
     level_shift_steps: int = 30
     """Scalar detectors: an event elevated this long without recovering is a benign level shift
@@ -76,9 +76,7 @@ class DetectorsConfig:
     """The detectors, by name (the `detector` field of events)."""
 
     loss_spike: DetectorConfig = _detector(action="alert", window=1024)
-    grad_norm_spike: DetectorConfig = _detector(
-        action="alert", window=1024, min_relative_jump=0.5
-    )
+    grad_norm_spike: DetectorConfig = _detector(action="alert", window=1024, min_relative_jump=0.5)
     update_norm_spike: DetectorConfig = _detector(
         action="alert", window=256, min_relative_jump=0.5, min_history=8
     )
@@ -300,9 +298,7 @@ def _validate_detector(name: str, detector: DetectorConfig) -> None:
         f"{key}.confirmed_action",
         f"{detector.confirmed_action!r} is not one of {', '.join(schema.ACTIONS)}.",
     )
-    _require(
-        0 < detector.false_alarm_rate < 0.5, f"{key}.false_alarm_rate", "must be in (0, 0.5)."
-    )
+    _require(0 < detector.false_alarm_rate < 0.5, f"{key}.false_alarm_rate", "must be in (0, 0.5).")
     _require(detector.min_relative_jump >= 0, f"{key}.min_relative_jump", "must be >= 0.")
     _require(detector.level_window >= 1, f"{key}.level_window", "must be >= 1.")
     _require(detector.level_shift_steps >= 2, f"{key}.level_shift_steps", "must be >= 2.")

@@ -37,11 +37,16 @@ from megatron_gate.monitor.tail import TailThreshold
 
 # Scale that makes the MAD of a normal distribution an estimate of its standard deviation.
 MAD_TO_SIGMA = 1.4826
+# Upper bound of the tail-fit threshold in robust sigmas (IQR / 1.349) of the residuals: a
+# Student-t(3) tail needs ~10 at 1e-4; residuals of an undetected shift can push the fit to 50.
+MAX_ROBUST_SIGMAS = 20.0
 # An open scalar event closes when its residual falls below this rate's quantile.
 RELEASE_RATE = 0.02
-# Divergence: this many rising residuals in a row, and the value at least 2x its opening value.
+# Divergence: this many rising residuals in a row, and the value 2x its opening value ...
 DIVERGENCE_RISING_STEPS = 3
 DIVERGENCE_GROWTH = math.log(2.0)
+# ... or, rising or not, 10x its opening value after that many steps.
+DIVERGENCE_RUNAWAY = math.log(10.0)
 # Level shift: the later half of the last `level_shift_steps` residuals keeps at least this share
 # of the earlier half's (a bump recovers faster; a new level does not).
 LEVEL_SHIFT_RETAINED = 0.8
@@ -208,6 +213,9 @@ class RobustSpikeDetector:
         if quantile is None:  # too few residuals for a tail fit: a conservative robust z-score
             center, sigma = robust_center_scale(self.tail.history)
             quantile = center + self.config.z_threshold * sigma
+        else:  # a sub-threshold level shift or bump in the history must not inflate the tail
+            center, sigma = self.tail.robust_sigma()
+            quantile = min(quantile, center + MAX_ROBUST_SIGMAS * sigma)
         return max(quantile, self._floor(level))
 
     def _floor(self, level: float) -> float:
@@ -306,18 +314,21 @@ class RobustSpikeDetector:
         if episode.kind == "spike":
             episode.kind = "bump"
         if self.config.action == "skip_step":  # every elevated step is to be skipped
-            message = f"{self.metric} {value:.4g} still elevated (event since step {episode.start_step})"
+            message = (
+                f"{self.metric} {value:.4g} still elevated (event since step {episode.start_step})"
+            )
             return [self._event(step, value, episode.level + episode.threshold, message)]
         return []
 
     @staticmethod
     def _diverging(episode: Episode) -> bool:
-        rising = episode.residuals[-DIVERGENCE_RISING_STEPS - 1 :]
-        return (
-            len(rising) > DIVERGENCE_RISING_STEPS
-            and all(b > a for a, b in zip(rising, rising[1:], strict=False))
-            and rising[-1] > episode.residuals[0] + DIVERGENCE_GROWTH
-        )
+        residuals = episode.residuals
+        if len(residuals) <= DIVERGENCE_RISING_STEPS:
+            return False
+        rising = residuals[-DIVERGENCE_RISING_STEPS - 1 :]
+        climbing = all(b > a for a, b in zip(rising, rising[1:], strict=False))
+        grown = residuals[-1] - residuals[0]
+        return (climbing and grown > DIVERGENCE_GROWTH) or grown > DIVERGENCE_RUNAWAY
 
     def _settled(self, episode: Episode) -> bool:
         window = self.config.level_shift_steps
@@ -361,15 +372,16 @@ class RobustSpikeDetector:
         self.episode = None
         return replace(event, severity="info", action="log")
 
+    def non_finite(self, step: int, value: float = math.nan) -> list[Event]:
+        """A NaN/Inf value (or flag): `NanInfDetector` reports it; an open episode diverged."""
+        return self._non_finite(step, value) if self.config.enabled else []
+
     def _non_finite(self, step: int, value: float) -> list[Event]:
-        """A NaN/Inf value: `NanInfDetector` reports it; an open episode becomes a divergence."""
         episode = self.episode
         if episode is None or episode.kind == "divergence":
             return []
         episode.kind, episode.last_step = "divergence", step
-        message = (
-            f"{self.metric} became {value} during the event since step {episode.start_step}"
-        )
+        message = f"{self.metric} became {value} during the event since step {episode.start_step}"
         event = self._event(step, value, episode.level + episode.threshold, message)
         return [replace(event, severity="critical")]
 
@@ -388,9 +400,8 @@ class RobustSpikeDetector:
             signals=(self.metric,),
             **self.episode.fields(phase=phase, end=phase == "close"),
         )
-        return event if phase == "open" or event.action == "skip_step" and phase == "update" else (
-            replace(event, action="log") if phase == "close" else event
-        )
+        # A closing record only reports: its actions were taken when the event opened.
+        return replace(event, action="log") if phase == "close" else event
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -508,7 +519,11 @@ class LossSpikeDetector(RobustSpikeDetector):
 
     def state_dict(self) -> dict[str, Any]:
         """Spike-test state, the early losses and an open Megatron-rule episode."""
-        return {**super().state_dict(), "early": list(self.early), "megatron": self.megatron.state_dict()}
+        return {
+            **super().state_dict(),
+            "early": list(self.early),
+            "megatron": self.megatron.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict` returned."""
@@ -542,7 +557,9 @@ class NanInfDetector:
         episode.last_step = step
         if episode.kind == "non_finite" and episode.duration >= NON_FINITE_DIVERGENCE_STEPS:
             episode.kind = "divergence"
-            message = f"non-finite for {episode.duration} steps in a row since step {episode.start_step}"
+            message = (
+                f"non-finite for {episode.duration} steps in a row since step {episode.start_step}"
+            )
             return [replace(self._event(step, "update", message), severity="critical")]
         if self.config.action == "skip_step":  # each non-finite step is skipped and recorded
             return [self._event(step, "update", f"non-finite again at step {step}")]
@@ -695,10 +712,15 @@ class DetectorSuite:
         layers: dict[str, Sequence[float | None]] | None = None,
     ) -> list[Event]:
         """Events for one step. `scalars` by `schema.SCALARS`, `layers` by `schema.LAYER_METRICS`."""
-        events = self.nan_or_inf.observe(step, scalars.get("nan_or_inf"))
+        flag = scalars.get("nan_or_inf")
+        events = self.nan_or_inf.observe(step, flag)
         spikes: list[Event] = []
         for signal, detector in self._scalar().items():
-            spikes += detector.observe(step, scalars.get(signal))
+            value = scalars.get(signal)
+            if value is None and flag is not None and (flag > 0 or math.isnan(flag)):
+                spikes += detector.non_finite(step)  # the value is null because it was NaN/Inf
+            else:
+                spikes += detector.observe(step, value)
         events += self._corroborate(step, spikes)
         for detector in (
             self.massive_activation,

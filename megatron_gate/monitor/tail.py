@@ -20,9 +20,11 @@ import math
 from collections import deque
 from collections.abc import Iterable
 
-# The GPD shape is clamped to where the PWM estimator is defined and the tail stays usable:
-# below -0.5 the fit is unstable, at 1 and above the mean is infinite.
-MIN_SHAPE, MAX_SHAPE = -0.5, 0.9
+# The GPD shape is clamped to [0, 0.9]: a fitted bounded tail (xi < 0) is the finite-sample look
+# of a normal tail and would put the threshold too low; at 1 and above the mean is infinite.
+MIN_SHAPE, MAX_SHAPE = 0.0, 0.9
+SHAPE_MARGIN = 1.0
+IQR_TO_SIGMA = 1.349
 
 
 def gpd_fit(excesses: list[float]) -> tuple[float, float]:
@@ -88,6 +90,13 @@ class TailThreshold:
         """Whether enough residuals are held to fit the tail."""
         return len(self.history) * self.tail_fraction >= self.min_excesses
 
+    def robust_sigma(self) -> tuple[float, float]:
+        """Median and interquartile range / 1.349 (a normal's sigma) of the history."""
+        count = len(self._sorted)
+        median = self._sorted[count // 2]
+        spread = self._sorted[(3 * count) // 4] - self._sorted[count // 4]
+        return median, spread / IQR_TO_SIGMA
+
     def quantile(self, rate: float) -> float | None:
         """The residual exceeded with probability `rate` per step (None until `ready`)."""
         if not self.ready():
@@ -100,6 +109,9 @@ class TailThreshold:
             return self._sorted[min(count - 1, int((1 - rate) * count))]
         excesses = [value - initial for value in self._sorted[count - excess_count :]]
         shape, scale = gpd_fit(excesses)
+        # Extrapolate with the shape one standard error heavier ((1 + xi) / sqrt(k) for the
+        # GPD): an underestimated tail would raise the false-alarm rate far above `rate`.
+        shape = min(MAX_SHAPE, shape + SHAPE_MARGIN * (1 + shape) / math.sqrt(excess_count))
         return initial + gpd_quantile(shape=shape, scale=scale, probability=conditional)
 
     def state_dict(self) -> list[float]:
