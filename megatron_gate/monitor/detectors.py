@@ -37,6 +37,9 @@ from megatron_gate.monitor.tail import TailThreshold
 
 # Scale that makes the MAD of a normal distribution an estimate of its standard deviation.
 MAD_TO_SIGMA = 1.4826
+# A residual joins the tail history this many steps late: the first, still sub-threshold steps of
+# a slowly rising bump must not raise the threshold that is about to catch it.
+QUARANTINE_STEPS = 16
 # Upper bound of the tail-fit threshold in robust sigmas (IQR / 1.349) of the residuals: a
 # Student-t(3) tail needs ~10 at 1e-4; residuals of an undetected shift can push the fit to 50.
 MAX_ROBUST_SIGMAS = 20.0
@@ -187,6 +190,8 @@ class RobustSpikeDetector:
         self.name, self.metric, self.config, self.log_scale = name, metric, config, log_scale
         self.recent: deque[float] = deque(maxlen=config.level_window)
         self.tail = TailThreshold(window=config.window)
+        self.pending: deque[float] = deque()
+        """The latest residuals, not yet in the tail history (see `QUARANTINE_STEPS`)."""
         self.episode: Episode | None = None
 
     # ------------------------------------------------------------------ scales
@@ -207,11 +212,11 @@ class RobustSpikeDetector:
     # ------------------------------------------------------------------ thresholds
     def residual_threshold(self, level: float) -> float | None:
         """The residual above which an event opens now (None: not enough history)."""
-        if len(self.tail) < self.config.min_history:
+        if len(self.tail) + len(self.pending) < self.config.min_history:
             return None
         quantile = self.tail.quantile(self.config.false_alarm_rate)
         if quantile is None:  # too few residuals for a tail fit: a conservative robust z-score
-            center, sigma = robust_center_scale(self.tail.history)
+            center, sigma = robust_center_scale([*self.tail.history, *self.pending])
             quantile = center + self.config.z_threshold * sigma
         else:  # a sub-threshold level shift or bump in the history must not inflate the tail
             center, sigma = self.tail.robust_sigma()
@@ -226,7 +231,7 @@ class RobustSpikeDetector:
     def _release(self, threshold: float) -> float:
         quantile = self.tail.quantile(RELEASE_RATE)
         if quantile is None:
-            center, sigma = robust_center_scale(self.tail.history)
+            center, sigma = robust_center_scale([*self.tail.history, *self.pending])
             quantile = center + 2 * sigma
         return min(quantile, 0.5 * threshold)
 
@@ -255,7 +260,9 @@ class RobustSpikeDetector:
 
     def _accept(self, transformed: float, residual: float) -> None:
         self.recent.append(transformed)
-        self.tail.add(residual)
+        self.pending.append(residual)
+        if len(self.pending) > QUARANTINE_STEPS:
+            self.tail.add(self.pending.popleft())
 
     def _open(
         self, step: int, value: float, transformed: float, level: float, residual: float,
@@ -264,7 +271,7 @@ class RobustSpikeDetector:
         release = self._release(threshold)
         # Onset: the steps just before that were already above the release level belong to it.
         onset = 0
-        for earlier in reversed(self.tail.recent(8)):
+        for earlier in reversed(self.pending):
             if earlier <= release:
                 break
             onset += 1
@@ -285,7 +292,7 @@ class RobustSpikeDetector:
             f"{self.metric} {value:.4g} is {self._jump(residual, level)} its recent level "
             f"{self._inverse(level):.4g}, above the threshold {self._inverse(level + threshold):.4g}"
             f" (false-alarm rate {self.config.false_alarm_rate:g} per step, "
-            f"{len(self.tail)} steps of history)"
+            f"{len(self.tail) + len(self.pending)} steps of history)"
         )
         return self._event(step, value, level + threshold, message, phase="open")
 
@@ -409,6 +416,7 @@ class RobustSpikeDetector:
         return {
             "recent": list(self.recent),
             "residuals": self.tail.state_dict(),
+            "pending": list(self.pending),
             "episode": None if self.episode is None else self.episode.to_dict(),
         }
 
@@ -416,6 +424,7 @@ class RobustSpikeDetector:
         """Restore what `state_dict` returned."""
         self.recent = deque(state.get("recent", []), maxlen=self.config.level_window)
         self.tail.load_state_dict(state.get("residuals", []))
+        self.pending = deque(state.get("pending", []))
         episode = state.get("episode")
         self.episode = None if episode is None else Episode(**episode)
 

@@ -82,10 +82,6 @@ class TailThreshold:
         for residual in residuals:
             self.add(residual)
 
-    def recent(self, count: int) -> list[float]:
-        """The last `count` residuals, oldest first."""
-        return list(self.history)[-count:] if count > 0 else []
-
     def ready(self) -> bool:
         """Whether enough residuals are held to fit the tail."""
         return len(self.history) * self.tail_fraction >= self.min_excesses
