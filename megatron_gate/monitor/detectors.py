@@ -59,7 +59,7 @@ CORROBORATION_STEPS = 2
 # Steps of consecutive NaN/Inf after which the non-finite episode is a divergence.
 NON_FINITE_DIVERGENCE_STEPS = 3
 SEVERITY_UP = {"info": "warning", "warning": "critical", "critical": "critical"}
-SCALAR_SIGNALS = ("loss", "grad_norm", "update_norm")
+EPISODE_FIELDS = ("kind", "phase", "start_step", "end_step", "peak", "duration", "delay", "signals")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,10 +96,12 @@ class Event:
     """Scalar signals in which the episode is seen (two or more: corroborated)."""
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict of the fields."""
+        """The `event` record's fields: the flat ones, and `episode` {kind, phase, start_step,
+        end_step, peak, duration, delay, signals} (nested: a record's own `kind` is "event")."""
         data = asdict(self)
-        data["signals"] = list(self.signals)
-        return data
+        episode = {name: data.pop(name) for name in EPISODE_FIELDS}
+        episode["signals"] = list(self.signals)
+        return {**data, "episode": episode}
 
 
 def make_event(

@@ -101,7 +101,9 @@ def test_divergence_and_non_finite_during_an_event() -> None:
     events = series_events(loss_detector(), growing)
     assert events[0].phase == "open"
     diverged = [e for e in events if e.kind == "divergence"]
-    assert diverged and diverged[0].severity == "critical" and "keeps growing" in diverged[0].message
+    assert (
+        diverged and diverged[0].severity == "critical" and "keeps growing" in diverged[0].message
+    )
     suite = DetectorSuite(DetectorsConfig())
     for step, value in enumerate(losses[:1000] + [losses[1000] * 3]):
         suite.check(step, {"loss": value, "nan_or_inf": 0.0})

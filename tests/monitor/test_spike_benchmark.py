@@ -53,9 +53,11 @@ def test_matching_rule(bench: ModuleType) -> None:
     )
     opening = bench.Opening
     tally = bench.Tally()
-    late, early, benign = opening(step=51, kind="spike", signal="loss"), opening(
-        step=45, kind="spike", signal="loss"
-    ), opening(step=80, kind="level_shift", signal="loss")
+    late, early, benign = (
+        opening(step=51, kind="spike", signal="loss"),
+        opening(step=45, kind="spike", signal="loss"),
+        opening(step=80, kind="level_shift", signal="loss"),
+    )
     bench.score_curve(curve, [early, late, benign], tally)
     summary = bench.summary(tally)
     # 45 is within K = 10 steps (found, delay 5); 51 is outside the fault window: false.

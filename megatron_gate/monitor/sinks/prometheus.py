@@ -113,7 +113,7 @@ class PrometheusSink(Sink):
                         self.registry.set(
                             schema.prometheus_name(name), float(value), layer=str(index + 1)
                         )
-        elif kind == "event":
+        elif kind == "event" and schema.opens_episode(record):
             self.registry.increment(
                 schema.PROMETHEUS_EVENTS_TOTAL,
                 detector=record["detector"],
