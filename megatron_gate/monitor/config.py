@@ -75,7 +75,9 @@ def _detector(**kwargs: Any) -> Any:
 class DetectorsConfig:
     """The detectors, by name (the `detector` field of events)."""
 
-    loss_spike: DetectorConfig = _detector(action="alert", window=1024)
+    loss_spike: DetectorConfig = _detector(
+        action="alert", confirmed_action="skip_step", window=1024
+    )
     grad_norm_spike: DetectorConfig = _detector(action="alert", window=1024, min_relative_jump=0.5)
     update_norm_spike: DetectorConfig = _detector(
         action="alert", window=256, min_relative_jump=0.5, min_history=8
