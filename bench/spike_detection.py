@@ -256,13 +256,17 @@ class Rule:
         return openings
 
 
-class MeanStdRule(Rule):
-    """OLMo-core style: value - mean > 6 std over the last 128 finite values (>= 64 of them)."""
+class WindowRule(Rule):
+    """A rule over the last `window` values with a `sigmas` multiplier."""
 
     def __init__(self, signal: str, *, window: int = 128, sigmas: float = 6.0) -> None:
         super().__init__(signal)
         self.window, self.sigmas = window, sigmas
         self.history: deque[float] = deque(maxlen=window)
+
+
+class MeanStdRule(WindowRule):
+    """OLMo-core style: value - mean > 6 std over the last 128 finite values (>= 64 of them)."""
 
     def alarm(self, value: float) -> bool:
         fired = False
@@ -273,13 +277,11 @@ class MeanStdRule(Rule):
         return fired
 
 
-class MedianMadRule(Rule):
+class MedianMadRule(WindowRule):
     """value - median > 6 x 1.4826 MAD over the last 128 values (>= 16), log scale for norms."""
 
-    def __init__(self, signal: str, *, window: int = 128, sigmas: float = 6.0) -> None:
-        super().__init__(signal)
-        self.window, self.sigmas = window, sigmas
-        self.history: deque[float] = deque(maxlen=window)
+    def __init__(self, signal: str, **options: Any) -> None:
+        super().__init__(signal, **options)
         self.log = signal != "loss"
 
     def alarm(self, value: float) -> bool:

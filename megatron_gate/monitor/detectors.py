@@ -163,6 +163,18 @@ class Episode:
     residuals: list[float] = field(default_factory=list)
     transformed: list[float] = field(default_factory=list)
 
+    @classmethod
+    def begin(
+        cls, step: int, *, kind: str, peak: float, level: float = 0.0, threshold: float = 0.0,
+        release: float = 0.0, start_step: int | None = None,
+    ) -> Episode:  # fmt: skip
+        """An episode detected at `step` (started at `start_step`, default `step`)."""
+        return cls(
+            start_step=step if start_step is None else start_step, open_step=step, level=level,
+            threshold=threshold, release=release, peak=peak, peak_step=step, last_step=step,
+            kind=kind,
+        )  # fmt: skip
+
     @property
     def duration(self) -> int:
         return self.last_step - self.start_step + 1
@@ -277,19 +289,17 @@ class RobustSpikeDetector:
             if earlier <= release:
                 break
             onset += 1
-        self.episode = Episode(
-            start_step=step - onset,
-            open_step=step,
+        self.episode = Episode.begin(
+            step,
+            kind="spike",
+            peak=value,
             level=level,
             threshold=threshold,
             release=release,
-            peak=value,
-            peak_step=step,
-            last_step=step,
-            kind="spike",
-            residuals=[residual],
-            transformed=[transformed],
+            start_step=step - onset,
         )
+        self.episode.residuals.append(residual)
+        self.episode.transformed.append(transformed)
         message = (
             f"{self.metric} {value:.4g} is {self._jump(residual, level)} its recent level "
             f"{self._inverse(level):.4g}, above the threshold {self._inverse(level + threshold):.4g}"
@@ -450,10 +460,9 @@ class ThresholdEpisodes:
         episode = self.open.get(key)
         if limit is not None and value > limit:
             if episode is None:
-                self.open[key] = Episode(
-                    start_step=step, open_step=step, level=limit, threshold=limit,
-                    release=limit, peak=value, peak_step=step, last_step=step, kind="threshold",
-                )  # fmt: skip
+                self.open[key] = Episode.begin(
+                    step, kind="threshold", peak=value, level=limit, threshold=limit, release=limit
+                )
                 message = f"{where}{self.metric} {value:.4g} is above {reason}"
                 return self._event(step, key, value, limit, message, phase="open")
             episode.last_step = step
@@ -560,10 +569,7 @@ class NanInfDetector:
         self.count += 1
         episode = self.episode
         if episode is None:
-            self.episode = Episode(
-                start_step=step, open_step=step, level=0.0, threshold=0.0, release=0.0,
-                peak=1.0, peak_step=step, last_step=step, kind="non_finite",
-            )  # fmt: skip
+            self.episode = Episode.begin(step, kind="non_finite", peak=1.0)
             return [self._event(step, "open", f"non-finite loss or gradient norm at step {step}")]
         episode.last_step = step
         if episode.kind == "non_finite" and episode.duration >= NON_FINITE_DIVERGENCE_STEPS:
