@@ -53,7 +53,7 @@ class DetectorConfig:
     """Past values kept: residual history of scalar detectors, running median of per-layer ones."""
     level_window: int = 8
     """Scalar detectors: the level is the median of this many recent (non-event) values."""
-    level_shift_steps: int = 30
+    level_shift_steps: int = 60
     """Scalar detectors: an event elevated this long without recovering is a benign level shift
     (the level moves to the new values)."""
     min_history: int = 16
