@@ -160,8 +160,17 @@ class Episode:
     peak_step: int
     last_step: int
     kind: str
+    opening: float = 0.0
+    """Residual at the detection step."""
     residuals: list[float] = field(default_factory=list)
+    """The latest residuals (at most `keep` of them: an episode may last the whole run)."""
     transformed: list[float] = field(default_factory=list)
+
+    def add(self, residual: float, transformed: float, *, keep: int) -> None:
+        """Append one step's residual and transformed value, keeping the last `keep`."""
+        self.residuals.append(residual)
+        self.transformed.append(transformed)
+        del self.residuals[:-keep], self.transformed[:-keep]
 
     @classmethod
     def begin(
@@ -207,6 +216,12 @@ class RobustSpikeDetector:
         self.pending: deque[float] = deque()
         """The latest residuals, not yet in the tail history (see `QUARANTINE_STEPS`)."""
         self.episode: Episode | None = None
+
+    @property
+    def _keep(self) -> int:
+        """Residuals an episode keeps: enough for the level-shift and divergence tests."""
+        config = self.config
+        return max(config.level_shift_steps, config.level_window, DIVERGENCE_RISING_STEPS + 1)
 
     # ------------------------------------------------------------------ scales
     def _transform(self, value: float) -> float | None:
@@ -298,8 +313,8 @@ class RobustSpikeDetector:
             release=release,
             start_step=step - onset,
         )
-        self.episode.residuals.append(residual)
-        self.episode.transformed.append(transformed)
+        self.episode.opening = residual
+        self.episode.add(residual, transformed, keep=self._keep)
         message = (
             f"{self.metric} {value:.4g} is {self._jump(residual, level)} its recent level "
             f"{self._inverse(level):.4g}, above the threshold {self._inverse(level + threshold):.4g}"
@@ -315,8 +330,7 @@ class RobustSpikeDetector:
         if residual <= episode.release:
             return [self._close(step, value, transformed, residual)]
         episode.last_step = step
-        episode.residuals.append(residual)
-        episode.transformed.append(transformed)
+        episode.add(residual, transformed, keep=self._keep)
         if value > episode.peak:
             episode.peak, episode.peak_step = value, step
         if episode.kind != "divergence" and self._diverging(episode):
@@ -346,7 +360,7 @@ class RobustSpikeDetector:
             return False
         rising = residuals[-DIVERGENCE_RISING_STEPS - 1 :]
         climbing = all(b > a for a, b in zip(rising, rising[1:], strict=False))
-        grown = residuals[-1] - residuals[0]
+        grown = residuals[-1] - episode.opening
         return (climbing and grown > DIVERGENCE_GROWTH) or grown > DIVERGENCE_RUNAWAY
 
     def _settled(self, episode: Episode) -> bool:
