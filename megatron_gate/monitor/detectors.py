@@ -335,10 +335,12 @@ class RobustSpikeDetector:
             episode.peak, episode.peak_step = value, step
         if episode.kind != "divergence" and self._diverging(episode):
             episode.kind = "divergence"
+            detected = self._inverse(episode.level + episode.opening)
             message = (
-                f"{self.metric} keeps growing: {value:.4g} is {self._jump(residual, episode.level)}"
-                f" its level {self._inverse(episode.level):.4g}, rising for "
-                f"{DIVERGENCE_RISING_STEPS} steps (event since step {episode.start_step})"
+                f"{self.metric} keeps growing: {value:.4g} is "
+                f"{self._jump(residual - episode.opening, episode.level)} its value at detection "
+                f"({detected:.4g}) and {self._jump(residual, episode.level)} its level "
+                f"{self._inverse(episode.level):.4g} (event since step {episode.start_step})"
             )
             event = self._event(step, value, episode.level + episode.threshold, message)
             return [replace(event, severity="critical")]
