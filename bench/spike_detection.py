@@ -475,24 +475,33 @@ def _fmt(value: float | None) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the small subset the test scores")
-    parser.add_argument("--no-real", action="store_true", help="skip the real traces")
+    parser.add_argument("--sets", nargs="+", choices=("synthetic", "real"),
+                        default=["synthetic", "real"],
+                        help="curve sets to score; the others keep their figures in --output")  # fmt: skip
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
-    start = time.process_time()
     seeds, healthy = (QUICK_SEEDS, QUICK_HEALTHY) if args.quick else (FULL_SEEDS, FULL_HEALTHY)
-    sets = {"synthetic": synthetic_curves(seeds, healthy=healthy)}
-    if not args.no_real and not args.quick:
+    sets = {}
+    if "synthetic" in args.sets:
+        sets["synthetic"] = synthetic_curves(seeds, healthy=healthy)
+    if "real" in args.sets and not args.quick:
         sets["real"] = real_curves()
     report: dict[str, Any] = {"match_steps": MATCH_STEPS, "sets": {}}
+    if args.output.exists() and not args.quick:
+        report = json.loads(args.output.read_text())
     for name, curves in sets.items():
         if not curves:
             continue
+        start = time.process_time()
         results = evaluate(all_detectors(), curves)
-        report["sets"][name] = {"curves": len(curves),
-                                "steps": sum(c.steps for c in curves), "detectors": results}  # fmt: skip
+        report["sets"][name] = {
+            "curves": [curve.name for curve in curves],
+            "steps": sum(curve.steps for curve in curves),
+            "cpu_seconds": round(time.process_time() - start, 1),
+            "detectors": results,
+        }
         print(f"\n## {name}: {len(curves)} curves, {report['sets'][name]['steps']} steps\n")
         print(table(results))
-    report["cpu_seconds"] = round(time.process_time() - start, 1)
     if not args.quick:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(report, indent=1) + "\n")
