@@ -61,7 +61,7 @@ class TailThreshold:
         min_excesses: fewest excesses the GPD is fitted to; fewer residuals: no threshold.
     """
 
-    def __init__(self, *, window: int, tail_fraction: float = 0.05, min_excesses: int = 8) -> None:
+    def __init__(self, *, window: int, tail_fraction: float = 0.05, min_excesses: int = 16) -> None:
         self.window, self.tail_fraction, self.min_excesses = window, tail_fraction, min_excesses
         self.history: deque[float] = deque()
         self._sorted: list[float] = []
