@@ -75,10 +75,13 @@ def _detector(**kwargs: Any) -> Any:
 class DetectorsConfig:
     """The detectors, by name (the `detector` field of events)."""
 
+    # min_history 64: the first steps of a run (warm-up transients) set no scalar threshold.
     loss_spike: DetectorConfig = _detector(
-        action="alert", confirmed_action="skip_step", window=1024
+        action="alert", confirmed_action="skip_step", window=1024, min_history=64
     )
-    grad_norm_spike: DetectorConfig = _detector(action="alert", window=1024, min_relative_jump=0.5)
+    grad_norm_spike: DetectorConfig = _detector(
+        action="alert", window=1024, min_relative_jump=0.5, min_history=64
+    )
     update_norm_spike: DetectorConfig = _detector(
         action="alert", window=256, min_relative_jump=0.5, min_history=8
     )
