@@ -10,7 +10,7 @@ one fault at a known step, the ground truth:
 - repeated_batch: the same batch for `REPEAT` steps (the loss falls, then jumps back);
 - lr_jump: the learning rate x20 for 10 steps;
 - scaled_weight: one layer's MLP input weight x8, once;
-- bitflip_weight: exponent bit 27 of one attention weight flipped (x2^16), once;
+- bitflip_weight: the top exponent bit of one attention weight flipped (x2^128), once;
 - nan_batch: a NaN loss (NaN gradients) for one step; the update is skipped, as the guard does.
 
 Healthy runs (no fault) of several sizes and learning rates give the false-alarm rate. Each trace
@@ -90,7 +90,7 @@ def _inject_weight_fault(model: torch.nn.Module, fault: str) -> None:
             layer.mlp.linear_fc1.weight.mul_(8.0)
         else:
             weight = layer.self_attention.linear_qkv.weight
-            _flip_bit(weight, weight.numel() // 3, 27)
+            _flip_bit(weight, weight.numel() // 3, 30)
 
 
 def trace(run: TraceRun) -> dict:
