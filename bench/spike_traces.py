@@ -64,6 +64,8 @@ def plan() -> list[TraceRun]:
     return runs + [
         TraceRun(name="healthy_l2_h32_lr3e-3", steps=500),
         TraceRun(name="healthy_l3_h64_lr1e-2", layers=3, hidden=64, lr=1e-2, steps=500, seed=1),
+        TraceRun(name="healthy_l2_h64_lr3e-3", hidden=64, steps=800, seed=2),
+        TraceRun(name="healthy_l2_h32_lr2e-2", lr=2e-2, steps=800, seed=3),
     ]
 
 
