@@ -58,6 +58,9 @@ LEVEL_SHIFT_RETAINED = 0.8
 CORROBORATION_STEPS = 2
 # Steps of consecutive NaN/Inf after which the non-finite episode is a divergence.
 NON_FINITE_DIVERGENCE_STEPS = 3
+# A per-layer condition whose action is one of these asks for it on every step it lasts (log and
+# alert: one event per episode).
+REPEATED_ACTIONS = ("skip_step", "lr_backoff", "rollback", "abort")
 SEVERITY_UP = {"info": "warning", "warning": "critical", "critical": "critical"}
 EPISODE_FIELDS = ("kind", "phase", "start_step", "end_step", "peak", "duration", "delay", "signals")
 
@@ -484,7 +487,10 @@ class ThresholdEpisodes:
             episode.last_step = step
             if value > episode.peak:
                 episode.peak, episode.peak_step = value, step
-            return None
+            if self.config.action not in REPEATED_ACTIONS:
+                return None
+            message = f"{where}{self.metric} {value:.4g} still above {reason}"
+            return self._event(step, key, value, limit, message, phase="update")
         if episode is None:
             return None
         message = (

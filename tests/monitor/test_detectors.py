@@ -199,6 +199,13 @@ def test_layer_condition_is_one_event_per_layer_episode() -> None:
     closed = events[2]
     assert closed.peak == 250.0 + 39 and closed.duration == 20 and closed.end_step == 39
     assert "back below" in closed.message and closed.action == "log"
+    skipper = LayerThresholdDetector(
+        "massive_activation", "max_abs_residual", DetectorConfig(action="skip_step", threshold=1.0)
+    )
+    records = [e for step in range(3) for e in skipper.observe(step, [5.0])]
+    assert [(e.step, e.phase, e.action) for e in records] == [
+        (0, "open", "skip_step"), (1, "update", "skip_step"), (2, "update", "skip_step"),
+    ]  # fmt: skip
 
 
 def test_attention_sink_and_logit_growth() -> None:
