@@ -107,7 +107,7 @@ def load_run(run_dir: Path) -> RunLog:
                 run.layer_steps.append(step)
                 for metric, values in record["layers"].items():
                     run.layers.setdefault(metric, []).append([_number(v) for v in values])
-        elif kind == "event":
+        elif kind == "event" and schema.opens_episode(record):  # one per episode, not its closing
             run.events.append(record)
         elif kind == "run_end":
             run.status = record.get("status", run.status)

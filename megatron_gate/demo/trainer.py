@@ -551,7 +551,7 @@ def _may_save_at_end(result: RunResult, *, tp: int) -> bool:
 def _count_spikes(counts: dict[str, int], events: Any) -> dict[str, int]:
     counts = dict(counts)
     for event in events or ():
-        if event.detector in SPIKE_DETECTORS:
+        if event.detector in SPIKE_DETECTORS and event.phase == "open":
             counts[event.detector] = counts.get(event.detector, 0) + 1
     return counts
 

@@ -35,20 +35,36 @@ class DetectorConfig:
     enabled: bool = True
     """Run this detector."""
     action: str = "alert"
-    """One of `schema.ACTIONS`: log, alert, skip_step, lr_backoff, rollback, abort."""
+    """One of `schema.ACTIONS`: log, alert, skip_step, lr_backoff, rollback, abort (taken when an
+    event opens)."""
+    confirmed_action: str | None = None
+    """Action instead of `action` when another signal (loss, grad norm, update norm) opened an
+    event within `CORROBORATION_STEPS` steps (None: `action`)."""
     severity: str = "warning"
-    """One of `schema.SEVERITIES`."""
+    """One of `schema.SEVERITIES` (a corroborated event is raised one level, a level shift is
+    info)."""
+    false_alarm_rate: float = 1.0e-4
+    """Target probability per healthy step that a scalar detector opens an event: the threshold
+    is the residual quantile of that rate from a generalized Pareto fit of the residual tail."""
+    min_relative_jump: float = 0.1
+    """Floor of the scalar threshold: a value must exceed its level by this fraction."""
     z_threshold: float = 6.0
-    """Robust z-score (median/MAD over `window`) above which a value is a spike."""
+    """Scalar detectors, until the tail fit has enough history: robust z-score (median and
+    1.4826 x MAD of the residuals) above which an event opens."""
     window: int = 128
-    """Number of past values kept for the robust statistics."""
+    """Past values kept: residual history of scalar detectors, running median of per-layer ones."""
+    level_window: int = 8
+    """Scalar detectors: the level is the median of this many recent (non-event) values."""
+    level_shift_steps: int = 60
+    """Scalar detectors: an event elevated this long without recovering is a benign level shift
+    (the level moves to the new values)."""
     min_history: int = 16
-    """Values needed in the window before the detector may fire."""
+    """Values needed before the detector may fire."""
     threshold: float | None = None
     """Absolute threshold (massive activation, attention sink, attention logit)."""
     ratio: float | None = None
-    """Fire when a value exceeds `ratio` x its own running median (and for the loss, the
-    Megatron rule: loss > ratio x the max of the first `warmup_steps` losses)."""
+    """Per-layer: fire when a value exceeds `ratio` x its own running median. Loss: Megatron's
+    rule, loss > ratio x the max of the first `warmup_steps` losses (off when None)."""
     warmup_steps: int = 100
     """Steps whose maximum the Megatron loss rule compares with."""
 
@@ -61,9 +77,16 @@ def _detector(**kwargs: Any) -> Any:
 class DetectorsConfig:
     """The detectors, by name (the `detector` field of events)."""
 
-    loss_spike: DetectorConfig = _detector(action="alert", ratio=10.0)
-    grad_norm_spike: DetectorConfig = _detector(action="alert")
-    update_norm_spike: DetectorConfig = _detector(action="alert", min_history=8)
+    # min_history 64: the first steps of a run (warm-up transients) set no scalar threshold.
+    loss_spike: DetectorConfig = _detector(
+        action="alert", confirmed_action="skip_step", window=1024, min_history=64
+    )
+    grad_norm_spike: DetectorConfig = _detector(
+        action="alert", window=1024, min_relative_jump=0.5, min_history=64
+    )
+    update_norm_spike: DetectorConfig = _detector(
+        action="alert", window=256, min_relative_jump=0.5, min_history=8
+    )
     nan_or_inf: DetectorConfig = _detector(action="skip_step", severity="critical")
     massive_activation: DetectorConfig = _detector(
         action="log", threshold=1.0e4, ratio=10.0, min_history=5
@@ -394,6 +417,15 @@ def _validate_detector(name: str, detector: DetectorConfig) -> None:
         f"{key}.severity",
         f"{detector.severity!r} is not one of {', '.join(schema.SEVERITIES)}.",
     )
+    _require(
+        detector.confirmed_action is None or detector.confirmed_action in schema.ACTIONS,
+        f"{key}.confirmed_action",
+        f"{detector.confirmed_action!r} is not one of {', '.join(schema.ACTIONS)}.",
+    )
+    _require(0 < detector.false_alarm_rate < 0.5, f"{key}.false_alarm_rate", "must be in (0, 0.5).")
+    _require(detector.min_relative_jump >= 0, f"{key}.min_relative_jump", "must be >= 0.")
+    _require(detector.level_window >= 1, f"{key}.level_window", "must be >= 1.")
+    _require(detector.level_shift_steps >= 2, f"{key}.level_shift_steps", "must be >= 2.")
     _require(detector.z_threshold > 0, f"{key}.z_threshold", "must be > 0.")
     _require(
         4 <= detector.window <= UPPER_BOUNDS["window"],

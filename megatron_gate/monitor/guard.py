@@ -209,6 +209,7 @@ def skip_event(step: int, values: dict[str, float], config: GuardConfig) -> Even
             return Event(
                 step=step, detector="guard", severity="critical", metric=signal,
                 value=values[signal], threshold=math.inf, layer=None, action="skip_step",
+                kind="non_finite", start_step=step, end_step=step, signals=(signal,),
                 message=f"step {step}: the {_LABELS[signal]} is {values[signal]} (not finite); "
                 "the guard skipped the update (weights and optimizer state unchanged)",
             )  # fmt: skip
@@ -220,6 +221,7 @@ def skip_event(step: int, values: dict[str, float], config: GuardConfig) -> Even
     return Event(
         step=step, detector="guard", severity="warning", metric=signal, value=value,
         threshold=threshold, layer=None, action="skip_step",
+        kind="spike", start_step=step, end_step=step, peak=value, signals=(signal,),
         message=f"step {step}: the {_LABELS[signal]} {value:.4g} is {value / level:.3g}x its "
         f"recent level {level:.4g} (robust z {values[f'{signal}_z']:.3g} > "
         f"{config.z_threshold:g}); the guard skipped the update",

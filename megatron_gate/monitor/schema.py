@@ -11,9 +11,14 @@ One JSON object per line in `<run_dir>/stability.jsonl`, each with `"schema"` an
   {LAYER_METRICS -> list of float|null, index i = layer i+1} and optionally `gate_histogram`
   (list per layer of GATE_HISTOGRAM_BINS counts, or null).
 - `event`: `step`, `time`, `detector`, `severity` (SEVERITIES), `metric`, `value`, `threshold`,
-  `layer` (1-based or null), `action` (ACTIONS), `message`. The guard's skipped steps are
-  events with detector "guard" and action "skip_step", at their own step.
-  `scalars.skipped_steps` counts the guard's skips since the run started.
+  `layer` (1-based or null), `action` (ACTIONS), `message`, and `episode`: `kind`
+  (EVENT_KINDS; provisional until the episode closes), `phase` (EVENT_PHASES: one "open" record
+  per episode carries the action, "update" records a divergence or a further step to skip,
+  "close" ends it with action "log"), `start_step`, `end_step` (null while open), `peak`,
+  `duration` (steps), `delay` (detection step - start_step), `signals` (scalars it is seen in).
+  The guard's skipped steps are events with detector "guard" and action "skip_step", at their
+  own step (one-step episodes, kind non_finite or spike). `scalars.skipped_steps` counts the guard's skips since
+  the run started.
 - `run_end`: `step`, `time`, `status` ("completed" | "aborted" | "interrupted" | "failed").
 """
 
@@ -55,6 +60,17 @@ GATE_SPARSITY_THRESHOLD = 0.1
 GATE_HISTOGRAM_BINS = 10  # equal bins over [0, 1] of sigmoid(gate)
 
 SEVERITIES: tuple[str, ...] = ("info", "warning", "critical")
+EVENT_KINDS: tuple[str, ...] = (
+    "spike", "bump", "level_shift", "divergence", "non_finite", "threshold",
+)  # fmt: skip
+EVENT_PHASES: tuple[str, ...] = ("open", "update", "close")
+
+
+def opens_episode(record: dict) -> bool:
+    """Whether an `event` record opens an episode (count these to count events)."""
+    return (record.get("episode") or {}).get("phase", "open") == "open"
+
+
 ACTIONS: tuple[str, ...] = ("log", "alert", "skip_step", "lr_backoff", "rollback", "abort")
 
 TENSORBOARD_PREFIX = "stability/"

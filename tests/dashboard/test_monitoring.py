@@ -43,9 +43,9 @@ def _records_with_every_detector() -> list[dict[str, Any]]:
     run = SyntheticRun(name="exporter", num_layers=4, gated_layers=[2, 4])
     suite = DetectorSuite(DetectorsConfig())
     records: list[dict[str, Any]] = []
-    for step in range(1, 41):
+    for step in range(1, 81):  # past the spike detectors' 64 steps of history
         (record,) = run.step(step)
-        if step == 40:  # everything goes wrong at once
+        if step == 80:  # everything goes wrong at once
             record["scalars"].update(loss=80.0, grad_norm=500.0, update_norm=5.0, nan_or_inf=1.0)
             record["layers"]["max_abs_residual"][2] = 5.0e4
             record["layers"]["first_token_attention_share"][0] = 0.95

@@ -57,12 +57,18 @@ def test_skip_step_on_nan(one_rank_world: None, tmp_path: Path) -> None:
         optimizer.zero_grad()
         unchanged = all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
         assert decision.skip_step == (step == 1) == unchanged
-    assert [e.detector for e in decision.events] == []
+    assert [(e.detector, e.phase, e.action) for e in decision.events] == [
+        ("nan_or_inf", "close", "log")
+    ]
     monitor.close()
     events = [r for r in read_records(tmp_path) if r["kind"] == "event"]
-    assert [(e["step"], e["detector"], e["action"]) for e in events] == [
-        (1, "guard", "skip_step"),  # the on-device guard's verdict, recorded at the log step
-        (1, "nan_or_inf", "skip_step"),
+    phases = [
+        (e["step"], e["detector"], e["action"], e.get("episode", {}).get("phase")) for e in events
+    ]
+    assert phases == [
+        (1, "guard", "skip_step", "open"),  # the on-device guard's verdict, recorded at the log step
+        (1, "nan_or_inf", "skip_step", "open"),
+        (2, "nan_or_inf", "log", "close"),
     ]
 
 

@@ -112,7 +112,7 @@ class PrometheusSink(Sink):
             self.step.set(float(record["step"]))
             self._write_scalars(record.get("scalars") or {})
             self._write_layers(record.get("layers") or {})
-        elif kind == "event":
+        elif kind == "event" and schema.opens_episode(record):
             self.events.labels(detector=record["detector"], severity=record["severity"]).inc()
 
     def _write_scalars(self, scalars: dict[str, Any]) -> None:
