@@ -20,7 +20,13 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from megatron_gate.demo.cli import DemoInputError, add_model_arguments, prepare_out, train_config
+from megatron_gate.demo.cli import (
+    DemoInputError,
+    add_model_arguments,
+    data_source,
+    prepare_out,
+    train_config,
+)
 from megatron_gate.demo.cli import validate as validate_config
 from megatron_gate.demo.data import DataError, check_corpus_size, load_corpus
 from megatron_gate.demo.trainer import VARIANTS, RunPlan, TrainConfig, execute
@@ -207,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
     """Validate, train every run, write `OUT/sweep.{json,md,html}`; exit 130 on Ctrl-C."""
     try:
         runs, configs = plan_runs(args)
-        corpus = load_corpus(args.data)
+        corpus = load_corpus(data_source(args))
         for config in configs:
             validate_config(config, vocab_size=corpus.vocab_size)
         check_corpus_size(corpus, seq_len=configs[0].seq_len)
@@ -218,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"megatron-gate sweep: {len(runs)} runs on {corpus.name}", file=sys.stderr)
     interrupted = False
     try:
-        results = execute(RunPlan(runs=runs, data=args.data, progress="line"))
+        results = execute(RunPlan(runs=runs, data=data_source(args), progress="line"))
         interrupted = any(r.status == "interrupted" for r in results)
     except KeyboardInterrupt:
         interrupted = True
