@@ -43,7 +43,8 @@ NEWLINE = ord("\n")
 """Joins byte-level documents when there is no BOS (files read back to back, as text)."""
 VOCAB_MULTIPLE = 128
 """Vocabularies are rounded up to this so that they divide any TP size up to 128."""
-_BLANK_LINES = re.compile(rb"\n[ \t\r]*\n")
+_BLANK_LINES = re.compile(rb"\n(?:[ \t\r]*\n)+")
+"""A newline followed by one or more blank lines: the boundary of `--doc-split blank-line`."""
 _INDEX_HEADER = b"MMIDIDX\x00\x00"
 _INDEX_DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64,
                       6: np.float64, 7: np.float32, 8: np.uint16}  # fmt: skip
@@ -128,11 +129,16 @@ def read_prefix(path: Path, limit: int) -> bytes:
 
 
 def split_documents(text: bytes, doc_split: str) -> list[bytes]:
-    """The non-blank documents of one file's bytes under `doc_split` (see `DOC_SPLITS`)."""
+    """The non-blank documents of one file's bytes under `doc_split` (see `DOC_SPLITS`).
+
+    "blank-line": a document is a run of non-blank lines (joined by newlines; lines holding only
+    spaces, tabs or carriage returns are blank). "marker:<text>": the text between markers.
+    """
     if doc_split == "file":
         pieces = [text]
     elif doc_split == "blank-line":
-        pieces = _BLANK_LINES.split(text)
+        # Newlines around the text let blank lines at its very start or end match too.
+        pieces = [piece.strip(b"\n") for piece in _BLANK_LINES.split(b"\n" + text + b"\n")]
     else:
         pieces = text.split(doc_split.removeprefix("marker:").encode("utf-8"))
     return [piece for piece in pieces if piece.strip()]
