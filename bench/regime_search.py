@@ -33,8 +33,8 @@ from typing import Any
 
 # One point of the search: the TrainConfig fields that differ from BASE, plus the data options.
 BASE: dict[str, Any] = dict(
-    layers=4, hidden=128, heads=4, seq_len=128, batch_size=8, steps=300, lr=1e-1,
-    weight_decay=0.1, log_interval=25, eval_interval=100, eval_batches=4,
+    layers=4, hidden=128, heads=4, seq_len=128, batch_size=4, steps=100, lr=1e-1,
+    weight_decay=0.1, log_interval=20, eval_interval=50, eval_batches=4,
     checkpoint_interval=10**9, write_checkpoints=False,
 )  # fmt: skip
 SEARCH: dict[str, dict[str, Any]] = {
@@ -45,14 +45,14 @@ SEARCH: dict[str, dict[str, Any]] = {
     "bos_lr0.01": {"bos": True, "lr": 1e-2},
     "bos_lr1": {"bos": True, "lr": 1.0},
     "bos_8layers": {"bos": True, "layers": 8},
-    "bos_long": {"bos": True, "steps": 900},
+    "bos_long": {"bos": True, "steps": 400},
     "bos_lr3": {"bos": True, "lr": 3.0},
     "bos_wd0": {"bos": True, "weight_decay": 0.0},
     "bos_warmup0": {"bos": True, "warmup_steps": 1},
-    "bos_seq256": {"bos": True, "seq_len": 256, "batch_size": 4},
+    "bos_seq256": {"bos": True, "seq_len": 256, "batch_size": 2},
     "bos_lr0.3": {"bos": True, "lr": 0.3},
     "bos_8layers_lr0.01": {"bos": True, "layers": 8, "lr": 1e-2},
-    "bos_long_lr0.01": {"bos": True, "steps": 900, "lr": 1e-2},
+    "bos_long_lr0.01": {"bos": True, "steps": 400, "lr": 1e-2},
 }
 VARIANT_ORDER = ("baseline", "qk_layernorm", "gated_headwise", "gated_elementwise")
 DATA_KEYS = ("bos", "doc_split")
@@ -263,14 +263,14 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def interleave(search: list[tuple], final: list[tuple], *, chunk: int = 2) -> list[tuple]:
-    """Search points in pairs alternating with one seed's final comparison (four variants), so
+def interleave(search: list[tuple], final: list[tuple], *, chunk: int = 1) -> list[tuple]:
+    """One seed's final comparison (four variants) alternating with `chunk` search points, so
     that a search cut short by the time budget still holds complete seeds of the comparison."""
     ordered: list[tuple] = []
     groups = [final[i : i + len(VARIANT_ORDER)] for i in range(0, len(final), len(VARIANT_ORDER))]
     pairs = [search[i : i + chunk] for i in range(0, len(search), chunk)]
     for index in range(max(len(groups), len(pairs))):
-        for part in (pairs, groups):
+        for part in (groups, pairs):
             ordered += part[index] if index < len(part) else []
     unique = {(name, variant, seed): job for name, _point, variant, seed in ordered
               for job in [(name, _point, variant, seed)]}  # fmt: skip

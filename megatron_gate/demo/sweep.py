@@ -45,6 +45,24 @@ DEFAULTS = TrainConfig(
 )
 DEFAULT_LRS = (3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 DEFAULT_SEEDS = (0, 1)
+PRESETS: dict[str, dict[str, object]] = {
+    # The regime of docs/evidence.md where the baseline forms a first-token sink: a BOS token at
+    # position 0, 4 layers, hidden 128, sequence 128; the four variants of the paper, 3 seeds.
+    "sink": {"bos": True, "layers": 4, "hidden": 128, "heads": 4, "seq_len": 128,
+             "batch_size": 4, "steps": 100, "lrs": "1e-2,3e-2,0.1,0.3,1", "seeds": "0,1,2",
+             "variants": "baseline,qk_layernorm,gated_headwise,gated_elementwise"},
+}  # fmt: skip
+
+
+class PresetAction(argparse.Action):
+    """`--preset NAME`: the preset's flag values, except for flags given before it with another
+    value than their default (flags after it override the preset)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:  # noqa: ANN001
+        for key, value in PRESETS[values].items():
+            if getattr(namespace, key) == parser.get_default(key):
+                setattr(namespace, key, value)
+        setattr(namespace, self.dest, values)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -153,6 +171,8 @@ def _csv(kind: type, text: str, flag: str) -> list:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """`megatron-gate sweep` flags."""
+    parser.add_argument("--preset", choices=sorted(PRESETS), action=PresetAction, default=None,
+                        help="a documented regime (docs/evidence.md); later flags override it")  # fmt: skip
     parser.add_argument("--lrs", default=",".join(f"{lr:g}" for lr in DEFAULT_LRS),
                         help="comma-separated peak learning rates (default %(default)s)")  # fmt: skip
     parser.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)),
