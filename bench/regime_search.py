@@ -225,6 +225,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         command.add_argument("--seeds", default="0")
         command.add_argument("--final", default=None, help="point of the 4-variant comparison")
         command.add_argument("--final-seeds", default="0,1,2")
+        command.add_argument("--final-variants", default=",".join(VARIANT_ORDER))
     summary = sub.add_parser("summary")
     summary.add_argument("--out", type=Path, default=Path("bench/results/evidence"))
     summary.add_argument("--final", default=None, help="point of the final comparison")
@@ -241,7 +242,7 @@ def main(argv: list[str]) -> int:
 
         write_summary(args.out, read_all(args.out), final=args.final)
         return 0
-    names = [n for n in args.points.split(",") if n]
+    names = [n for n in args.points.split(",") if n]  # "" runs only the final comparison
     unknown = [n for n in names if n not in SEARCH]
     if unknown:
         print(f"regime_search: error: unknown points {unknown} (--points)", file=sys.stderr)
@@ -256,18 +257,20 @@ def main(argv: list[str]) -> int:
         final = [
             (args.final, SEARCH[args.final], variant, int(seed))
             for seed in args.final_seeds.split(",")
-            for variant in VARIANT_ORDER
+            for variant in args.final_variants.split(",")
         ]
-        jobs = interleave(jobs, final)
+        jobs = interleave(jobs, final, group=len(args.final_variants.split(",")))
     schedule(args.out, jobs, parallel=args.jobs)
     return 0
 
 
-def interleave(search: list[tuple], final: list[tuple], *, chunk: int = 1) -> list[tuple]:
-    """One seed's final comparison (four variants) alternating with `chunk` search points, so
+def interleave(
+    search: list[tuple], final: list[tuple], *, group: int, chunk: int = 1
+) -> list[tuple]:
+    """One seed's final comparison (`group` variants) alternating with `chunk` search points, so
     that a search cut short by the time budget still holds complete seeds of the comparison."""
     ordered: list[tuple] = []
-    groups = [final[i : i + len(VARIANT_ORDER)] for i in range(0, len(final), len(VARIANT_ORDER))]
+    groups = [final[i : i + group] for i in range(0, len(final), group)]
     pairs = [search[i : i + chunk] for i in range(0, len(search), chunk)]
     for index in range(max(len(groups), len(pairs))):
         for part in (groups, pairs):
