@@ -98,41 +98,44 @@ FINAL_METRICS: dict[str, tuple[str, Any]] = {
 
 
 def _ci_text(values: Sequence[float], digits: int = 3) -> str:
+    if len(values) < 2:  # one seed: no interval to speak of
+        return _fmt(values[0], digits) if values else "-"
     mean, low, high = bootstrap_ci(values)
     return f"{_fmt(mean, digits)} [{_fmt(low, digits)}, {_fmt(high, digits)}]"
 
 
 def final_rows(rows: list[dict[str, Any]], point: str) -> tuple[list[dict], list[dict], dict]:
-    """(per-variant means with CIs, paired differences to the baseline, raw values)."""
+    """(per-variant means with CIs, paired differences to the baseline, raw values).
+
+    Each variant uses the seeds it finished; a difference uses the seeds it shares with the
+    baseline (paired: same seed, same batches).
+    """
     mine = [r for r in rows if r["name"] == point and r["status"] == "completed"]
-    seeds = sorted({r["seed"] for r in mine})
     by = {(r["variant"], r["seed"]): r for r in mine}
-    complete = [s for s in seeds if all((v, s) in by for v in VARIANT_ORDER)]
+    seeds = {v: sorted(s for (name, s) in by if name == v) for v in VARIANT_ORDER}
     values = {
-        v: {m: [fn(by[(v, s)]) for s in complete] for m, (_d, fn) in FINAL_METRICS.items()}
+        v: {m: {s: fn(by[(v, s)]) for s in seeds[v]} for m, (_d, fn) in FINAL_METRICS.items()}
         for v in VARIANT_ORDER
     }
     means = [
         {
             "variant": v,
-            "seeds": str(len(complete)),
-            **{m: _ci_text(values[v][m]) for m in FINAL_METRICS},
+            "seeds": ",".join(map(str, seeds[v])) or "-",
+            **{m: _ci_text(list(values[v][m].values())) for m in FINAL_METRICS},
         }  # fmt: skip
         for v in VARIANT_ORDER
     ]
-    differences = [
-        {
-            "variant - baseline": v,
-            **{
-                m: _ci_text(
-                    [a - b for a, b in zip(values[v][m], values["baseline"][m], strict=True)]
-                )  # fmt: skip
-                for m in FINAL_METRICS
-            },
-        }
-        for v in VARIANT_ORDER[1:]
-    ]
-    return means, differences, {"seeds": complete, "values": values}
+    differences = []
+    for v in VARIANT_ORDER[1:]:
+        shared = [s for s in seeds[v] if s in seeds["baseline"]]
+        differences.append({
+            "variant - baseline": v, "seeds": ",".join(map(str, shared)) or "-",
+            **{m: _ci_text([values[v][m][s] - values["baseline"][m][s] for s in shared])
+               for m in FINAL_METRICS},
+        })  # fmt: skip
+    raw = {v: {m: {str(s): x for s, x in d.items()} for m, d in values[v].items()}
+           for v in VARIANT_ORDER}  # fmt: skip
+    return means, differences, {"seeds": seeds, "values": raw}
 
 
 def final_figure(rows: list[dict[str, Any]], point: str, path: Path) -> None:
@@ -203,7 +206,7 @@ def write_summary(out: Path, rows: list[dict[str, Any]], *, final: str | None) -
     if final:
         means, differences, raw = final_rows(rows, final)
         legend = "\n".join(f"- {m}: {d}" for m, (d, _fn) in FINAL_METRICS.items())
-        text = (f"Point `{final}`, seeds {raw['seeds']}; mean [95% bootstrap CI over seeds]\n\n"
+        text = (f"Point `{final}`; mean [95% bootstrap CI over seeds]\n\n"
                 f"{_markdown(means)}\nPaired differences (same seed, same batches):\n\n"
                 f"{_markdown(differences)}\n{legend}\n")  # fmt: skip
         (out / "final.md").write_text(text)
