@@ -20,11 +20,11 @@ def test_preset_sets_its_flags(name: str) -> None:
 
 
 def test_flags_given_with_the_preset_win_on_either_side() -> None:
-    after = _parse("--preset", "sink", "--steps", "7", "--seeds", "4")
-    before = _parse("--steps", "9", "--preset", "sink")
+    after = _parse("--preset", "evidence", "--steps", "7", "--seeds", "4")
+    before = _parse("--steps", "9", "--preset", "evidence")
     assert (after.steps, after.seeds) == (7, "4")
     assert before.steps == 9
-    assert after.bos and before.bos and after.lrs == PRESETS["sink"]["lrs"]
+    assert after.bos and before.bos and after.lrs == PRESETS["evidence"]["lrs"]
 
 
 def test_no_preset_keeps_the_sweep_defaults() -> None:
