@@ -17,6 +17,8 @@ from regime_search import SEARCH, VARIANT_ORDER, bootstrap_ci
 
 SINK_THRESHOLD = 0.3
 """A baseline first-token share at or above this in some layer counts as a sink (issue 15)."""
+UNIFORM_SHARE = 0.079
+"""What the probe reads at sequence 128 under uniform attention (8 sampled queries)."""
 
 
 def _fmt(value: float, digits: int = 3) -> str:
@@ -42,7 +44,7 @@ def _markdown(rows: list[dict[str, str]]) -> str:
 
 
 def _factors(point: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in point.items()) or "(demo defaults)"
+    return ", ".join(f"{k}={v}" for k, v in point.items()) or "(base point without BOS)"
 
 
 def search_rows(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
@@ -80,6 +82,10 @@ FINAL_METRICS: dict[str, tuple[str, Any]] = {
     "max share": (
         "largest first-token share of any layer at the end",
         lambda r: _finite_max(r["first_token_share_final"]),
+    ),
+    "peak share": (
+        "largest first-token share of any layer at any logged step",
+        lambda r: _finite_max(r["first_token_share_peak"]),
     ),
     "mean share": (
         "first-token share at the end, mean over layers",
@@ -164,6 +170,8 @@ def final_figure(rows: list[dict[str, Any]], point: str, path: Path) -> None:
             ax.set_yscale("log")
         if key == "first_token_share_final":
             ax.axhline(SINK_THRESHOLD, color="grey", linestyle=":", linewidth=1)
+            ax.axhline(UNIFORM_SHARE, color="grey", linestyle="--", linewidth=0.8)
+        ax.set_xticks(list(layers))
         ax.set_xlabel("layer")
         ax.set_title(title)
     axes[0].legend(fontsize=8)
@@ -185,9 +193,19 @@ def search_figure(rows: list[dict[str, Any]], path: Path) -> None:
     table.sort(key=lambda r: order.get(r["name"], 99))
     names = [r["name"] for r in table]
     figure, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    axes[0].bar(names, [_finite_max(r["first_token_share_final"]) for r in table])
+    positions = range(len(names))
+    axes[0].bar(
+        [x - 0.2 for x in positions],
+        width=0.4,
+        label="at the end",
+        height=[_finite_max(r["first_token_share_final"]) for r in table],
+    )
+    axes[0].bar([x + 0.2 for x in positions], width=0.4, label="peak over the run",
+                height=[_finite_max(r["first_token_share_peak"]) for r in table])  # fmt: skip
+    axes[0].set_xticks(list(positions), names)
     axes[0].axhline(SINK_THRESHOLD, color="grey", linestyle=":")
-    axes[0].set_title("baseline: max over layers of the first-token share (end)")
+    axes[0].legend(fontsize=8)
+    axes[0].set_title("baseline: first-token share, max over layers")
     axes[1].bar(names, [_finite_max(r["max_abs_residual_peak"]) for r in table])
     axes[1].set_yscale("log")
     axes[1].set_title("baseline: peak max|h| (any layer)")
