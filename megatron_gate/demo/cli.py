@@ -17,7 +17,13 @@ import shutil
 import sys
 from pathlib import Path
 
-from megatron_gate.demo.data import BYTE_VOCAB_SIZE, DataError, check_corpus_size, load_corpus
+from megatron_gate.demo.data import (
+    BYTE_VOCAB_SIZE,
+    DataError,
+    DataSource,
+    check_corpus_size,
+    load_corpus,
+)
 from megatron_gate.demo.trainer import (
     VARIANTS,
     RunPlan,
@@ -89,7 +95,17 @@ def add_model_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig) 
     add("--data", default=None, metavar="PATH",
         help="text file, folder of text files, or Megatron indexed dataset prefix (.bin/.idx); "
         "default: the embedded corpus (this Python's standard library)")  # fmt: skip
+    add("--bos", action="store_true",
+        help="start every document and every sequence with a BOS token (docs/evidence.md)")  # fmt: skip
+    add("--doc-split", default="file", metavar="MODE",
+        help="documents of text data: file (one per file / stdlib module), blank-line, or "
+        "marker:TEXT (default %(default)s; they are marked in the stream with --bos)")  # fmt: skip
     add("--overwrite", action="store_true", help="replace earlier runs in --out")
+
+
+def data_source(args: argparse.Namespace) -> DataSource:
+    """The `DataSource` of `--data`, `--bos` and `--doc-split`."""
+    return DataSource(path=args.data, bos=args.bos, doc_split=args.doc_split)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -256,7 +272,7 @@ def run(args: argparse.Namespace) -> int:
         validate(config)
         if args.figures_dir is not None:
             check_folder("--figures-dir", args.figures_dir)
-        corpus = load_corpus(args.data)
+        corpus = load_corpus(data_source(args))
         validate(config, vocab_size=corpus.vocab_size)
         check_corpus_size(corpus, seq_len=config.seq_len)
         variants = demo_variants(args.granularity)
@@ -272,7 +288,7 @@ def run(args: argparse.Namespace) -> int:
     run_dirs = [args.out / v.name for v in variants]
     plan = RunPlan(
         runs=[(v, config, str(d)) for v, d in zip(variants, run_dirs, strict=True)],
-        data=args.data,
+        data=data_source(args),
         monitor_config=monitor,
         progress="off" if args.quiet else "bar",
     )

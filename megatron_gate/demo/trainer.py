@@ -30,7 +30,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_gate.demo.data import BatchSampler, Corpus, load_corpus, validation_batches
+from megatron_gate.demo.data import (
+    BatchSampler,
+    Corpus,
+    DataSource,
+    load_corpus,
+    validation_batches,
+)
 
 FINAL_LOSS_WINDOW = 10  # final train loss = mean of the last this-many steps
 
@@ -398,11 +404,12 @@ class DemoRun:
         self.model = build_model(config, variant, vocab_size=corpus.vocab_size, device=device)
         self.optimizer = build_optimizer(self.model, config)
         self.batches = BatchSampler(
-            corpus.train, seq_len=config.seq_len, batch_size=config.batch_size, seed=config.seed
-        )
+            corpus.train, seq_len=config.seq_len, batch_size=config.batch_size, seed=config.seed,
+            bos=corpus.bos_token,
+        )  # fmt: skip
         self.eval_set = validation_batches(
             corpus.validation, seq_len=config.seq_len, batch_size=config.batch_size,
-            num_batches=config.eval_batches,
+            num_batches=config.eval_batches, bos=corpus.bos_token,
         )  # fmt: skip
         self.writer = rank == 0
         if self.writer:
@@ -570,7 +577,8 @@ class RunPlan:
 
     runs: list[tuple[Variant, TrainConfig, str]]
     """(variant, config for this run, run directory) in order; all with the same `tp`."""
-    data: str | None
+    data: DataSource | str | None
+    """What to train on (`load_corpus`): None is the embedded corpus."""
     monitor_config: Any = None
     """A `MonitorConfig` for every run (default: `demo_monitor_config`)."""
     progress: str = "bar"
