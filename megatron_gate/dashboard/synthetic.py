@@ -98,6 +98,7 @@ class SyntheticRun:
             "loss_scale": 1.0,
             "tokens_per_second": 12000.0 + 500.0 * noise[0],
             "nan_or_inf": 0.0,
+            "skipped_steps": 0.0,
         }
         record: dict[str, Any] = {
             "schema": SCHEMA,

@@ -88,7 +88,7 @@ def test_flags_in_a_megatron_style_parser() -> None:
             ["megatron_gate.specs", "headwise_spec"],
             "module 'megatron_gate.specs' cannot be imported",
         ),
-        (["megatron_gate.spec", "headwise_specs"], "megatron_gate.spec has no 'headwise_specs'"),
+        (["megatron_gate.spec", "headwise_specs"], "megatron_gate.spec has no spec 'headwise_specs'"),
         (["megatron_gate.spec"], "expected MODULE NAME"),
     ],
 )
