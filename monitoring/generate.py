@@ -290,6 +290,7 @@ def tensorboard_layout() -> dict[str, dict[str, list[Any]]]:
             "learning rate": ["Multiline", [scalar("learning_rate")]],
             "loss scale and NaN/Inf": ["Multiline", [scalar("loss_scale"), scalar("nan_or_inf")]],
             "tokens per second": ["Multiline", [scalar("tokens_per_second")]],
+            "steps skipped by the guard": ["Multiline", [scalar("skipped_steps")]],
             "events by detector": ["Multiline", [TENSORBOARD_PREFIX + "events/.*"]],
         },
         "stability: activations per layer": {

@@ -60,9 +60,9 @@ def test_nan_batch_at_a_non_logged_step_is_not_applied(
     guard = [e for e in events if e["detector"] == "guard"]
     assert [(e["step"], e["metric"], e["action"]) for e in guard] == [(13, "loss", "skip_step")]
     nan_events = [e for e in events if e["detector"] == "nan_or_inf"]
-    assert [e["step"] for e in nan_events] == [13] and "skipped by the guard" in nan_events[0][
-        "message"
-    ]
+    # one episode: opened at the NaN step (its skip already done by the guard), closed after it
+    assert [(e["step"], e["episode"]["phase"]) for e in nan_events] == [(13, "open"), (14, "close")]
+    assert "skipped by the guard" in nan_events[0]["message"]
     # rollback checkpoints hold tensors and plain values only: weights_only loading works
     assert CheckpointStore(tmp_path / "ckpt").load(9)["step"] == 9
 
