@@ -130,6 +130,11 @@ class GuardConfig:
     bucket_bytes: int = 64 * 2**20
     """Parameter bytes per bucket of the guarded optimizer step (peak extra memory: one bucket
     of parameters plus their optimizer state)."""
+    skip_mode: str = "auto"
+    """How `StabilityMonitor.step_optimizer` skips a rejected step: "device" (the optimizer
+    steps bucket by bucket and `torch.where` keeps the old state: no host read), "host" (read
+    the flag, do not step: no copies, one synchronisation per step on a GPU), or "auto" (host
+    for CPU tensors, where a read waits for nothing; device otherwise)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -444,6 +449,9 @@ def _validate_detector(name: str, detector: DetectorConfig) -> None:
     _require(detector.warmup_steps >= 1, f"{key}.warmup_steps", "must be >= 1.")
 
 
+SKIP_MODES = ("auto", "device", "host")
+
+
 def _validate_guard(guard: GuardConfig) -> None:
     finite = math.isfinite
     _require(finite(guard.z_threshold) and guard.z_threshold > 0, "guard.z_threshold",
@@ -458,6 +466,8 @@ def _validate_guard(guard: GuardConfig) -> None:
     _require(guard.max_consecutive_skips >= 1, "guard.max_consecutive_skips", "must be >= 1.")
     _require(2**10 <= guard.bucket_bytes <= 2**40, "guard.bucket_bytes",
              "must be between 1 KiB and 1 TiB.")  # fmt: skip
+    _require(guard.skip_mode in SKIP_MODES, "guard.skip_mode",
+             f"{guard.skip_mode!r} is not one of {', '.join(SKIP_MODES)}.")  # fmt: skip
 
 
 def _validate(config: MonitorConfig) -> None:

@@ -331,7 +331,9 @@ class StabilityMonitor:
         Host-known skips (`decision.skip_step`, a rollback) do not step at all; otherwise the
         step runs through `bucketed_step`, which keeps the old weights and optimizer state where
         the guard's `decision.accept` is False (on the device, no host read), and measures the
-        update norm on the step before a per-layer step.
+        update norm on the step before a per-layer step. With `guard.skip_mode` "host" (and
+        "auto" for CPU tensors, where reading waits for nothing) the flag is read instead and a
+        rejected step is not taken at all: no copies.
         """
         if decision.skip_step or decision.rollback is not None:
             return False
@@ -339,17 +341,29 @@ class StabilityMonitor:
             optimizer.step()
             return True
         measuring = self.measures_update(decision.step)
+        accept = decision.accept
+        if accept is not None and self._skips_on_host(accept):
+            if not bool(accept):
+                if measuring:  # nothing was applied: the step's update is zero
+                    self.update_norm.begin()
+                    self.update_norm.finish(accept)
+                return False
+            accept = None
         if measuring:
             self.update_norm.begin()
         bucketed_step(
             optimizer,
-            accept=decision.accept,
+            accept=accept,
             on_bucket=self.update_norm.add if measuring else None,
             bucket_bytes=self.config.guard.bucket_bytes,
         )
         if measuring:
             self.update_norm.finish(decision.accept)
         return True
+
+    def _skips_on_host(self, accept: torch.Tensor) -> bool:
+        mode = self.config.guard.skip_mode
+        return mode == "host" or (mode == "auto" and accept.device.type == "cpu")
 
     def measures_update(self, step: int) -> bool:
         """Whether the update of `step` is measured (it is reported at the next layer step)."""

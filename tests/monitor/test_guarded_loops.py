@@ -48,10 +48,11 @@ def _bit_identical(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
+@pytest.mark.parametrize("skip_mode", ["device", "host"])
 def test_nan_batch_at_a_non_logged_step_is_not_applied(
-    one_rank_world: None, tmp_path: Path
+    one_rank_world: None, tmp_path: Path, skip_mode: str
 ) -> None:
-    run = _run(tmp_path, bad_step=13, scale=float("nan"), steps=21)
+    run = _run(tmp_path, bad_step=13, scale=float("nan"), steps=21, guard={"skip_mode": skip_mode})
     seen = run["seen"]
     assert _bit_identical(seen[13], seen[14])  # the NaN step left everything as it was
     assert not _bit_identical(seen[12], seen[13]) and not _bit_identical(seen[14], seen[15])

@@ -77,7 +77,10 @@ def test_no_host_sync_on_unlogged_steps(one_rank_world: None, tmp_path: Path) ->
     model = tiny_gated_gpt()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     monitor = StabilityMonitor(
-        _config(log_interval=4, layer_interval=8), models=[model], run_dir=tmp_path
+        # the device path (torch.where, no read); "auto" would read the flag of a CPU tensor
+        _config(log_interval=4, layer_interval=8, guard={"skip_mode": "device"}),
+        models=[model],
+        run_dir=tmp_path,
     )
     _train_step(model, optimizer, None, 0)  # warm-up (lazy optimizer state)
     with count_host_reads() as plain:
