@@ -39,7 +39,7 @@ cuda=$([ -n "$py" ] && "$py" -c "import importlib.util as u, torch; assert u.fin
 has_flag() { grep -q -- "\"$2\"" "$1"; }  # the bench's argparse declares the flag
 gate_bench=(bench/gate_overhead.py --shapes large --repeats 20 --out "$out/gate_overhead.json")
 if has_flag bench/gate_overhead.py --backend; then gate_bench+=(--backend te); fi
-monitor_bench=(bench/monitor_overhead.py --layers 4 8 --hidden 1024 --heads 16 --groups 8
+monitor_bench=(bench/monitor_overhead.py --layer-counts 4 8 --hidden 1024 --heads 16 --groups 8
                --seq 2048 --batch 2 --output "$out/monitor_overhead.json")
 if has_flag bench/monitor_overhead.py --cuda-events; then monitor_bench+=(--cuda-events); fi
 
