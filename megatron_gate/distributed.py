@@ -114,6 +114,8 @@ def _collect(
                 failures.append(f"no result within {timeout:.0f} s")
             continue
         if ok:
+            # Bytes pickled by our own spawned worker a moment ago (the queue unpickles them
+            # anyway), never a user's file: results are RunResult dataclasses and tensors.
             results[rank] = pickle.loads(value)
         elif isinstance(value, InputError):
             raise value
