@@ -27,20 +27,21 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.overrides import TorchFunctionMode
 
 from megatron_gate.cpu.patching import CpuPatch, no_op, replace_attribute
 
 
-class CudaTensorTypeNames(TorchFunctionMode):
-    """`Tensor.type()` names a CPU tensor as its CUDA type (`torch.FloatTensor` -> `torch.cuda...`)."""
+def _cuda_type_names(original: Callable[..., Any]) -> Callable[..., Any]:
+    """`Tensor.type()` that names a CPU tensor as its CUDA type (`torch.cuda.FloatTensor`)."""
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        result = func(*args, **(kwargs or {}))
-        asks_for_name = func is torch.Tensor.type and len(args) == 1 and not kwargs
-        if asks_for_name and isinstance(result, str) and not result.startswith("torch.cuda."):
+    def type_name(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        result = original(tensor, *args, **kwargs)
+        asks_for_name = not args and not kwargs and isinstance(result, str)
+        if asks_for_name and not result.startswith("torch.cuda."):
             return result.replace("torch.", "torch.cuda.", 1)
         return result
+
+    return type_name
 
 
 def _initialize_megatron_without_cuda(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -69,14 +70,9 @@ def _patch_one_device() -> None:
     replace_attribute(torch.cuda, "set_device", no_op)
 
 
-_TYPE_MODE: CudaTensorTypeNames | None = None
-
-
-def _install_type_names_mode() -> None:
-    global _TYPE_MODE
-    if _TYPE_MODE is None:
-        _TYPE_MODE = CudaTensorTypeNames()
-        _TYPE_MODE.__enter__()
+def _patch_tensor_type_names() -> None:
+    # A method patch, not a torch-function mode: a mode would add its cost to every op.
+    replace_attribute(torch.Tensor, "type", _cuda_type_names(torch.Tensor.type))
 
 
 def _patch_device_arch() -> None:
@@ -119,7 +115,7 @@ def _patch_memory_stats() -> None:
 TRAINING_PATCHES: tuple[CpuPatch, ...] = (
     CpuPatch("allow_no_cuda", _patch_allow_no_cuda),
     CpuPatch("one_device", _patch_one_device),
-    CpuPatch("cuda_tensor_type_names", _install_type_names_mode),
+    CpuPatch("cuda_tensor_type_names", _patch_tensor_type_names),
     CpuPatch("device_arch", _patch_device_arch),
     CpuPatch("cuda_streams", _patch_streams),
     CpuPatch("memory_stats", _patch_memory_stats),

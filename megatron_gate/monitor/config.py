@@ -131,10 +131,11 @@ class GuardConfig:
     """Parameter bytes per bucket of the guarded optimizer step (peak extra memory: one bucket
     of parameters plus their optimizer state)."""
     skip_mode: str = "auto"
-    """How `StabilityMonitor.step_optimizer` skips a rejected step: "device" (the optimizer
-    steps bucket by bucket and `torch.where` keeps the old state: no host read), "host" (read
-    the flag, do not step: no copies, one synchronisation per step on a GPU), or "auto" (host
-    for CPU tensors, where a read waits for nothing; device otherwise)."""
+    """Where the guard decides and how `StabilityMonitor.step_optimizer` skips a rejected step:
+    "device" (the rule runs as device ops, the optimizer steps bucket by bucket and
+    `torch.where` keeps the old state: no host read), "host" (the rule runs in plain Python on
+    the read values and a rejected step is not taken: no copies, one synchronisation per step
+    on a GPU), or "auto" (host on the CPU, where a read waits for nothing; device otherwise)."""
 
 
 @dataclass(frozen=True, kw_only=True)

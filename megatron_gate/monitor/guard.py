@@ -1,6 +1,6 @@
-"""`StepGuard`: the per-step decision to apply an update or not, on the device, every step.
+"""`StepGuard`: the per-step decision to apply an update or not, every step.
 
-    verdict = guard.check(loss=loss, grad_norm=grad_norm)   # no host read
+    verdict = guard.check(loss=loss, grad_norm=grad_norm)   # no host read on a GPU
     bucketed_step(optimizer, accept=verdict.accept)          # old or new state by torch.where
 
 The rule, per signal s in (loss, grad norm), with x_s its value on this rank this step:
@@ -18,13 +18,19 @@ The rule, per signal s in (loss, grad norm), with x_s its value on this rank thi
 The flags of every rank are combined with ONE `all_reduce(MAX)` of four numbers over the
 monitor's group, so every rank takes the same decision. Only accepted steps enter H_s
 (`torch.where`), so a NaN or a spike never poisons the statistics. Values <= 0 are checked for
-finiteness only. `reference_decisions` is the same rule in plain Python, for the tests.
+finiteness only.
+
+Two paths evaluate the rule. On a GPU it runs as tensor ops on the device, so the step never
+waits for a host read. Where the values live on the CPU (reading them waits for nothing) the
+plain-Python `GuardRule` evaluates it, about 20x cheaper than ~80 dispatched tensor ops; its
+verdict is still a 0-dim bool tensor and its record the same columns. `reference_decisions`
+is that rule for one rank; the tests hold both paths to it.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -32,27 +38,9 @@ import torch.distributed as dist
 
 from megatron_gate.monitor.config import GuardConfig
 from megatron_gate.monitor.detectors import Event
+from megatron_gate.monitor.guard_rule import MAD_TO_SIGMA, RECORD_COLUMNS, SIGNALS, GuardRule
 
-MAD_TO_SIGMA = 1.4826
-SIGNALS: tuple[str, ...] = ("loss", "grad_norm")
-
-# Columns of `GuardVerdict.record` (one row per step in the monitor's step buffer). Flags are
-# the decision's (identical on every rank); values are this rank's, -inf where absent.
-RECORD_COLUMNS: tuple[str, ...] = (
-    "accepted",
-    "non_finite_loss",
-    "non_finite_grad_norm",
-    "loss_spike",
-    "grad_norm_spike",
-    "loss",
-    "grad_norm",
-    "loss_center",
-    "grad_norm_center",
-    "loss_scale",
-    "grad_norm_scale",
-    "loss_z",
-    "grad_norm_z",
-)
+__all__ = ["RECORD_COLUMNS", "SIGNALS", "GuardVerdict", "StepGuard", "reference_decisions"]
 
 
 @dataclass(frozen=True)
@@ -88,6 +76,12 @@ class StepGuard:
         self.device = device
         self.process_group = process_group
         self.gradient_norm = gradient_norm
+        self.on_host = _evaluates_on_host(config.skip_mode, device)
+        """Evaluate the rule in plain Python (`GuardRule`) rather than with device ops."""
+        self.rule = GuardRule(config)
+        self._verdicts = {
+            flag: torch.tensor(flag, device=device) for flag in (True, False)
+        }  # the host path's `accept` tensors, made once
         window = config.window
         options = dict(device=device)
         # [signal, window] accepted log-values, NaN where empty
@@ -115,6 +109,8 @@ class StepGuard:
         """This step's verdict (every rank must call it: it runs one small collective)."""
         if grad_norm is None and self.gradient_norm is not None:
             grad_norm = self.gradient_norm()
+        if self.on_host:
+            return self._check_on_host(loss, grad_norm)
         present = (loss is not None, grad_norm is not None)
         values = torch.stack([self._as_device(loss), self._as_device(grad_norm)])
         mask = self._present(present)
@@ -139,6 +135,21 @@ class StepGuard:
         details = torch.where(mask, torch.stack([values, center, scale, z]), -math.inf)
         record = torch.cat([accept.double().reshape(1), flags, details.reshape(-1)])
         return GuardVerdict(accept=accept, record=record)
+
+    def _check_on_host(
+        self, loss: torch.Tensor | float | None, grad_norm: torch.Tensor | float | None
+    ) -> GuardVerdict:
+        """The same rule on host numbers: two reads, one small collective, no tensor math."""
+        evaluation = self.rule.evaluate([_host_number(loss), _host_number(grad_norm)])
+        flags = evaluation.flags
+        if self._distributed:
+            combined = torch.tensor(flags, dtype=torch.float64, device=self.device)
+            dist.all_reduce(combined, op=dist.ReduceOp.MAX, group=self.process_group)
+            flags = combined.tolist()
+        accept = not any(flag > 0 for flag in flags)
+        self.rule.update(evaluation, accept)
+        record = torch.tensor(evaluation.record(accept, flags), dtype=torch.float64)
+        return GuardVerdict(accept=self._verdicts[accept], record=record)
 
     def _as_device(self, value: torch.Tensor | float | None) -> torch.Tensor:
         if value is None:
@@ -183,7 +194,12 @@ class StepGuard:
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict[str, list]:
-        """The running statistics as plain lists (a host read: call it at checkpoint time)."""
+        """The running statistics as plain lists (a host read: call it at checkpoint time).
+
+        One format for both paths (the device's ring buffer), so that a checkpoint resumes on
+        either."""
+        if self.on_host:
+            return self.rule.ring_state()
         return {
             "history": self.history.tolist(),
             "count": self.count.tolist(),
@@ -196,9 +212,25 @@ class StepGuard:
         history = torch.tensor(state.get("history", []), dtype=torch.float64)
         if tuple(history.shape) != tuple(self.history.shape):
             return
+        if self.on_host:
+            self.rule.load_ring_state(state)
+            return
         self.history = history.to(self.device)
         for name in ("count", "position", "streak"):
             setattr(self, name, torch.tensor(state[name], dtype=torch.long, device=self.device))
+
+
+def _evaluates_on_host(skip_mode: str, device: torch.device) -> bool:
+    """`guard.skip_mode` decides where the rule runs, too: "host" reads the values, "device"
+    never reads, "auto" reads where that waits for nothing (the CPU)."""
+    return skip_mode == "host" or (skip_mode == "auto" and device.type == "cpu")
+
+
+def _host_number(value: torch.Tensor | float | None) -> float | None:
+    """A loss or grad norm as a host float (None stays None)."""
+    if value is None:
+        return None
+    return value.item() if isinstance(value, torch.Tensor) else float(value)
 
 
 # ---------------------------------------------------------------------- records
@@ -232,51 +264,9 @@ _LABELS = {"loss": "loss", "grad_norm": "grad norm"}
 
 
 # ---------------------------------------------------------------------- plain reference
-def _lower_median(values: Sequence[float]) -> float:
-    ordered = sorted(values)
-    return ordered[(len(ordered) - 1) // 2]
-
-
 def reference_decisions(
     values: Iterable[tuple[float | None, float | None]], config: GuardConfig
 ) -> list[bool]:
-    """The guard's rule in plain Python: accept (True) or skip, for (loss, grad_norm) per step."""
-    history: list[list[float]] = [[], []]
-    streak = [0, 0]
-    tested = (config.skip_loss_spikes, config.skip_grad_norm_spikes)
-    decisions = []
-    for step_values in values:
-        reject = False
-        spikes, new_levels, logs = [False, False], [False, False], [None, None]
-        for s, value in enumerate(step_values):
-            if value is None:
-                continue
-            if not math.isfinite(value):
-                reject = reject or config.skip_non_finite
-                continue
-            if value <= 0:
-                continue
-            logs[s] = math.log(value)
-            if not tested[s] or len(history[s]) < config.min_history:
-                continue
-            center = _lower_median(history[s])
-            scale = max(
-                MAD_TO_SIGMA * _lower_median([abs(h - center) for h in history[s]]),
-                config.scale_floor,
-            )
-            z = (logs[s] - center) / scale
-            jump = math.expm1(logs[s] - center)
-            if z > config.z_threshold and jump > config.min_relative_jump:
-                if streak[s] >= config.max_consecutive_skips:
-                    new_levels[s] = True
-                else:
-                    spikes[s] = True
-        reject = reject or any(spikes)
-        for s in range(2):
-            if not reject and new_levels[s]:
-                history[s] = []
-            if not reject and logs[s] is not None:
-                history[s] = (history[s] + [logs[s]])[-config.window :]
-            streak[s] = streak[s] + 1 if spikes[s] else 0
-        decisions.append(not reject)
-    return decisions
+    """The guard's rule for one rank in plain Python: accept (True) or skip, per (loss, grad_norm)."""
+    rule = GuardRule(config)
+    return [rule.decide(step_values) for step_values in values]

@@ -1,12 +1,12 @@
 """`bucketed_step`: an optimizer step that can be undone on the device, bucket by bucket.
 
     bucketed_step(optimizer, accept=verdict.accept)         # skipped: bit-identical state
-    bucketed_step(optimizer, on_bucket=update_norm.add)     # measures (new - old) per bucket
+    bucketed_step(optimizer, on_bucket=update_norm.add)     # hands over (new - old) per bucket
 
 The optimizer steps one bucket of parameters at a time (the bucket presented as its
 `param_groups`, each group keeping its own hyper-parameters). Per bucket it keeps the old
 parameters, and with `accept` the old optimizer state of those parameters (moments, step
-counters: every tensor in `optimizer.state[p]`), steps, calls `on_bucket(params, old_params)`,
+counters: every tensor in `optimizer.state[p]`), steps, calls `on_bucket(params, changes)`,
 then sets every parameter and state tensor to `torch.where(accept, new, old)` in place. A
 select, never a multiply: a NaN in the rejected update cannot reach the weights or the moments
 (0 x NaN is NaN). State that did not exist before (the first step) is "old" as zeros, which is
@@ -28,6 +28,8 @@ from typing import Any
 import torch
 
 OnBucket = Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor]], None]
+"""`on_bucket(params, changes)`: a bucket's parameters after the step and their changes
+(new - old, views of one temporary per bucket and dtype)."""
 
 
 def bucketed_step(
@@ -105,11 +107,14 @@ class _FlatCopy:
         chunks = flat.split([self.tensors[i].numel() for i in indices])
         return [chunk.view_as(self.tensors[i]) for chunk, i in zip(chunks, indices, strict=True)]
 
-    def old_values(self) -> list[torch.Tensor]:
-        """The copied values, as views shaped like the tensors, in their order."""
+    def changes(self) -> list[torch.Tensor]:
+        """current - copy of every tensor, as views shaped like the tensors, in their order.
+
+        One temporary the size of each flat copy (a `cat` then an in-place subtraction)."""
         values: list[torch.Tensor | None] = [None] * len(self.tensors)
         for key, indices in self.runs.items():
-            for i, piece in zip(indices, self._pieces(key, self.flat[key]), strict=True):
+            change = self._cat(indices).sub_(self.flat[key])
+            for i, piece in zip(indices, self._pieces(key, change), strict=True):
                 values[i] = piece
         return values  # type: ignore[return-value]
 
@@ -142,7 +147,7 @@ def _step_bucket(
     old_state = _FlatCopy(list(before.values()))
     optimizer.step()
     if on_bucket is not None:
-        on_bucket(params, old_params.old_values())
+        on_bucket(params, old_params.changes())
     if accept is None:
         return
     after = _state_tensors(optimizer, params)

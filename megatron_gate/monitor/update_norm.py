@@ -1,7 +1,7 @@
 """`UpdateNorm`: the exact per-layer update norm, from the buckets of `bucketed_step`.
 
 No copy of the model: `bucketed_step(optimizer, on_bucket=update_norm.add)` hands each bucket's
-new and old values over while the bucket's old copy exists anyway, and `add` folds
+changes (new - old) over while the bucket's old copy exists anyway, and `add` folds
 sum((new - old)^2) per layer into a `[num_layers + 1]` device vector (the last entry: every
 parameter outside the layers). Its sums join the monitor's one collective at the next log step.
 
@@ -37,27 +37,38 @@ class UpdateNorm:
         self.update_sumsq: torch.Tensor | None = None
         """`[num_layers + 1]` of the last measured step, or None."""
         self._pending: torch.Tensor | None = None
+        self._index_cache: dict[tuple[int, ...], torch.Tensor] = {}
 
     def begin(self) -> None:
         """Start measuring one optimizer step."""
         self._pending = torch.zeros(self.num_layers + 1, device=self.device)
 
     @torch.no_grad()
-    def add(self, params: Sequence[torch.Tensor], old_params: Sequence[torch.Tensor]) -> None:
-        """`on_bucket` of `bucketed_step`: add sum((new - old)^2) of this bucket per layer."""
+    def add(self, params: Sequence[torch.Tensor], changes: Sequence[torch.Tensor]) -> None:
+        """`on_bucket` of `bucketed_step`: add sum((new - old)^2) of this bucket per layer.
+
+        One `_foreach_norm` for the bucket's counted parameters (float32 accumulation), then one
+        `index_add_`: a few ops per bucket, not a few per parameter."""
         if self._pending is None:
             self.begin()
-        rows, squares = [], []
-        for param, old in zip(params, old_params, strict=True):
+        rows, counted = [], []
+        for param, change in zip(params, changes, strict=True):
             group = self.group_of.get(self.aliases.get(id(param), id(param)))
-            if group is None:  # counted on another rank, or not a model parameter
-                continue
-            # one parameter-sized temporary at a time: the bucket's copy is the only big one
-            squares.append(torch.linalg.vector_norm(param - old, dtype=torch.float32).square())
-            rows.append(group)
-        if squares:
-            index = torch.tensor(rows, device=self.device)
-            self._pending.index_add_(0, index, torch.stack(squares).to(self.device))
+            if group is not None:  # else counted on another rank, or not a model parameter
+                rows.append(group)
+                counted.append(change)
+        if not counted:
+            return
+        norms = torch.stack(torch._foreach_norm(counted, 2, dtype=torch.float32))
+        index = self._index(rows)
+        self._pending.index_add_(0, index, norms.square_().to(self.device))
+
+    def _index(self, rows: list[int]) -> torch.Tensor:
+        """The layer rows as a device tensor, cached (the same buckets every step)."""
+        key = tuple(rows)
+        if key not in self._index_cache:
+            self._index_cache[key] = torch.tensor(rows, device=self.device)
+        return self._index_cache[key]
 
     def finish(self, accept: torch.Tensor | None = None) -> None:
         """End the step: its update, zero where the guard rejected it (nothing was applied)."""

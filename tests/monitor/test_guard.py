@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from pathlib import Path
@@ -45,31 +46,72 @@ def _series(seed: int, steps: int) -> list[tuple[float | None, float | None]]:
     return values
 
 
-def _device_decisions(values, config: GuardConfig, *, as_tensors: bool) -> list[bool]:  # noqa: ANN001
-    guard = StepGuard(config, device=torch.device("cpu"))
-    decisions = []
+def _on(config: GuardConfig, on_host: bool) -> GuardConfig:
+    """The config evaluating on the host (plain Python) or as device ops, on this CPU."""
+    return dataclasses.replace(config, skip_mode="host" if on_host else "device")
+
+
+def _verdicts(values, config: GuardConfig, *, as_tensors: bool, on_host: bool) -> list:  # noqa: ANN001
+    guard = StepGuard(_on(config, on_host), device=torch.device("cpu"))
+    verdicts = []
     for loss, grad in values:
         if as_tensors:
             loss = None if loss is None else torch.tensor(loss, dtype=torch.float32)
             grad = None if grad is None else torch.tensor(grad)
-        decisions.append(bool(guard.check(loss=loss, grad_norm=grad).accept))
-    return decisions
+        verdicts.append(guard.check(loss=loss, grad_norm=grad))
+    return verdicts
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_device_guard_equals_reference(seed: int) -> None:
-    config = GuardConfig(window=32, min_history=8, z_threshold=5.0, max_consecutive_skips=3)
-    values = _series(seed, 400)
+def _device_decisions(values, config: GuardConfig, *, as_tensors: bool, on_host: bool = False):  # noqa: ANN001, ANN202
+    verdicts = _verdicts(values, config, as_tensors=as_tensors, on_host=on_host)
+    return [bool(verdict.accept) for verdict in verdicts]
+
+
+def _float32_series(seed: int, steps: int) -> list[tuple[float | None, float | None]]:
     # float32 losses, as a loop hands them over
-    values = [(None if v is None else float(torch.tensor(v, dtype=torch.float32)), g)
-              for v, g in values]  # fmt: skip
+    return [(None if v is None else float(torch.tensor(v, dtype=torch.float32)), g)
+            for v, g in _series(seed, steps)]  # fmt: skip
+
+
+@pytest.mark.parametrize("on_host", [False, True], ids=["device", "host"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_guard_equals_reference(seed: int, on_host: bool) -> None:
+    config = GuardConfig(window=32, min_history=8, z_threshold=5.0, max_consecutive_skips=3)
+    values = _float32_series(seed, 400)
     expected = reference_decisions(values, config)
-    assert _device_decisions(values, config, as_tensors=True) == expected
+    assert _device_decisions(values, config, as_tensors=True, on_host=on_host) == expected
     skipped = expected.count(False)
     assert 10 < skipped < 100, skipped  # the series exercises both outcomes
     # after the level shift the guard accepts again (a new level, not endless skips)
     after_shift = expected[len(values) // 2 + 10 : len(values) // 2 + 110]
     assert after_shift.count(True) > 85, after_shift
+
+
+def test_host_and_device_paths_write_the_same_records() -> None:
+    config = GuardConfig(window=16, min_history=4, z_threshold=4.0, max_consecutive_skips=2)
+    values = _float32_series(3, 200)
+    device = _verdicts(values, config, as_tensors=True, on_host=False)
+    host = _verdicts(values, config, as_tensors=True, on_host=True)
+    for step, (on_device, on_host) in enumerate(zip(device, host, strict=True)):
+        assert isinstance(on_host.accept, torch.Tensor) and on_host.accept.dtype == torch.bool
+        expected = torch.tensor(on_device.record.tolist(), dtype=torch.float64)
+        actual = on_host.record
+        torch.testing.assert_close(actual, expected, rtol=1e-12, atol=0, equal_nan=True,
+                                   msg=lambda m, step=step: f"step {step}: {m}")  # fmt: skip
+
+
+@pytest.mark.parametrize(("saved_on", "resumed_on"), [(False, True), (True, False), (True, True)])
+def test_guard_state_resumes_on_either_path(saved_on: bool, resumed_on: bool) -> None:
+    config = GuardConfig(window=8, min_history=4, z_threshold=4.0)
+    values = _float32_series(4, 60)
+    reference = _device_decisions(values, config, as_tensors=False, on_host=True)
+    first = StepGuard(_on(config, saved_on), device=torch.device("cpu"))
+    decisions = [bool(first.check(loss=v, grad_norm=g).accept) for v, g in values[:37]]
+    resumed = StepGuard(_on(config, resumed_on), device=torch.device("cpu"))
+    resumed.load_state_dict(first.state_dict())
+    decisions += [bool(resumed.check(loss=v, grad_norm=g).accept) for v, g in values[37:]]
+    assert decisions == reference
+    assert reference.count(False) > 0
 
 
 def test_default_guard_skips_non_finite_and_1000x_spike_only() -> None:
@@ -86,14 +128,16 @@ def test_default_guard_skips_non_finite_and_1000x_spike_only() -> None:
     assert decisions == reference_decisions(values, config)
 
 
-def test_rejected_values_never_enter_the_statistics() -> None:
-    guard = StepGuard(GuardConfig(min_history=4), device=torch.device("cpu"))
+@pytest.mark.parametrize("on_host", [False, True], ids=["device", "host"])
+def test_rejected_values_never_enter_the_statistics(on_host: bool) -> None:
+    guard = StepGuard(_on(GuardConfig(min_history=4), on_host), device=torch.device("cpu"))
     for value in [1.0, 1.01, 0.99, 1.0, math.nan, 1000.0, 1.02]:
         verdict = guard.check(loss=torch.tensor(value), grad_norm=None)
     record = dict(zip(RECORD_COLUMNS, verdict.record.tolist(), strict=True))
     assert record["accepted"] == 1.0
-    assert int(guard.count[0]) == 5  # NaN and the spike stayed out
-    assert torch.isfinite(guard.history[0, :5]).all()
+    state = guard.state_dict()
+    assert state["count"][0] == 5  # NaN and the spike stayed out
+    assert all(math.isfinite(v) for v in state["history"][0][:5])
     assert math.exp(record["loss_center"]) == pytest.approx(1.0)
 
 
@@ -189,9 +233,9 @@ def test_update_norm_equals_copy_reference(one_rank_world: None) -> None:
     assert (update.update_sumsq[:-1] > 0).all()
 
 
-def _same_decision_worker(rank: int, world_size: int, payload: None) -> list[bool]:
-    del world_size, payload
-    guard = StepGuard(GuardConfig(min_history=4), device=torch.device("cpu"))
+def _same_decision_worker(rank: int, world_size: int, on_host: bool) -> list[bool]:
+    del world_size
+    guard = StepGuard(_on(GuardConfig(min_history=4), on_host), device=torch.device("cpu"))
     decisions = []
     for step in range(10):
         # rank 1 alone sees a 100x spike at step 6 and a NaN at step 8
@@ -204,8 +248,9 @@ def _same_decision_worker(rank: int, world_size: int, payload: None) -> list[boo
     return decisions
 
 
-def test_every_rank_takes_the_same_decision(tmp_path: Path) -> None:
-    results = launch(_same_decision_worker, world_size=2, payload=None)
+@pytest.mark.parametrize("on_host", [False, True], ids=["device", "host"])
+def test_every_rank_takes_the_same_decision(tmp_path: Path, on_host: bool) -> None:
+    results = launch(_same_decision_worker, world_size=2, payload=on_host)
     expected = [True] * 10
     expected[6] = expected[8] = False
     assert results[0] == results[1] == expected
