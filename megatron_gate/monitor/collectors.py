@@ -30,7 +30,12 @@ import torch
 from megatron_gate.monitor import schema
 from megatron_gate.monitor.probe import probe_attention, sample_positions
 from megatron_gate.monitor.reduction import PackLayout
-from megatron_gate.monitor.tensor_statistics import Partial, finish, partial_statistics
+from megatron_gate.monitor.tensor_statistics import (
+    GroupedSumOfSquares,
+    Partial,
+    finish,
+    partial_statistics,
+)
 from megatron_gate.monitor.update_norm import UpdateNorm
 
 logger = logging.getLogger(__name__)
@@ -504,7 +509,7 @@ class ParameterCollector:
                     in_layers.add(id(param))
                     self.params.append(param)
                     self.groups.append(num_layers)
-        self._index_cache: dict[tuple[tuple[int, ...], str], torch.Tensor] = {}
+        self._squares: dict[str, GroupedSumOfSquares] = {}
 
     @staticmethod
     def _counted_here(param: torch.nn.Parameter, position: RankPosition) -> bool:
@@ -515,20 +520,6 @@ class ParameterCollector:
             getattr(param, "tensor_model_parallel", False)
         )
 
-    def _group_sumsq(
-        self, tensors: list[torch.Tensor], groups: list[int], device: torch.device
-    ) -> torch.Tensor:
-        """`[num_layers + 1]`: sum of squared norms of `tensors` by group."""
-        result = torch.zeros(self.num_layers + 1, device=device)
-        if not tensors:
-            return result
-        norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
-        squares = torch.stack(norms).square().to(device)
-        key = (tuple(groups), str(device))
-        if key not in self._index_cache:
-            self._index_cache[key] = torch.tensor(groups, device=device)
-        return result.index_add_(0, self._index_cache[key], squares)
-
     def grad_sumsq(self, device: torch.device) -> torch.Tensor:
         """`[num_layers + 1]` sums of squared gradients (Megatron's `main_grad` when present)."""
         grads, groups = [], []
@@ -537,8 +528,10 @@ class ParameterCollector:
             if grad is not None:
                 grads.append(grad)
                 groups.append(group)
-        with torch.no_grad():
-            return self._group_sumsq(grads, groups, device)
+        squares = self._squares.setdefault(str(device), GroupedSumOfSquares(device))
+        result = torch.zeros(self.num_layers + 1, device=device)
+        squares.add(result, grads, groups)
+        return result
 
     def update_norm(self, device: torch.device) -> UpdateNorm:
         """An `UpdateNorm` over this rank's counted parameters (measured by `bucketed_step`)."""

@@ -65,6 +65,9 @@ class TailThreshold:
         self.window, self.tail_fraction, self.min_excesses = window, tail_fraction, min_excesses
         self.history: deque[float] = deque()
         self._sorted: list[float] = []
+        self._fitted: dict[float, tuple[tuple[float, ...], float]] = {}
+        """rate -> (the tail it was fitted to, its quantile): most residuals fall below the
+        tail and leave the fit unchanged, so a step refits only when the tail moved."""
 
     def __len__(self) -> int:
         return len(self.history)
@@ -103,7 +106,15 @@ class TailThreshold:
         conditional = rate * count / excess_count
         if conditional >= 1:  # inside the data: the empirical quantile
             return self._sorted[min(count - 1, int((1 - rate) * count))]
-        excesses = [value - initial for value in self._sorted[count - excess_count :]]
+        tail = (count, *self._sorted[count - excess_count - 1 :])
+        fitted = self._fitted.get(rate)
+        if fitted is None or fitted[0] != tail:
+            fitted = self._fitted[rate] = tail, self._fit(initial, excess_count, conditional)
+        return fitted[1]
+
+    def _fit(self, initial: float, excess_count: int, conditional: float) -> float:
+        """The POT quantile above `initial` for the conditional exceedance probability."""
+        excesses = [value - initial for value in self._sorted[-excess_count:]]
         shape, scale = gpd_fit(excesses)
         # Extrapolate with the shape one standard error heavier ((1 + xi) / sqrt(k) for the
         # GPD): an underestimated tail would raise the false-alarm rate far above `rate`.

@@ -13,6 +13,8 @@ together by `finish` (a handful of ops for the whole model, not a few per layer)
   the compiled call costs 47 us against 11 us eager at the benchmark model's shapes (plus
   ~20 s of compilation per process), so the CPU stays eager.
 - `plain_abs_max_and_sumsq` is the reference that tests compare the fast path with.
+- `GroupedSumOfSquares` adds the squared norms of many tensors into per-group slots (layers)
+  with one `_foreach_norm` and one `index_add_` (gradient and update norms per layer).
 """
 
 from __future__ import annotations
@@ -115,3 +117,31 @@ def plain_abs_max_and_sumsq(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.T
     """Reference: 0-d float32 (max |x|, sum of x^2), computed the obvious way in float64."""
     values = tensor.detach().double()
     return values.abs().max().float(), values.square().sum().float()
+
+
+class GroupedSumOfSquares:
+    """`out[g] += sum of x^2` over the tensors x of each group g, in a few ops for all of them.
+
+    One `_foreach_norm` (float32 accumulation) and one `index_add_`; the group index tensor is
+    cached per group list (the same parameters every step).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._index_cache: dict[tuple[int, ...], torch.Tensor] = {}
+
+    @torch.no_grad()
+    def add(
+        self, out: torch.Tensor, tensors: Sequence[torch.Tensor], groups: Sequence[int]
+    ) -> None:
+        """Add each tensor's sum of squares into `out[group]` (in place)."""
+        if not tensors:
+            return
+        norms = torch.stack(torch._foreach_norm(list(tensors), 2, dtype=torch.float32))
+        out.index_add_(0, self._index(groups), norms.square_().to(self.device))
+
+    def _index(self, groups: Sequence[int]) -> torch.Tensor:
+        key = tuple(groups)
+        if key not in self._index_cache:
+            self._index_cache[key] = torch.tensor(key, device=self.device)
+        return self._index_cache[key]

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 
 import torch
 
+from megatron_gate.monitor.tensor_statistics import GroupedSumOfSquares
+
 
 class UpdateNorm:
     """Per-layer sums of squared updates, accumulated bucket by bucket on the device."""
@@ -37,18 +39,14 @@ class UpdateNorm:
         self.update_sumsq: torch.Tensor | None = None
         """`[num_layers + 1]` of the last measured step, or None."""
         self._pending: torch.Tensor | None = None
-        self._index_cache: dict[tuple[int, ...], torch.Tensor] = {}
+        self._squares = GroupedSumOfSquares(device)
 
     def begin(self) -> None:
         """Start measuring one optimizer step."""
         self._pending = torch.zeros(self.num_layers + 1, device=self.device)
 
-    @torch.no_grad()
     def add(self, params: Sequence[torch.Tensor], changes: Sequence[torch.Tensor]) -> None:
-        """`on_bucket` of `bucketed_step`: add sum((new - old)^2) of this bucket per layer.
-
-        One `_foreach_norm` for the bucket's counted parameters (float32 accumulation), then one
-        `index_add_`: a few ops per bucket, not a few per parameter."""
+        """`on_bucket` of `bucketed_step`: add sum((new - old)^2) of this bucket per layer."""
         if self._pending is None:
             self.begin()
         rows, counted = [], []
@@ -57,18 +55,7 @@ class UpdateNorm:
             if group is not None:  # else counted on another rank, or not a model parameter
                 rows.append(group)
                 counted.append(change)
-        if not counted:
-            return
-        norms = torch.stack(torch._foreach_norm(counted, 2, dtype=torch.float32))
-        index = self._index(rows)
-        self._pending.index_add_(0, index, norms.square_().to(self.device))
-
-    def _index(self, rows: list[int]) -> torch.Tensor:
-        """The layer rows as a device tensor, cached (the same buckets every step)."""
-        key = tuple(rows)
-        if key not in self._index_cache:
-            self._index_cache[key] = torch.tensor(rows, device=self.device)
-        return self._index_cache[key]
+        self._squares.add(self._pending, counted, rows)
 
     def finish(self, accept: torch.Tensor | None = None) -> None:
         """End the step: its update, zero where the guard rejected it (nothing was applied)."""

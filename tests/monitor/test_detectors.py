@@ -253,3 +253,16 @@ def test_tail_threshold_matches_its_rate() -> None:
             exceeded += value > tail.quantile(1e-3)
         tail.add(value)
     assert 0.2e-3 < exceeded / checked < 2e-3
+
+
+def test_tail_quantile_refits_whenever_the_tail_moves() -> None:
+    """The memoised POT quantile equals a fresh fit after every residual (window filling, full,
+    outliers entering and leaving the tail), for both rates a detector asks for."""
+    rng = random.Random(5)
+    rolling = TailThreshold(window=400)
+    for step in range(1500):
+        rolling.add(rng.gauss(0, 1) * (1 if rng.random() < 0.9 else 4))
+        fresh = TailThreshold(window=400)
+        fresh.extend(rolling.state_dict())
+        for rate in (1e-4, 0.05):
+            assert rolling.quantile(rate) == fresh.quantile(rate), (step, rate)
