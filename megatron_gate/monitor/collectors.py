@@ -545,18 +545,22 @@ def _grad(param: torch.nn.Parameter) -> torch.Tensor | None:
 
 # ---------------------------------------------------------------------- scalars
 class ScalarBuffer:
-    """Per-step scalars of one log interval, without host reads.
+    """Per-step scalars of one log interval, without host reads on a GPU.
 
     A step's tensor values (the loss, a grad norm from `clip_grad_norm_`) are copied with ONE
     `stack` into a small device tensor (no sync; a copy, so that a buffer the loop updates in
-    place, such as a loss scale, keeps this step's value). Python numbers (the learning rate,
+    place, such as a loss scale, keeps this step's value); with `read_on_host` (the CPU, by
+    `guard.skip_mode`) they are read at once instead. Python numbers (the learning rate,
     tokens/s) stay on the host. `merged()` joins both at log time with a few ops for the whole
     interval; NaN/Inf is found there from the stored values themselves.
     """
 
-    def __init__(self, rows: int, device: torch.device) -> None:
+    def __init__(self, rows: int, device: torch.device, *, read_on_host: bool = False) -> None:
         self.rows = rows
         self.device = device
+        self.read_on_host = read_on_host
+        """Read tensor values at once (on the CPU a read waits for nothing, and a host number
+        costs no ops at log time)."""
         self.names = schema.SCALARS
         self.columns = {name: column for column, name in enumerate(self.names)}
         self.steps: list[int | None] = [None] * rows
@@ -573,7 +577,9 @@ class ScalarBuffer:
         tensors: list[torch.Tensor] = []
         for name, value in scalars.items():
             column = self.columns[name]
-            if isinstance(value, torch.Tensor):
+            if isinstance(value, torch.Tensor) and self.read_on_host:
+                host[column] = value.item()
+            elif isinstance(value, torch.Tensor):
                 columns.append(column)
                 tensors.append(self._scalar(value))
             elif value is not None:

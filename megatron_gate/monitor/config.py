@@ -137,6 +137,10 @@ class GuardConfig:
     the read values and a rejected step is not taken: no copies, one synchronisation per step
     on a GPU), or "auto" (host on the CPU, where a read waits for nothing; device otherwise)."""
 
+    def reads_on_host(self, device_type: str) -> bool:
+        """Whether per-step values on `device_type` are read to the host (`skip_mode`)."""
+        return self.skip_mode == "host" or (self.skip_mode == "auto" and device_type == "cpu")
+
 
 @dataclass(frozen=True, kw_only=True)
 class SinksConfig:

@@ -76,7 +76,7 @@ class StepGuard:
         self.device = device
         self.process_group = process_group
         self.gradient_norm = gradient_norm
-        self.on_host = _evaluates_on_host(config.skip_mode, device)
+        self.on_host = config.reads_on_host(device.type)
         """Evaluate the rule in plain Python (`GuardRule`) rather than with device ops."""
         self.rule = GuardRule(config)
         self._verdicts = {
@@ -218,12 +218,6 @@ class StepGuard:
         self.history = history.to(self.device)
         for name in ("count", "position", "streak"):
             setattr(self, name, torch.tensor(state[name], dtype=torch.long, device=self.device))
-
-
-def _evaluates_on_host(skip_mode: str, device: torch.device) -> bool:
-    """`guard.skip_mode` decides where the rule runs, too: "host" reads the values, "device"
-    never reads, "auto" reads where that waits for nothing (the CPU)."""
-    return skip_mode == "host" or (skip_mode == "auto" and device.type == "cpu")
 
 
 def _host_number(value: torch.Tensor | float | None) -> float | None:

@@ -136,7 +136,11 @@ class StabilityMonitor:
         self.parameters = ParameterCollector(
             self.models, self.layers, num_layers=self.num_layers, position=self.position
         )
-        self.buffer = ScalarBuffer(config.log_interval, self.device)
+        self.buffer = ScalarBuffer(
+            config.log_interval,
+            self.device,
+            read_on_host=config.guard.reads_on_host(self.device.type),
+        )
         self._rows = 0
         self.update_norm = self.parameters.update_norm(self.device)
         self.guard = self._build_guard()
@@ -362,8 +366,7 @@ class StabilityMonitor:
         return True
 
     def _skips_on_host(self, accept: torch.Tensor) -> bool:
-        mode = self.config.guard.skip_mode
-        return mode == "host" or (mode == "auto" and accept.device.type == "cpu")
+        return self.config.guard.reads_on_host(accept.device.type)
 
     def measures_update(self, step: int) -> bool:
         """Whether the update of `step` is measured (it is reported at the next layer step)."""
@@ -509,10 +512,10 @@ class StabilityMonitor:
                     self._record_backoff(records, step)
             events = guard_events + events
             now = time.time()
-            for record in records:
-                self._write({**record, "time": now})
-            for event in events:
-                self._write({"kind": "event", "time": now, **event.to_dict()})
+            self._write_many(
+                [{**record, "time": now} for record in records]
+                + [{"kind": "event", "time": now, **event.to_dict()} for event in events]
+            )
         except Exception as error:  # noqa: BLE001
             self._warn_once("flush", error)
         finally:
@@ -627,8 +630,11 @@ class StabilityMonitor:
                 self.on_rollback(decision.rollback)
 
     def _write(self, record: dict[str, Any]) -> None:
+        self._write_many([record])
+
+    def _write_many(self, records: list[dict[str, Any]]) -> None:
         if self.enabled and self.is_writer:
-            self.sinks.write(record)
+            self.sinks.write_many(records)
 
     def _warn_once(self, where: str, error: BaseException) -> None:
         if where in self._warned:

@@ -21,6 +21,11 @@ class Sink:
     def write(self, record: dict[str, Any]) -> None:
         """Take one record (`record["kind"]` is one of `schema.RECORD_KINDS`)."""
 
+    def write_many(self, records: list[dict[str, Any]]) -> None:
+        """Take the records of one log step, in order (override to write them at once)."""
+        for record in records:
+            self.write(record)
+
     def flush(self) -> None:
         """Push buffered output out (writers flush on their own schedule and at close)."""
 
@@ -103,6 +108,11 @@ class SinkGroup(Sink):
     def write(self, record: dict[str, Any]) -> None:
         """Send a record to every live sink."""
         self._call("write", record)
+
+    def write_many(self, records: list[dict[str, Any]]) -> None:
+        """Send the records of one log step to every live sink (one queue item)."""
+        if records:
+            self._call("write_many", records)
 
     def flush(self) -> None:
         """Flush every live sink."""

@@ -1,7 +1,7 @@
 """JSONL sink: `<run_dir>/stability.jsonl`, one schema record per line.
 
-Each line is written with a single `os.write` on an `O_APPEND` descriptor, so a crash leaves
-whole lines only (readers skip at most a torn last line, see `read_records`).
+The lines of one log step are written with a single `os.write` on an `O_APPEND` descriptor, so
+a crash leaves whole lines only (readers skip at most a torn last line, see `read_records`).
 """
 
 from __future__ import annotations
@@ -28,10 +28,14 @@ def _clean(value: Any) -> Any:
 
 
 def encode(record: dict[str, Any]) -> bytes:
-    """One record as a JSON line carrying the schema version."""
-    return (
-        json.dumps({"schema": schema.SCHEMA, **_clean(record)}, allow_nan=False) + "\n"
-    ).encode()
+    """One record as a JSON line carrying the schema version.
+
+    Records are nearly always finite: one `dumps`, and the walk that writes NaN/Inf as null
+    only when the text shows one (`NaN`/`Infinity` can appear nowhere else unquoted)."""
+    text = json.dumps({"schema": schema.SCHEMA, **record})
+    if "NaN" in text or "Infinity" in text:
+        text = json.dumps({"schema": schema.SCHEMA, **_clean(record)}, allow_nan=False)
+    return (text + "\n").encode()
 
 
 class JsonlSink(Sink):
@@ -47,8 +51,12 @@ class JsonlSink(Sink):
 
     def write(self, record: dict[str, Any]) -> None:
         """Append one line (a single write)."""
+        self.write_many([record])
+
+    def write_many(self, records: list[dict[str, Any]]) -> None:
+        """Append the lines of one log step with a single write."""
         if self._fd is not None:
-            os.write(self._fd, encode(record))
+            os.write(self._fd, b"".join(encode(record) for record in records))
 
     def close(self) -> None:
         """fsync and close."""
