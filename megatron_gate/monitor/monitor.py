@@ -132,6 +132,7 @@ class StabilityMonitor:
             num_layers=self.num_layers,
             probe_queries=config.probe_queries,
             position=self.position,
+            keep_registered=config.layer_interval == 1,
         )
         self.parameters = ParameterCollector(
             self.models, self.layers, num_layers=self.num_layers, position=self.position

@@ -238,17 +238,23 @@ def _hook_count(model: torch.nn.Module) -> int:
     return hooks
 
 
-def test_microbatches_hooks_once_and_plain_reference(one_rank_world: None, tmp_path: Path) -> None:
+def test_microbatches_hooks_only_while_armed_and_plain_reference(
+    one_rank_world: None, tmp_path: Path
+) -> None:
     """Two microbatches per step: every layer statistic is the combination of both forwards,
-    computed directly from tensors the test's own hooks saw; hooks are registered once, record
-    only on per-layer steps, and leave the model at close."""
+    computed directly from tensors the test's own hooks saw; the monitor's hooks are on the
+    model only during per-layer steps, and leave it at close."""
     model = tiny_gated_gpt(seed=7)
     before = _hook_count(model)
     monitor = StabilityMonitor(
         _config(log_interval=2, layer_interval=2), models=[model], run_dir=tmp_path
     )
+    assert _hook_count(model) == before  # nothing on the model until a per-layer step
+    monitor.start_step(0)
     registered = _hook_count(model) - before
-    assert registered > 0
+    assert registered == 5 * len(model.decoder.layers)  # 3 outputs, the probe, the gate
+    monitor.end_step(0, loss=1.0)
+    assert _hook_count(model) == before  # off again after the per-layer step
     seen: dict[tuple[str, int], list[torch.Tensor]] = {}
 
     def keep(kind: str, number: int):  # noqa: ANN202
@@ -269,13 +275,14 @@ def test_microbatches_hooks_once_and_plain_reference(one_rank_world: None, tmp_p
             lambda _m, g, n=n: seen.setdefault(("gate", n), []).append(g.clone())
         )
     own = 4 * len(model.decoder.layers)  # the test's three forward hooks and one observer
-    for step in range(3):  # step 1: not a per-layer step, its forwards must not be recorded
+    for step in range(1, 3):  # step 1: not a per-layer step, its forwards must not be recorded
         seen.clear()
         monitor.start_step(step)
+        assert _hook_count(model) - before == own + (registered if step == 2 else 0)
         for micro in range(2):
             lm_loss(model, batch_at(10 * step + micro)).backward()
         monitor.end_step(step, loss=1.0)
-        assert _hook_count(model) - before == registered + own  # no registration per step
+        assert _hook_count(model) - before == own
     (record,) = [r for r in monitor.last_records if r["step"] == 2]
     layers = record["layers"]
     for layer in model.decoder.layers:
@@ -295,6 +302,25 @@ def test_microbatches_hooks_once_and_plain_reference(one_rank_world: None, tmp_p
         handle.remove()
     monitor.close()
     assert _hook_count(model) - before == own - len(handles)  # the test's gate observers
+
+
+def test_every_step_per_layer_registers_hooks_once(one_rank_world: None, tmp_path: Path) -> None:
+    model = tiny_gated_gpt(seed=2)
+    before = _hook_count(model)
+    monitor = StabilityMonitor(
+        _config(log_interval=1, layer_interval=1), models=[model], run_dir=tmp_path
+    )
+    handles = []
+    for step in range(3):
+        monitor.start_step(step)
+        handles.append({id(h) for h in monitor.layer_collector._handles})
+        lm_loss(model, batch_at(step)).backward()
+        monitor.end_step(step, loss=1.0)
+        assert _hook_count(model) - before == 5 * len(model.decoder.layers)
+    assert handles[0] == handles[1] == handles[2]  # the same registrations every step
+    assert all(r["layers"]["max_abs_residual"][0] > 0 for r in monitor.last_records)
+    monitor.close()
+    assert _hook_count(model) == before
 
 
 def test_state_dict_resume_keeps_history(one_rank_world: None, tmp_path: Path) -> None:
