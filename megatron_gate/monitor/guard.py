@@ -51,6 +51,8 @@ class GuardVerdict:
     """0-dim bool: apply this step's update."""
     record: torch.Tensor
     """`[len(RECORD_COLUMNS)]` float64: flags and values, for the step's record."""
+    read: tuple[float | None, float | None] | None = None
+    """(loss, grad norm) as read to the host by the host path (None on the device path)."""
 
 
 class StepGuard:
@@ -140,7 +142,8 @@ class StepGuard:
         self, loss: torch.Tensor | float | None, grad_norm: torch.Tensor | float | None
     ) -> GuardVerdict:
         """The same rule on host numbers: two reads, one small collective, no tensor math."""
-        evaluation = self.rule.evaluate([_host_number(loss), _host_number(grad_norm)])
+        read = (_host_number(loss), _host_number(grad_norm))
+        evaluation = self.rule.evaluate(read)
         flags = evaluation.flags
         if self._distributed:
             combined = torch.tensor(flags, dtype=torch.float64, device=self.device)
@@ -149,7 +152,7 @@ class StepGuard:
         accept = not any(flag > 0 for flag in flags)
         self.rule.update(evaluation, accept)
         record = torch.tensor(evaluation.record(accept, flags), dtype=torch.float64)
-        return GuardVerdict(accept=self._verdicts[accept], record=record)
+        return GuardVerdict(accept=self._verdicts[accept], record=record, read=read)
 
     def _as_device(self, value: torch.Tensor | float | None) -> torch.Tensor:
         if value is None:

@@ -311,11 +311,14 @@ class StabilityMonitor:
             return Decision(step=step)
         self.step = step
         row = min(self._rows, self.buffer.rows - 1)
+        verdict = self._guard_step(row, loss, grad_norm)
+        if verdict is not None and verdict.read is not None:  # read once: keep the numbers
+            loss = verdict.read[0]
+            grad_norm = verdict.read[1] if grad_norm is not None else None
         try:
             self._record(step, loss, grad_norm, learning_rate, loss_scale, tokens)
         except Exception as error:  # noqa: BLE001
             self._warn_once("record", error)
-        verdict = self._guard_step(row, loss, grad_norm)
         decision = Decision(step=step)
         if self.is_log_step(step) or self._rows >= self.config.log_interval:
             decision = self._flush(step)
