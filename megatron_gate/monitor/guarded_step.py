@@ -29,7 +29,7 @@ import torch
 
 OnBucket = Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor]], None]
 """`on_bucket(params, changes)`: a bucket's parameters after the step and their changes
-(new - old, views of one temporary per bucket and dtype)."""
+(new - old, flat 1-d views of one temporary per bucket and dtype)."""
 
 
 def bucketed_step(
@@ -100,7 +100,8 @@ class _FlatCopy:
         self.flat = {key: self._cat(indices) for key, indices in self.runs.items()}
 
     def _cat(self, indices: list[int]) -> torch.Tensor:
-        return torch.cat([self.tensors[i].detach().reshape(-1) for i in indices])
+        # Called under no_grad only (`_step_bucket`): no detach needed, one dispatch less each.
+        return torch.cat([self.tensors[i].reshape(-1) for i in indices])
 
     def _pieces(self, key: tuple[torch.device, torch.dtype], flat: torch.Tensor) -> list:
         indices = self.runs[key]
@@ -108,13 +109,14 @@ class _FlatCopy:
         return [chunk.view_as(self.tensors[i]) for chunk, i in zip(chunks, indices, strict=True)]
 
     def changes(self) -> list[torch.Tensor]:
-        """current - copy of every tensor, as views shaped like the tensors, in their order.
+        """current - copy of every tensor, flat (1-d views), in the tensors' order.
 
         One temporary the size of each flat copy (a `cat` then an in-place subtraction)."""
         values: list[torch.Tensor | None] = [None] * len(self.tensors)
         for key, indices in self.runs.items():
             change = self._cat(indices).sub_(self.flat[key])
-            for i, piece in zip(indices, self._pieces(key, change), strict=True):
+            pieces = change.split([self.tensors[i].numel() for i in indices])
+            for i, piece in zip(indices, pieces, strict=True):
                 values[i] = piece
         return values  # type: ignore[return-value]
 
@@ -129,7 +131,7 @@ class _FlatCopy:
             self.tensors = list(current)
         for key, indices in self.runs.items():
             selected = torch.where(accept, self._cat(indices), self.flat[key])
-            targets = [self.tensors[i].detach() for i in indices]
+            targets = [self.tensors[i] for i in indices]
             torch._foreach_copy_(targets, self._pieces(key, selected))
 
 
