@@ -77,3 +77,28 @@ def test_sparsity_is_the_first_histogram_bin() -> None:
     """The collector reads the gate sparsity off the histogram's first bin: the schema's
     threshold must be that bin's upper edge (test_monitor checks the values)."""
     assert schema.GATE_SPARSITY_THRESHOLD * schema.GATE_HISTOGRAM_BINS == 1.0
+
+
+def test_grouped_sum_of_squares_equals_float64_reference() -> None:
+    from megatron_gate.monitor.tensor_statistics import GroupedSumOfSquares
+
+    generator = torch.Generator().manual_seed(3)
+    tensors = [
+        torch.randn(7, 5, generator=generator),
+        torch.randn(300, generator=generator).to(torch.bfloat16),
+        torch.randn(4, 4, generator=generator)[:, ::2],  # non-contiguous
+        torch.full((3,), 3e4, dtype=torch.float16),  # squares beyond float16, kept in float32
+        torch.randn(11, generator=generator),
+    ]
+    groups = [2, 0, 2, 1, 0]
+    squares = GroupedSumOfSquares(torch.device("cpu"))
+    out = torch.zeros(4)
+    squares.add(out, tensors, groups)
+    squares.add(out, tensors[:1], groups[:1])  # adds up, with a second (cached) index
+    expected = torch.zeros(4, dtype=torch.float64)
+    for tensor, group in zip(tensors + tensors[:1], groups + groups[:1], strict=True):
+        expected[group] += tensor.double().square().sum()
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=0)
+    assert out[3] == 0
+    squares.add(out, [], [])  # nothing to add: unchanged
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=0)
