@@ -124,6 +124,34 @@ class StabilityMonitor:
         if not self.enabled:
             return
         self.device = _model_device(self.models)
+        self._build_collectors(data_parallel_rank)
+        self.guard = self._build_guard()
+        self.skipped_steps = 0
+        """Steps the guard skipped so far (read at log steps)."""
+        self._lr_base: float | None = None
+        self.layout = self._build_layout()
+        self._build_decisions()
+        self._layer_step: int | None = None
+        self._grad_sumsq: torch.Tensor | None = None
+        self._last_end: float | None = None
+        self.sinks = SinkGroup(
+            self._build_sinks(tensorboard_writer, extra_sinks) if self.is_writer else [],
+            background=True,
+        )
+        self._write(
+            {
+                "kind": "run_start",
+                "run": self.run_name,
+                "time": time.time(),
+                "config": config.to_dict(),
+                "model": self._model_info(model_info),
+            }
+        )
+
+    # ------------------------------------------------------------------ set-up
+    def _build_collectors(self, data_parallel_rank: int | None) -> None:
+        """The layer, parameter and scalar collectors and the update norm of this rank."""
+        config = self.config
         self.position = rank_position(data_parallel_rank=data_parallel_rank)
         self.layers = find_layers(self.models)
         self.num_layers = total_layers(self.models, self.layers)
@@ -144,11 +172,10 @@ class StabilityMonitor:
         )
         self._rows = 0
         self.update_norm = self.parameters.update_norm(self.device)
-        self.guard = self._build_guard()
-        self.skipped_steps = 0
-        """Steps the guard skipped so far (read at log steps)."""
-        self._lr_base: float | None = None
-        self.layout = self._build_layout()
+
+    def _build_decisions(self) -> None:
+        """The detectors, the action policy and the learning-rate back-off."""
+        config = self.config
         self.detectors = DetectorSuite(config.detectors)
         self.policy = ActionPolicy(
             rollback_skip_batches=config.rollback_skip_batches,
@@ -157,24 +184,7 @@ class StabilityMonitor:
         self.backoff = LearningRateBackoff(
             factor=config.lr_backoff_factor, steps=config.lr_backoff_steps
         )
-        self._layer_step: int | None = None
-        self._grad_sumsq: torch.Tensor | None = None
-        self._last_end: float | None = None
-        self.sinks = SinkGroup(
-            self._build_sinks(tensorboard_writer, extra_sinks) if self.is_writer else [],
-            background=True,
-        )
-        self._write(
-            {
-                "kind": "run_start",
-                "run": self.run_name,
-                "time": time.time(),
-                "config": config.to_dict(),
-                "model": self._model_info(model_info),
-            }
-        )
 
-    # ------------------------------------------------------------------ set-up
     def _build_guard(self) -> StepGuard | None:
         self._guard_rows = torch.full(
             (self.config.log_interval, len(RECORD_COLUMNS)), -math.inf,
