@@ -37,6 +37,8 @@ BASE: dict[str, Any] = dict(
     weight_decay=0.1, log_interval=20, eval_interval=50, eval_batches=4,
     checkpoint_interval=10**9, write_checkpoints=False,
 )  # fmt: skip
+LONG: dict[str, Any] = dict(steps=2000, batch_size=8, log_interval=50, eval_interval=500)
+"""The second round's training length: 2000 steps of 8 x 128 tokens (2M tokens)."""
 SEARCH: dict[str, dict[str, Any]] = {
     # The demo's regime (no BOS), then the factors the literature ties to sinks, one at a time
     # (most informative first: an interrupted search still covers them).
@@ -53,6 +55,20 @@ SEARCH: dict[str, dict[str, Any]] = {
     "bos_lr0.3": {"bos": True, "lr": 0.3},
     "bos_8layers_lr0.01": {"bos": True, "layers": 8, "lr": 1e-2},
     "bos_long_lr0.01": {"bos": True, "steps": 400, "lr": 1e-2},
+    # Second round (idle machine): moderate LRs trained 5-20x longer at batch 8, where the sink
+    # literature (Xiao et al. 2023; Gu et al. 2024) sees sinks grow; then depth, width,
+    # sequence, weight decay, warm-up and the BOS control around the best of them.
+    "bos_2k_lr1e-3": {"bos": True, "lr": 1e-3, **LONG},
+    "bos_2k_lr3e-3": {"bos": True, "lr": 3e-3, **LONG},
+    "bos_2k_lr1e-2": {"bos": True, "lr": 1e-2, **LONG},
+    "bos_2k_lr3e-3_8layers": {"bos": True, "lr": 3e-3, **LONG, "layers": 8},
+    "bos_2k_lr3e-3_h256": {"bos": True, "lr": 3e-3, **LONG, "hidden": 256},
+    "bos_2k_lr3e-3_seq256": {"bos": True, "lr": 3e-3, **LONG, "seq_len": 256, "batch_size": 4},
+    "bos_2k_lr3e-3_wd0": {"bos": True, "lr": 3e-3, **LONG, "weight_decay": 0.0},
+    "bos_2k_lr3e-3_wd1": {"bos": True, "lr": 3e-3, **LONG, "weight_decay": 1.0},
+    "bos_4k_lr3e-3": {"bos": True, "lr": 3e-3, **LONG, "steps": 4000},
+    "bos_2k_lr3e-3_warmup0": {"bos": True, "lr": 3e-3, **LONG, "warmup_steps": 1},
+    "nobos_2k_lr3e-3": {"lr": 3e-3, **LONG},
 }
 VARIANT_ORDER = ("baseline", "qk_layernorm", "gated_headwise", "gated_elementwise")
 DATA_KEYS = ("bos", "doc_split")
