@@ -1,8 +1,9 @@
 """Tables and figures of the regime search (`bench/regime_search.py summary`).
 
 Writes `OUT/summary.json` (every run's row), `OUT/search.md` (the search table),
-`OUT/final.md` (the four-variant comparison with bootstrap CIs over seeds) and
-`OUT/final.png` (per-layer first-token share and peak max|h| with their CIs).
+`OUT/final_<point>.md` (a four-variant comparison with bootstrap CIs over seeds),
+`OUT/final_<point>.png` (per-layer first-token share and peak max|h| with their CIs) and
+`OUT/trajectory.png` (the baseline's first-token share over training in the longer runs).
 """
 
 from __future__ import annotations
@@ -216,18 +217,46 @@ def search_figure(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(figure)
 
 
-def write_summary(out: Path, rows: list[dict[str, Any]], *, final: str | None) -> None:
-    """Every table and figure of the search from the run rows."""
+def trajectory_figure(rows: list[dict[str, Any]], path: Path, *, min_steps: int = 400) -> None:
+    """Baseline's largest per-layer first-token share over training, for the longer runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = [r for r in rows if r["variant"] == "baseline" and r["seed"] == 0
+             and r["config"]["steps"] >= min_steps]  # fmt: skip
+    order = {name: index for index, name in enumerate(SEARCH)}
+    table.sort(key=lambda r: order.get(r["name"], 99))
+    figure, ax = plt.subplots(figsize=(8, 4))
+    for row in table:
+        steps, shares = zip(*row["first_token_share_trajectory"], strict=True)
+        ax.plot(steps, shares, label=row["name"], linewidth=1)
+    ax.axhline(SINK_THRESHOLD, color="grey", linestyle=":", linewidth=1)
+    ax.axhline(UNIFORM_SHARE, color="grey", linestyle="--", linewidth=0.8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("largest first-token share (any layer)")
+    ax.set_title(f"baseline, seed 0, runs of >= {min_steps} steps (dotted: sink, dashed: uniform)")
+    ax.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def write_summary(out: Path, rows: list[dict[str, Any]], *, finals: Sequence[str] = ()) -> None:
+    """Every table and figure of the search from the run rows; `final_<point>.*` per final."""
     (out / "summary.json").write_text(json.dumps(rows, indent=1, default=str))
     (out / "search.md").write_text(_markdown(search_rows(rows)))
     search_figure(rows, out / "search.png")
-    if final:
+    trajectory_figure(rows, out / "trajectory.png")
+    legend = "\n".join(f"- {m}: {d}" for m, (d, _fn) in FINAL_METRICS.items())
+    for final in finals:
         means, differences, raw = final_rows(rows, final)
-        legend = "\n".join(f"- {m}: {d}" for m, (d, _fn) in FINAL_METRICS.items())
         text = (f"Point `{final}`; mean [95% bootstrap CI over seeds]\n\n"
                 f"{_markdown(means)}\nPaired differences (same seed, same batches):\n\n"
                 f"{_markdown(differences)}\n{legend}\n")  # fmt: skip
-        (out / "final.md").write_text(text)
-        (out / "final.json").write_text(json.dumps(raw, indent=1))
-        final_figure(rows, final, out / "final.png")
-    print(f"wrote {out}/summary.json, search.md, search.png" + (", final.*" if final else ""))
+        (out / f"final_{final}.md").write_text(text)
+        (out / f"final_{final}.json").write_text(json.dumps(raw, indent=1))
+        final_figure(rows, final, out / f"final_{final}.png")
+    print(f"wrote {out}/summary.json, search.md, search.png, trajectory.png"
+          + "".join(f", final_{final}.*" for final in finals))  # fmt: skip

@@ -2,7 +2,7 @@
 
     python bench/regime_search.py search  --out bench/results/evidence      # the search grid
     python bench/regime_search.py search  --final bos --final-seeds 0,1,2   # + 4-variant comparison
-    python bench/regime_search.py summary --out bench/results/evidence      # tables + figures
+    python bench/regime_search.py summary --final bos,bos_2k_lr3e-3        # tables + figures
 
 Every run is the demo's trainer (`megatron_gate.demo.trainer.train_variant`, monitor on) in a
 child process under `nice -n 19` with one thread, at most `--jobs` at a time (the machine is
@@ -59,6 +59,8 @@ SEARCH: dict[str, dict[str, Any]] = {
     # literature (Xiao et al. 2023; Gu et al. 2024) sees sinks grow; then depth, width,
     # sequence, weight decay, warm-up and the BOS control around the best of them.
     "bos_2k_lr1e-3": {"bos": True, "lr": 1e-3, **LONG},
+    # The final comparison's point: half of bos_2k_lr3e-3 (12 runs had to fit the budget).
+    "bos_1k_lr3e-3": {"bos": True, "lr": 3e-3, **LONG, "steps": 1000, "eval_interval": 250},
     "bos_2k_lr3e-3": {"bos": True, "lr": 3e-3, **LONG},
     "bos_2k_lr1e-2": {"bos": True, "lr": 1e-2, **LONG},
     "bos_2k_lr3e-3_8layers": {"bos": True, "lr": 3e-3, **LONG, "layers": 8},
@@ -177,6 +179,11 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         **record,
         "first_token_share_final": run.final_layers("first_token_attention_share"),
         "first_token_share_peak": per_layer_peak(share),
+        # (step, largest share of any layer) at every logged step: does a sink grow with training?
+        "first_token_share_trajectory": [
+            [step, max(_finite(row), default=math.nan)]
+            for step, row in zip(run.layer_steps, share, strict=True)
+        ],
         "max_abs_residual_peak": per_layer_peak(run.layers.get("max_abs_residual", [])),
         "max_attention_logit": max(
             _finite([v for row in run.layers.get("max_attention_logit", []) for v in row]),
@@ -244,7 +251,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         command.add_argument("--final-variants", default=",".join(VARIANT_ORDER))
     summary = sub.add_parser("summary")
     summary.add_argument("--out", type=Path, default=Path("bench/results/evidence"))
-    summary.add_argument("--final", default=None, help="point of the final comparison")
+    summary.add_argument("--final", default="", help="points of final comparisons (a,b,...)")
     return parser.parse_args(argv)
 
 
@@ -256,7 +263,8 @@ def main(argv: list[str]) -> int:
     if args.command == "summary":
         from regime_report import write_summary  # noqa: PLC0415 - bench/ sibling module
 
-        write_summary(args.out, read_all(args.out), final=args.final)
+        finals = [name for name in args.final.split(",") if name]
+        write_summary(args.out, read_all(args.out), finals=finals)
         return 0
     names = [n for n in args.points.split(",") if n]  # "" runs only the final comparison
     unknown = [n for n in names if n not in SEARCH]
