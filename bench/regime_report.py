@@ -244,6 +244,62 @@ def trajectory_figure(rows: list[dict[str, Any]], path: Path, *, min_steps: int 
     plt.close(figure)
 
 
+# ---------------------------------------------------------------------- LR sweep with CIs
+def _sweep_values(runs: list[dict[str, Any]]) -> tuple[list[float], dict[str, dict[int, dict]]]:
+    """(the LRs, variant -> seed -> {"sensitivity", "best", lr: val loss}) of `sweep.json` runs.
+
+    A seed's LR sensitivity is Wortsman et al.'s (`megatron_gate.demo.sweep.lr_sensitivity`) over
+    that seed's runs; a diverged run counts as its loss at initialisation.
+    """
+    from megatron_gate.demo.sweep import lr_sensitivity
+
+    lrs = sorted({r["lr"] for r in runs})
+    table: dict[str, dict[int, dict]] = {}
+    for variant in VARIANT_ORDER:
+        for seed in sorted({r["seed"] for r in runs if r["variant"] == variant}):
+            mine = {r["lr"]: r for r in runs if r["variant"] == variant and r["seed"] == seed}
+            if set(mine) != set(lrs):  # an unfinished seed has no sensitivity yet
+                continue
+            init = sum(r["initial_loss"] for r in mine.values()) / len(mine)
+            losses = {lr: r["final_loss"] for lr, r in mine.items()}
+            capped = [min(v, init) if math.isfinite(v) else init for v in losses.values()]
+            table.setdefault(variant, {})[seed] = {
+                "sensitivity": lr_sensitivity(losses, init),
+                "best": min(capped),
+                **losses,
+            }
+    return lrs, table
+
+
+def sweep_rows(runs: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """Per variant: LR sensitivity, its paired difference to the baseline, the best loss and the
+    validation loss at each LR, each as mean [95% bootstrap CI over seeds]."""
+    lrs, table = _sweep_values(runs)
+    base = table.get("baseline", {})
+    rows = []
+    for variant, seeds in table.items():
+        shared = [s for s in seeds if s in base]
+        delta = [seeds[s]["sensitivity"] - base[s]["sensitivity"] for s in shared]
+        rows.append({
+            "variant": variant, "seeds": ",".join(map(str, seeds)),
+            "LR sensitivity": _ci_text([v["sensitivity"] for v in seeds.values()]),
+            "- baseline (paired)": _ci_text(delta) if variant != "baseline" else "-",
+            "best loss": _ci_text([v["best"] for v in seeds.values()]),
+            **{f"val loss @ {lr:g}": _ci_text([v[lr] for v in seeds.values()]) for lr in lrs},
+        })  # fmt: skip
+    return rows
+
+
+def write_sweep_summary(sweep_dir: Path) -> None:
+    """`SWEEP/sweep_ci.md`: the LR-sensitivity table of `SWEEP/sweep.json` with CIs over seeds."""
+    runs = json.loads((sweep_dir / "sweep.json").read_text())["runs"]
+    text = ("LR sensitivity (Wortsman et al. 2023; lower is better) and final validation loss, "
+            "mean [95% bootstrap CI over seeds]; a diverged run counts as its loss at init.\n\n"
+            + _markdown(sweep_rows(runs)))  # fmt: skip
+    (sweep_dir / "sweep_ci.md").write_text(text)
+    print(f"wrote {sweep_dir}/sweep_ci.md")
+
+
 def write_summary(out: Path, rows: list[dict[str, Any]], *, finals: Sequence[str] = ()) -> None:
     """Every table and figure of the search from the run rows; `final_<point>.*` per final."""
     (out / "summary.json").write_text(json.dumps(rows, indent=1, default=str))

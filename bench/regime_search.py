@@ -252,6 +252,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     summary = sub.add_parser("summary")
     summary.add_argument("--out", type=Path, default=Path("bench/results/evidence"))
     summary.add_argument("--final", default="", help="points of final comparisons (a,b,...)")
+    summary.add_argument("--sweep", type=Path, default=None,
+                         help="a `megatron-gate sweep --out` folder: its table with CIs")  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -265,6 +267,10 @@ def main(argv: list[str]) -> int:
 
         finals = [name for name in args.final.split(",") if name]
         write_summary(args.out, read_all(args.out), finals=finals)
+        if args.sweep:
+            from regime_report import write_sweep_summary  # noqa: PLC0415
+
+            write_sweep_summary(args.sweep)
         return 0
     names = [n for n in args.points.split(",") if n]  # "" runs only the final comparison
     unknown = [n for n in names if n not in SEARCH]

@@ -93,3 +93,21 @@ def test_summary_writes_the_search_table_and_a_final_comparison(tmp_path: Path) 
     assert f"| baseline | 0,1,2 | {mean:.3g} [" in final
     assert (tmp_path / "final_bos.png").stat().st_size > 0
     assert (tmp_path / "trajectory.png").exists()
+
+
+def test_sweep_table_is_the_per_seed_sensitivity_with_a_diverged_run_at_init() -> None:
+    report = _load_bench_module("regime_report")
+    runs = [
+        {"variant": variant, "lr": lr, "seed": seed, "initial_loss": 5.0,
+         "final_loss": math.nan if (variant, lr) == ("baseline", 1.0) else loss + 0.1 * seed}
+        for variant, loss in (("baseline", 2.0), ("gated_headwise", 3.0))
+        for lr in (0.1, 1.0) for seed in (0, 1, 2)
+    ]  # fmt: skip
+    rows = {row["variant"]: row for row in report.sweep_rows(runs)}
+    # baseline: losses {2 + 0.1 s, init 5} -> (2 + 0.1 s + 5) / 2 - (2 + 0.1 s) = 1.5 - 0.05 s
+    assert rows["baseline"]["LR sensitivity"].startswith("1.45 [")
+    assert rows["gated_headwise"]["LR sensitivity"] == "0 [0, 0]"  # flat in the LR
+    assert rows["gated_headwise"]["- baseline (paired)"].startswith("-1.45 [")
+    assert rows["baseline"]["val loss @ 1"] == "- [-, -]"  # every seed diverged there
+    partial = [r for r in runs if not (r["variant"] == "baseline" and r["seed"] == 2)]
+    assert report.sweep_rows(partial)[0]["seeds"] == "0,1"
