@@ -59,8 +59,8 @@ SEARCH: dict[str, dict[str, Any]] = {
     # literature (Xiao et al. 2023; Gu et al. 2024) sees sinks grow; then depth, width,
     # sequence, weight decay, warm-up and the BOS control around the best of them.
     "bos_2k_lr1e-3": {"bos": True, "lr": 1e-3, **LONG},
-    # The final comparison's point: half of bos_2k_lr3e-3 (12 runs had to fit the budget).
-    "bos_1k_lr3e-3": {"bos": True, "lr": 3e-3, **LONG, "steps": 1000, "eval_interval": 250},
+    # The final comparison's point: a quarter of bos_2k_lr3e-3 (12 runs had to fit the budget).
+    "bos_500_lr3e-3": {"bos": True, "lr": 3e-3, **LONG, "steps": 500, "eval_interval": 250},
     "bos_2k_lr3e-3": {"bos": True, "lr": 3e-3, **LONG},
     "bos_2k_lr1e-2": {"bos": True, "lr": 1e-2, **LONG},
     "bos_2k_lr3e-3_8layers": {"bos": True, "lr": 3e-3, **LONG, "layers": 8},
