@@ -44,8 +44,13 @@ def _markdown(rows: list[dict[str, str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+LOGGING_KEYS = ("log_interval", "eval_interval")
+"""Point keys that change what is recorded, not the regime (left out of the "changed" column)."""
+
+
 def _factors(point: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in point.items()) or "(base point without BOS)"
+    factors = [f"{k}={v}" for k, v in point.items() if k not in LOGGING_KEYS]
+    return ", ".join(factors) or "(base point without BOS)"
 
 
 def search_rows(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
