@@ -311,6 +311,12 @@ def write_summary(out: Path, rows: list[dict[str, Any]], *, finals: Sequence[str
     (out / "search.md").write_text(_markdown(search_rows(rows)))
     search_figure(rows, out / "search.png")
     trajectory_figure(rows, out / "trajectory.png")
+    write_finals(out, rows, finals)
+    print(f"wrote {out}/summary.json, search.md, search.png, trajectory.png")
+
+
+def write_finals(out: Path, rows: list[dict[str, Any]], finals: Sequence[str]) -> None:
+    """`OUT/final_<point>.{md,json,png}`: the four-variant comparison at each of `finals`."""
     legend = "\n".join(f"- {m}: {d}" for m, (d, _fn) in FINAL_METRICS.items())
     for final in finals:
         means, differences, raw = final_rows(rows, final)
@@ -320,5 +326,5 @@ def write_summary(out: Path, rows: list[dict[str, Any]], *, finals: Sequence[str
         (out / f"final_{final}.md").write_text(text)
         (out / f"final_{final}.json").write_text(json.dumps(raw, indent=1))
         final_figure(rows, final, out / f"final_{final}.png")
-    print(f"wrote {out}/summary.json, search.md, search.png, trajectory.png"
-          + "".join(f", final_{final}.*" for final in finals))  # fmt: skip
+    if finals:
+        print(f"wrote {out}/" + ", ".join(f"final_{final}.*" for final in finals))

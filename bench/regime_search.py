@@ -164,12 +164,14 @@ def per_layer_peak(grid: list[list[float]]) -> list[float]:
     return [max(_finite(col), default=math.nan) for col in columns]
 
 
-def read_run(run_dir: Path) -> dict[str, Any]:
-    """One run's row: the point, the per-layer sink and activation numbers, events, loss, cost."""
+def read_run(run_dir: Path, record: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One run's row: the point, the per-layer sink and activation numbers, events, loss, cost
+    (`record`: what `run.json` would say, for runs that have none, e.g. a sweep's)."""
     from megatron_gate.demo.report import load_run
 
-    record = json.loads((run_dir / "run.json").read_text())
+    record = record or json.loads((run_dir / "run.json").read_text())
     run = load_run(run_dir)
+    record.setdefault("status", run.status)
     share = run.layers.get("first_token_attention_share", [])
     events: dict[str, int] = {}
     for event in run.events:
@@ -214,6 +216,17 @@ def read_all(out: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def read_sweep(sweep_dir: Path) -> list[dict[str, Any]]:
+    """The rows of a `megatron-gate sweep --out` folder's runs, one point `sweep_lr<lr>` per LR."""
+    rows = []
+    for path in sorted((sweep_dir / "runs").glob("*/lr*_seed*/stability.jsonl")):
+        lr, seed = path.parent.name.removeprefix("lr").split("_seed")
+        record = {"point": {"lr": float(lr)}, "variant": path.parent.parent.name,
+                  "seed": int(seed)}  # fmt: skip
+        rows.append({**read_run(path.parent, record), "name": f"sweep_lr{lr}"})
+    return rows
+
+
 # ---------------------------------------------------------------------- statistics
 def bootstrap_ci(
     values: Sequence[float], *, resamples: int = 10_000, level: float = 0.95, seed: int = 0
@@ -253,7 +266,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     summary.add_argument("--out", type=Path, default=Path("bench/results/evidence"))
     summary.add_argument("--final", default="", help="points of final comparisons (a,b,...)")
     summary.add_argument("--sweep", type=Path, default=None,
-                         help="a `megatron-gate sweep --out` folder: its table with CIs")  # fmt: skip
+                         help="a `megatron-gate sweep --out` folder: its tables with CIs")  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -268,9 +281,11 @@ def main(argv: list[str]) -> int:
         finals = [name for name in args.final.split(",") if name]
         write_summary(args.out, read_all(args.out), finals=finals)
         if args.sweep:
-            from regime_report import write_sweep_summary  # noqa: PLC0415
+            from regime_report import write_finals, write_sweep_summary  # noqa: PLC0415
 
             write_sweep_summary(args.sweep)
+            rows = read_sweep(args.sweep)
+            write_finals(args.sweep, rows, sorted({r["name"] for r in rows}))
         return 0
     names = [n for n in args.points.split(",") if n]  # "" runs only the final comparison
     unknown = [n for n in names if n not in SEARCH]

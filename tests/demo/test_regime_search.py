@@ -111,3 +111,15 @@ def test_sweep_table_is_the_per_seed_sensitivity_with_a_diverged_run_at_init() -
     assert rows["baseline"]["val loss @ 1"] == "- [-, -]"  # every seed diverged there
     partial = [r for r in runs if not (r["variant"] == "baseline" and r["seed"] == 2)]
     assert report.sweep_rows(partial)[0]["seeds"] == "0,1"
+
+
+def test_sweep_runs_read_back_as_one_point_per_learning_rate(tmp_path: Path) -> None:
+    source = BENCH / "results" / "evidence" / "runs" / "bos" / "baseline_seed1"
+    target = tmp_path / "runs" / "baseline" / "lr0.1_seed1"
+    target.mkdir(parents=True)
+    for name in ("stability.jsonl", "validation.jsonl"):
+        (target / name).write_bytes((source / name).read_bytes())
+    [row] = regime_search.read_sweep(tmp_path)
+    assert (row["name"], row["variant"], row["seed"], row["status"]) == (
+        "sweep_lr0.1", "baseline", 1, "completed")  # fmt: skip
+    assert row["final_validation_loss"] == regime_search.read_run(source)["final_validation_loss"]
