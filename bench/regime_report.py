@@ -296,13 +296,40 @@ def sweep_rows(runs: list[dict[str, Any]]) -> list[dict[str, str]]:
 
 
 def write_sweep_summary(sweep_dir: Path) -> None:
-    """`SWEEP/sweep_ci.md`: the LR-sensitivity table of `SWEEP/sweep.json` with CIs over seeds."""
+    """`SWEEP/sweep_ci.{md,png}`: the LR sensitivity of `SWEEP/sweep.json` with CIs over seeds."""
     runs = json.loads((sweep_dir / "sweep.json").read_text())["runs"]
     text = ("LR sensitivity (Wortsman et al. 2023; lower is better) and final validation loss, "
             "mean [95% bootstrap CI over seeds]; a diverged run counts as its loss at init.\n\n"
             + _markdown(sweep_rows(runs)))  # fmt: skip
     (sweep_dir / "sweep_ci.md").write_text(text)
-    print(f"wrote {sweep_dir}/sweep_ci.md")
+    sweep_figure(runs, sweep_dir / "sweep_ci.png")
+    print(f"wrote {sweep_dir}/sweep_ci.md, sweep_ci.png")
+
+
+def sweep_figure(runs: list[dict[str, Any]], path: Path) -> None:
+    """Final validation loss against the peak LR per variant: mean over seeds with its CI."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lrs, table = _sweep_values(runs)
+    figure, ax = plt.subplots(figsize=(7, 4))
+    for index, (variant, seeds) in enumerate(table.items()):
+        stats = [bootstrap_ci([v[lr] for v in seeds.values()]) for lr in lrs]
+        shift = 1 + (index - 1.5) * 0.04  # side by side on the log axis
+        ax.errorbar([lr * shift for lr in lrs], [m for m, _lo, _hi in stats],
+                    yerr=[[m - lo for m, lo, _hi in stats], [hi - m for m, _lo, hi in stats]],
+                    marker="o", capsize=3, label=f"{variant} (n={len(seeds)})")  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("peak learning rate")
+    ax.set_ylabel("final validation loss (nats/byte)")
+    ax.set_title("LR sweep at the base point: mean over seeds, 95% bootstrap CI")
+    ax.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 def write_summary(out: Path, rows: list[dict[str, Any]], *, finals: Sequence[str] = ()) -> None:

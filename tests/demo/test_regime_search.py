@@ -95,7 +95,9 @@ def test_summary_writes_the_search_table_and_a_final_comparison(tmp_path: Path) 
     assert (tmp_path / "trajectory.png").exists()
 
 
-def test_sweep_table_is_the_per_seed_sensitivity_with_a_diverged_run_at_init() -> None:
+def test_sweep_table_is_the_per_seed_sensitivity_with_a_diverged_run_at_init(
+    tmp_path: Path,
+) -> None:
     report = _load_bench_module("regime_report")
     runs = [
         {"variant": variant, "lr": lr, "seed": seed, "initial_loss": 5.0,
@@ -111,6 +113,8 @@ def test_sweep_table_is_the_per_seed_sensitivity_with_a_diverged_run_at_init() -
     assert rows["baseline"]["val loss @ 1"] == "- [-, -]"  # every seed diverged there
     partial = [r for r in runs if not (r["variant"] == "baseline" and r["seed"] == 2)]
     assert report.sweep_rows(partial)[0]["seeds"] == "0,1"
+    report.sweep_figure(runs, tmp_path / "sweep.png")
+    assert (tmp_path / "sweep.png").stat().st_size > 0
 
 
 def test_sweep_runs_read_back_as_one_point_per_learning_rate(tmp_path: Path) -> None:
