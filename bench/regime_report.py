@@ -1,8 +1,9 @@
 """Tables and figures of the regime search (`bench/regime_search.py summary`).
 
 Writes `OUT/summary.json` (every run's row), `OUT/search.md` (the search table),
-`OUT/final.md` (the four-variant comparison with bootstrap CIs over seeds) and
-`OUT/final.png` (per-layer first-token share and peak max|h| with their CIs).
+`OUT/final_<point>.md` (a four-variant comparison with bootstrap CIs over seeds),
+`OUT/final_<point>.png` (per-layer first-token share and peak max|h| with their CIs) and
+`OUT/trajectory.png` (the baseline's first-token share over training in the longer runs).
 """
 
 from __future__ import annotations
@@ -43,8 +44,13 @@ def _markdown(rows: list[dict[str, str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+LOGGING_KEYS = ("log_interval", "eval_interval")
+"""Point keys that change what is recorded, not the regime (left out of the "changed" column)."""
+
+
 def _factors(point: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in point.items()) or "(base point without BOS)"
+    factors = [f"{k}={v}" for k, v in point.items() if k not in LOGGING_KEYS]
+    return ", ".join(factors) or "(base point without BOS)"
 
 
 def search_rows(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
@@ -216,18 +222,136 @@ def search_figure(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(figure)
 
 
-def write_summary(out: Path, rows: list[dict[str, Any]], *, final: str | None) -> None:
-    """Every table and figure of the search from the run rows."""
+def trajectory_figure(rows: list[dict[str, Any]], path: Path, *, min_steps: int = 400) -> None:
+    """Baseline's largest per-layer first-token share over training, for the longer runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = [r for r in rows if r["variant"] == "baseline" and r["seed"] == 0
+             and r["config"]["steps"] >= min_steps]  # fmt: skip
+    order = {name: index for index, name in enumerate(SEARCH)}
+    table.sort(key=lambda r: order.get(r["name"], 99))
+    figure, ax = plt.subplots(figsize=(8, 4))
+    for row in table:
+        steps, shares = zip(*row["first_token_share_trajectory"], strict=True)
+        ax.plot(steps, shares, label=row["name"], linewidth=1)
+    ax.axhline(SINK_THRESHOLD, color="grey", linestyle=":", linewidth=1)
+    ax.axhline(UNIFORM_SHARE, color="grey", linestyle="--", linewidth=0.8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("largest first-token share (any layer)")
+    ax.set_title(f"baseline, seed 0, runs of >= {min_steps} steps (dotted: sink, dashed: uniform)")
+    if table:  # (an empty figure when no run is that long)
+        ax.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+# ---------------------------------------------------------------------- LR sweep with CIs
+def _sweep_values(runs: list[dict[str, Any]]) -> tuple[list[float], dict[str, dict[int, dict]]]:
+    """(the LRs, variant -> seed -> {"sensitivity", "best", lr: val loss}) of `sweep.json` runs.
+
+    A seed's LR sensitivity is Wortsman et al.'s (`megatron_gate.demo.sweep.lr_sensitivity`) over
+    that seed's runs; a diverged run counts as its loss at initialisation.
+    """
+    from megatron_gate.demo.sweep import lr_sensitivity
+
+    lrs = sorted({r["lr"] for r in runs})
+    table: dict[str, dict[int, dict]] = {}
+    for variant in VARIANT_ORDER:
+        for seed in sorted({r["seed"] for r in runs if r["variant"] == variant}):
+            mine = {r["lr"]: r for r in runs if r["variant"] == variant and r["seed"] == seed}
+            if set(mine) != set(lrs):  # an unfinished seed has no sensitivity yet
+                continue
+            init = sum(r["initial_loss"] for r in mine.values()) / len(mine)
+            losses = {lr: r["final_loss"] for lr, r in mine.items()}
+            capped = [min(v, init) if math.isfinite(v) else init for v in losses.values()]
+            table.setdefault(variant, {})[seed] = {
+                "sensitivity": lr_sensitivity(losses, init),
+                "best": min(capped),
+                **losses,
+            }
+    return lrs, table
+
+
+def sweep_rows(runs: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """Per variant: LR sensitivity, its paired difference to the baseline, the best loss and the
+    validation loss at each LR, each as mean [95% bootstrap CI over seeds]."""
+    lrs, table = _sweep_values(runs)
+    base = table.get("baseline", {})
+    rows = []
+    for variant, seeds in table.items():
+        shared = [s for s in seeds if s in base]
+        delta = [seeds[s]["sensitivity"] - base[s]["sensitivity"] for s in shared]
+        rows.append({
+            "variant": variant, "seeds": ",".join(map(str, seeds)),
+            "LR sensitivity": _ci_text([v["sensitivity"] for v in seeds.values()]),
+            "- baseline (paired)": _ci_text(delta) if variant != "baseline" else "-",
+            "best loss": _ci_text([v["best"] for v in seeds.values()]),
+            **{f"val loss @ {lr:g}": _ci_text([v[lr] for v in seeds.values()]) for lr in lrs},
+        })  # fmt: skip
+    return rows
+
+
+def write_sweep_summary(sweep_dir: Path) -> None:
+    """`SWEEP/sweep_ci.{md,png}`: the LR sensitivity of `SWEEP/sweep.json` with CIs over seeds."""
+    runs = json.loads((sweep_dir / "sweep.json").read_text())["runs"]
+    text = ("LR sensitivity (Wortsman et al. 2023; lower is better) and final validation loss, "
+            "mean [95% bootstrap CI over seeds]; a diverged run counts as its loss at init.\n\n"
+            + _markdown(sweep_rows(runs)))  # fmt: skip
+    (sweep_dir / "sweep_ci.md").write_text(text)
+    sweep_figure(runs, sweep_dir / "sweep_ci.png")
+    print(f"wrote {sweep_dir}/sweep_ci.md, sweep_ci.png")
+
+
+def sweep_figure(runs: list[dict[str, Any]], path: Path) -> None:
+    """Final validation loss against the peak LR per variant: mean over seeds with its CI."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lrs, table = _sweep_values(runs)
+    figure, ax = plt.subplots(figsize=(7, 4))
+    for index, (variant, seeds) in enumerate(table.items()):
+        stats = [bootstrap_ci([v[lr] for v in seeds.values()]) for lr in lrs]
+        shift = 1 + (index - 1.5) * 0.04  # side by side on the log axis
+        ax.errorbar([lr * shift for lr in lrs], [m for m, _lo, _hi in stats],
+                    yerr=[[m - lo for m, lo, _hi in stats], [hi - m for m, _lo, hi in stats]],
+                    marker="o", capsize=3, label=f"{variant} (n={len(seeds)})")  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("peak learning rate")
+    ax.set_ylabel("final validation loss (nats/byte)")
+    ax.set_title("LR sweep at the base point: mean over seeds, 95% bootstrap CI")
+    ax.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def write_summary(out: Path, rows: list[dict[str, Any]], *, finals: Sequence[str] = ()) -> None:
+    """Every table and figure of the search from the run rows; `final_<point>.*` per final."""
     (out / "summary.json").write_text(json.dumps(rows, indent=1, default=str))
     (out / "search.md").write_text(_markdown(search_rows(rows)))
     search_figure(rows, out / "search.png")
-    if final:
+    trajectory_figure(rows, out / "trajectory.png")
+    write_finals(out, rows, finals)
+    print(f"wrote {out}/summary.json, search.md, search.png, trajectory.png")
+
+
+def write_finals(out: Path, rows: list[dict[str, Any]], finals: Sequence[str]) -> None:
+    """`OUT/final_<point>.{md,json,png}`: the four-variant comparison at each of `finals`."""
+    legend = "\n".join(f"- {m}: {d}" for m, (d, _fn) in FINAL_METRICS.items())
+    for final in finals:
         means, differences, raw = final_rows(rows, final)
-        legend = "\n".join(f"- {m}: {d}" for m, (d, _fn) in FINAL_METRICS.items())
         text = (f"Point `{final}`; mean [95% bootstrap CI over seeds]\n\n"
                 f"{_markdown(means)}\nPaired differences (same seed, same batches):\n\n"
                 f"{_markdown(differences)}\n{legend}\n")  # fmt: skip
-        (out / "final.md").write_text(text)
-        (out / "final.json").write_text(json.dumps(raw, indent=1))
-        final_figure(rows, final, out / "final.png")
-    print(f"wrote {out}/summary.json, search.md, search.png" + (", final.*" if final else ""))
+        (out / f"final_{final}.md").write_text(text)
+        (out / f"final_{final}.json").write_text(json.dumps(raw, indent=1))
+        final_figure(rows, final, out / f"final_{final}.png")
+    if finals:
+        print(f"wrote {out}/" + ", ".join(f"final_{final}.*" for final in finals))

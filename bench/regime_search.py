@@ -2,7 +2,7 @@
 
     python bench/regime_search.py search  --out bench/results/evidence      # the search grid
     python bench/regime_search.py search  --final bos --final-seeds 0,1,2   # + 4-variant comparison
-    python bench/regime_search.py summary --out bench/results/evidence      # tables + figures
+    python bench/regime_search.py summary --final bos,bos_2k_lr3e-3        # tables + figures
 
 Every run is the demo's trainer (`megatron_gate.demo.trainer.train_variant`, monitor on) in a
 child process under `nice -n 19` with one thread, at most `--jobs` at a time (the machine is
@@ -37,6 +37,8 @@ BASE: dict[str, Any] = dict(
     weight_decay=0.1, log_interval=20, eval_interval=50, eval_batches=4,
     checkpoint_interval=10**9, write_checkpoints=False,
 )  # fmt: skip
+LONG: dict[str, Any] = dict(steps=2000, batch_size=8, log_interval=50, eval_interval=500)
+"""The second round's training length: 2000 steps of 8 x 128 tokens (2M tokens)."""
 SEARCH: dict[str, dict[str, Any]] = {
     # The demo's regime (no BOS), then the factors the literature ties to sinks, one at a time
     # (most informative first: an interrupted search still covers them).
@@ -53,6 +55,22 @@ SEARCH: dict[str, dict[str, Any]] = {
     "bos_lr0.3": {"bos": True, "lr": 0.3},
     "bos_8layers_lr0.01": {"bos": True, "layers": 8, "lr": 1e-2},
     "bos_long_lr0.01": {"bos": True, "steps": 400, "lr": 1e-2},
+    # Second round (idle machine): moderate LRs trained 5-20x longer at batch 8, where the sink
+    # literature (Xiao et al. 2023; Gu et al. 2024) sees sinks grow; then depth, width,
+    # sequence, weight decay, warm-up and the BOS control around the best of them.
+    "bos_2k_lr1e-3": {"bos": True, "lr": 1e-3, **LONG},
+    # The final comparison at a moderate LR: a quarter of bos_2k_lr3e-3 (12 runs fit the budget).
+    "bos_500_lr3e-3": {"bos": True, "lr": 3e-3, **LONG, "steps": 500, "eval_interval": 250},
+    "bos_2k_lr3e-3": {"bos": True, "lr": 3e-3, **LONG},
+    "bos_2k_lr1e-2": {"bos": True, "lr": 1e-2, **LONG},
+    "bos_2k_lr3e-3_8layers": {"bos": True, "lr": 3e-3, **LONG, "layers": 8},
+    "bos_2k_lr3e-3_h256": {"bos": True, "lr": 3e-3, **LONG, "hidden": 256},
+    "bos_2k_lr3e-3_seq256": {"bos": True, "lr": 3e-3, **LONG, "seq_len": 256, "batch_size": 4},
+    "bos_2k_lr3e-3_wd0": {"bos": True, "lr": 3e-3, **LONG, "weight_decay": 0.0},
+    "bos_2k_lr3e-3_wd1": {"bos": True, "lr": 3e-3, **LONG, "weight_decay": 1.0},
+    "bos_4k_lr3e-3": {"bos": True, "lr": 3e-3, **LONG, "steps": 4000},
+    "bos_2k_lr3e-3_warmup0": {"bos": True, "lr": 3e-3, **LONG, "warmup_steps": 1},
+    "nobos_2k_lr3e-3": {"lr": 3e-3, **LONG},
 }
 VARIANT_ORDER = ("baseline", "qk_layernorm", "gated_headwise", "gated_elementwise")
 DATA_KEYS = ("bos", "doc_split")
@@ -146,12 +164,14 @@ def per_layer_peak(grid: list[list[float]]) -> list[float]:
     return [max(_finite(col), default=math.nan) for col in columns]
 
 
-def read_run(run_dir: Path) -> dict[str, Any]:
-    """One run's row: the point, the per-layer sink and activation numbers, events, loss, cost."""
+def read_run(run_dir: Path, record: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One run's row: the point, the per-layer sink and activation numbers, events, loss, cost
+    (`record`: what `run.json` would say, for runs that have none, e.g. a sweep's)."""
     from megatron_gate.demo.report import load_run
 
-    record = json.loads((run_dir / "run.json").read_text())
+    record = record or json.loads((run_dir / "run.json").read_text())
     run = load_run(run_dir)
+    record.setdefault("status", run.status)
     share = run.layers.get("first_token_attention_share", [])
     events: dict[str, int] = {}
     for event in run.events:
@@ -161,6 +181,11 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         **record,
         "first_token_share_final": run.final_layers("first_token_attention_share"),
         "first_token_share_peak": per_layer_peak(share),
+        # (step, largest share of any layer) at every logged step: does a sink grow with training?
+        "first_token_share_trajectory": [
+            [step, max(_finite(row), default=math.nan)]
+            for step, row in zip(run.layer_steps, share, strict=True)
+        ],
         "max_abs_residual_peak": per_layer_peak(run.layers.get("max_abs_residual", [])),
         "max_attention_logit": max(
             _finite([v for row in run.layers.get("max_attention_logit", []) for v in row]),
@@ -188,6 +213,17 @@ def read_all(out: Path) -> list[dict[str, Any]]:
         row = read_run(path.parent)
         row["name"] = path.parent.parent.name
         rows.append(row)
+    return rows
+
+
+def read_sweep(sweep_dir: Path) -> list[dict[str, Any]]:
+    """The rows of a `megatron-gate sweep --out` folder's runs, one point `sweep_lr<lr>` per LR."""
+    rows = []
+    for path in sorted((sweep_dir / "runs").glob("*/lr*_seed*/stability.jsonl")):
+        lr, seed = path.parent.name.removeprefix("lr").split("_seed")
+        record = {"point": {"lr": float(lr)}, "variant": path.parent.parent.name,
+                  "seed": int(seed)}  # fmt: skip
+        rows.append({**read_run(path.parent, record), "name": f"sweep_lr{lr}"})
     return rows
 
 
@@ -228,7 +264,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         command.add_argument("--final-variants", default=",".join(VARIANT_ORDER))
     summary = sub.add_parser("summary")
     summary.add_argument("--out", type=Path, default=Path("bench/results/evidence"))
-    summary.add_argument("--final", default=None, help="point of the final comparison")
+    summary.add_argument("--final", default="", help="points of final comparisons (a,b,...)")
+    summary.add_argument("--sweep", type=Path, default=None,
+                         help="a `megatron-gate sweep --out` folder: its tables with CIs")  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -240,7 +278,14 @@ def main(argv: list[str]) -> int:
     if args.command == "summary":
         from regime_report import write_summary  # noqa: PLC0415 - bench/ sibling module
 
-        write_summary(args.out, read_all(args.out), final=args.final)
+        finals = [name for name in args.final.split(",") if name]
+        write_summary(args.out, read_all(args.out), finals=finals)
+        if args.sweep:
+            from regime_report import write_finals, write_sweep_summary  # noqa: PLC0415
+
+            write_sweep_summary(args.sweep)
+            rows = read_sweep(args.sweep)
+            write_finals(args.sweep, rows, sorted({r["name"] for r in rows}))
         return 0
     names = [n for n in args.points.split(",") if n]  # "" runs only the final comparison
     unknown = [n for n in names if n not in SEARCH]

@@ -48,10 +48,11 @@ DEFAULT_LRS = (3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 DEFAULT_SEEDS = (0, 1)
 PRESETS: dict[str, dict[str, object]] = {
     # The base point of docs/evidence.md's regime search (a BOS token at position 0, the demo's
-    # model and LR, 100 steps) over the LR range, the paper's four variants, 3 seeds. The search
-    # found no persistent sink there (see that page): this is its follow-up, not a proof.
+    # model, 100 steps) from a stable LR to one where the baseline diverges (lr 3: validation
+    # loss 18 in the search), the paper's four variants, 3 seeds: the regime where the search
+    # saw loss spikes and divergence (it saw no persistent sink anywhere; see that page).
     "evidence": {"bos": True, "layers": 4, "hidden": 128, "heads": 4, "seq_len": 128,
-             "batch_size": 4, "steps": 100, "lrs": "1e-2,3e-2,0.1,0.3,1", "seeds": "0,1,2",
+             "batch_size": 4, "steps": 100, "lrs": "1e-2,3e-2,0.1,0.3,1,3", "seeds": "0,1,2",
              "variants": "baseline,qk_layernorm,gated_headwise,gated_elementwise"},
 }  # fmt: skip
 
