@@ -98,6 +98,8 @@ class _FlatCopy:
         for index, tensor in enumerate(self.tensors):
             self.runs.setdefault((tensor.device, tensor.dtype), []).append(index)
         self.flat = {key: self._cat(indices) for key, indices in self.runs.items()}
+        self.sizes = {key: [self.tensors[i].numel() for i in indices]
+                      for key, indices in self.runs.items()}  # fmt: skip
 
     def _cat(self, indices: list[int]) -> torch.Tensor:
         # Called under no_grad only (`_step_bucket`): no detach needed, one dispatch less each.
@@ -105,7 +107,7 @@ class _FlatCopy:
 
     def _pieces(self, key: tuple[torch.device, torch.dtype], flat: torch.Tensor) -> list:
         indices = self.runs[key]
-        chunks = flat.split([self.tensors[i].numel() for i in indices])
+        chunks = flat.split(self.sizes[key])
         return [chunk.view_as(self.tensors[i]) for chunk, i in zip(chunks, indices, strict=True)]
 
     def changes(self) -> list[torch.Tensor]:
@@ -115,7 +117,7 @@ class _FlatCopy:
         values: list[torch.Tensor | None] = [None] * len(self.tensors)
         for key, indices in self.runs.items():
             change = self._cat(indices).sub_(self.flat[key])
-            pieces = change.split([self.tensors[i].numel() for i in indices])
+            pieces = change.split(self.sizes[key])
             for i, piece in zip(indices, pieces, strict=True):
                 values[i] = piece
         return values  # type: ignore[return-value]
