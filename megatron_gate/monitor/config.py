@@ -102,7 +102,9 @@ class GuardConfig:
     """The per-step guard: which updates it skips on the device (see docs/monitor.md, "Guard").
 
     The defaults skip only what is certainly bad: non-finite values, and spikes at high
-    confidence (robust z > 8 AND more than 50% above the recent level).
+    confidence: robust z > 8 AND a loss more than 50% above its recent level, or a grad norm
+    more than 4x its recent level. Calibrated on real runs by others (bench/spike_detection.py):
+    healthy grad norms reach 3.5x their median, so a lower grad-norm bar skips healthy updates.
     """
 
     enabled: bool = True
@@ -117,7 +119,12 @@ class GuardConfig:
     """Robust z-score of the log-value (median and 1.4826 x MAD of the history) above which a
     value may be a spike."""
     min_relative_jump: float = 0.5
-    """And the value must exceed its recent level (the median) by more than this fraction."""
+    """And the loss must exceed its recent level (the median) by more than this fraction."""
+    grad_norm_min_relative_jump: float = 3.0
+    """And the grad norm must exceed its recent level by more than this fraction (3.0: 4x).
+    Clipping already bounds the update of a large gradient, and healthy runs show grad norms of
+    1.5-3.5x their median (llm.c GPT-2 124M: 26 such steps in 19,552): only a far larger
+    excursion is skipped; smaller ones are reported by the `grad_norm_spike` detector."""
     window: int = 128
     """Accepted log-values kept for the statistics."""
     min_history: int = 32
@@ -136,6 +143,10 @@ class GuardConfig:
     `torch.where` keeps the old state: no host read), "host" (the rule runs in plain Python on
     the read values and a rejected step is not taken: no copies, one synchronisation per step
     on a GPU), or "auto" (host on the CPU, where a read waits for nothing; device otherwise)."""
+
+    def relative_jump(self, signal: str) -> float:
+        """The least relative jump above its level at which `signal`'s value is a spike."""
+        return self.grad_norm_min_relative_jump if signal == "grad_norm" else self.min_relative_jump
 
     def reads_on_host(self, device_type: str) -> bool:
         """Whether per-step values on `device_type` are read to the host (`skip_mode`)."""
@@ -461,8 +472,9 @@ def _validate_guard(guard: GuardConfig) -> None:
     finite = math.isfinite
     _require(finite(guard.z_threshold) and guard.z_threshold > 0, "guard.z_threshold",
              "must be a finite number > 0.")  # fmt: skip
-    _require(finite(guard.min_relative_jump) and guard.min_relative_jump > 0,
-             "guard.min_relative_jump", "must be a finite number > 0.")  # fmt: skip
+    for key in ("min_relative_jump", "grad_norm_min_relative_jump"):
+        value = getattr(guard, key)
+        _require(finite(value) and value > 0, f"guard.{key}", "must be a finite number > 0.")
     _require(8 <= guard.window <= 4096, "guard.window", "must be between 8 and 4096.")
     _require(1 <= guard.min_history <= guard.window, "guard.min_history",
              f"must be between 1 and window ({guard.window}).")  # fmt: skip
