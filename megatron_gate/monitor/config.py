@@ -48,6 +48,8 @@ class DetectorConfig:
     is the residual quantile of that rate from a generalized Pareto fit of the residual tail."""
     min_relative_jump: float = 0.1
     """Floor of the scalar threshold: a value must exceed its level by this fraction."""
+    min_absolute_jump: float = 0.0
+    """Floor of the one-step outlier threshold, in the value's units (nats for the loss)."""
     z_threshold: float = 6.0
     """Scalar detectors, until the tail fit has enough history: robust z-score (median and
     1.4826 x MAD of the residuals) above which an event opens."""
@@ -87,6 +89,12 @@ class DetectorsConfig:
     update_norm_spike: DetectorConfig = _detector(
         action="alert", window=256, min_relative_jump=0.5, min_history=8
     )
+    # A one-step loss outlier a person sees on the curve: > median of the last 50 losses +
+    # max(0.5 nats, 10 robust SD). Informs (severity info), unless loss_spike already reported it.
+    loss_outlier: DetectorConfig = _detector(
+        action="log", severity="info", window=50, min_history=50, z_threshold=10.0,
+        min_absolute_jump=0.5,
+    )  # fmt: skip
     nan_or_inf: DetectorConfig = _detector(action="skip_step", severity="critical")
     massive_activation: DetectorConfig = _detector(
         action="log", threshold=1.0e4, ratio=10.0, min_history=5
@@ -445,6 +453,11 @@ def _validate_detector(name: str, detector: DetectorConfig) -> None:
     )
     _require(0 < detector.false_alarm_rate < 0.5, f"{key}.false_alarm_rate", "must be in (0, 0.5).")
     _require(detector.min_relative_jump >= 0, f"{key}.min_relative_jump", "must be >= 0.")
+    _require(
+        math.isfinite(detector.min_absolute_jump) and detector.min_absolute_jump >= 0,
+        f"{key}.min_absolute_jump",
+        "must be a finite number >= 0.",
+    )
     _require(detector.level_window >= 1, f"{key}.level_window", "must be >= 1.")
     _require(detector.level_shift_steps >= 2, f"{key}.level_shift_steps", "must be >= 2.")
     _require(detector.z_threshold > 0, f"{key}.z_threshold", "must be > 0.")
