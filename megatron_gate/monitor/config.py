@@ -41,8 +41,9 @@ class DetectorConfig:
     """Action instead of `action` when another signal (loss, grad norm, update norm) opened an
     event within `CORROBORATION_STEPS` steps (None: `action`)."""
     severity: str = "warning"
-    """One of `schema.SEVERITIES` (a corroborated event is raised one level, a level shift is
-    info)."""
+    """One of `schema.SEVERITIES`, saying what a person must do: info (look when you like),
+    warning (look now), critical (the monitor acted: skipped, backed off, rolled back, aborted).
+    A corroborated event is raised one level, a level shift is info."""
     false_alarm_rate: float = 1.0e-4
     """Target probability per healthy step that a scalar detector opens an event: the threshold
     is the residual quantile of that rate from a generalized Pareto fit of the residual tail."""
@@ -97,7 +98,7 @@ class DetectorsConfig:
     )  # fmt: skip
     nan_or_inf: DetectorConfig = _detector(action="skip_step", severity="critical")
     massive_activation: DetectorConfig = _detector(
-        action="log", threshold=1.0e4, ratio=10.0, min_history=5
+        action="log", severity="info", threshold=1.0e4, ratio=10.0, min_history=5
     )
     attention_sink: DetectorConfig = _detector(action="log", severity="info", threshold=0.8)
     attention_logit_growth: DetectorConfig = _detector(
