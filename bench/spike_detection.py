@@ -134,6 +134,10 @@ def synthetic_curve(seed: int, *, steps: int = 4000, faults: bool = True) -> Cur
         step = rng.randrange(steps - 250, steps - 100)
         labels = [label for label in labels if label["step"] < step - 150]
         labels.append({"step": step, "kind": "divergence", "end": steps - 1})
+    taken = [*(label["step"] for label in labels), *shift_steps]
+    bursts = _grad_bursts(seed, taken=taken, steps=steps) if faults else {}
+    labels += [{"step": at + 1, "kind": "spike_after_grad_burst", "end": at + 1, "cause": at}
+               for at in bursts]  # fmt: skip
     bumps = {}
     for label in labels:
         if label["kind"] == "bump":
@@ -157,7 +161,9 @@ def synthetic_curve(seed: int, *, steps: int = 4000, faults: bool = True) -> Cur
         for at, (height, tau) in bumps.items():
             if at <= step:  # rises over 3 steps, then decays with time constant tau
                 excess += height * min(1.0, (step - at + 1) / 3) * math.exp(-(step - at) / tau)
-        grad_factor = 1.0
+        grad_factor = bursts[step][0] if step in bursts else 1.0
+        if step - 1 in bursts:  # the loss reacts one step after the gradient burst
+            excess += math.log1p(bursts[step - 1][1])
         if step in jumps:
             excess += math.log1p(jumps[step])
             grad_factor = (1 + jumps[step]) ** rng.uniform(1.0, 3.0)
@@ -178,6 +184,20 @@ def synthetic_curve(seed: int, *, steps: int = 4000, faults: bool = True) -> Cur
         benign.append({"step": restart, "kind": "lr_restart"})
     return Curve(name=f"synthetic_{seed}", scalars=scalars, labels=labels, benign=benign,
                  first_step=0)  # fmt: skip
+
+
+def _grad_bursts(seed: int, *, taken: list[int], steps: int) -> dict[int, tuple[float, float]]:
+    """0-2 gradient bursts (step -> (grad factor 3-20, loss rise 10-50 % one step later)), away
+    from the other faults; from a stream of their own, so the other faults of a seed stay put."""
+    rng = random.Random(f"grad-burst-{seed}")
+    bursts: dict[int, tuple[float, float]] = {}
+    for _ in range(rng.randint(0, 2)):
+        for _attempt in range(50):
+            at = rng.randrange(400, steps - 300)
+            if all(abs(at - other) >= 150 for other in [*taken, *bursts]):
+                bursts[at] = (rng.uniform(3.0, 20.0), rng.uniform(0.1, 0.5))
+                break
+    return bursts
 
 
 def synthetic_curves(seeds: Iterable[int], *, healthy: Iterable[int] = ()) -> list[Curve]:
@@ -459,7 +479,7 @@ def score_curve(curve: Curve, openings: list[Opening], tally: Tally) -> None:
     for label in curve.labels:
         kind, step = label["kind"], label["step"]
         end = max(label.get("end", step), step) + MATCH_STEPS
-        spans.append((step, end))
+        spans.append((min(label.get("cause", step), step), end))  # its cause's events are true
         tally.faults[kind] = tally.faults.get(kind, 0) + 1
         hits = [o.step - step for o in openings if step <= o.step <= step + MATCH_STEPS
                 and o.kind != "level_shift"]  # fmt: skip

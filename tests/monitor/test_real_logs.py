@@ -3,6 +3,7 @@ a healthy run alone, one-step outliers are reported, NaN runs are caught on thei
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import sys
 from pathlib import Path
@@ -76,3 +77,35 @@ def test_a_grad_norm_rule_at_6_sigma_skips_healthy_updates(bench: ModuleType, lo
     rule = bench.on_logs(bench.reference_detectors()["mean_std_6sigma_128 (OLMo-core SkipStep)"])
     result = real_logs.score_clean([logs["llmc_siddanthemani_124m"]], rule)
     assert result["actionable_grad_norm_events_per_10k_outside_blips"] > 5.0
+
+
+def test_benchmark_sees_what_the_monitor_does(
+    bench: ModuleType, logs: dict, tmp_path: Path
+) -> None:
+    # The benchmark's harness (guard rule + detector suite) against StabilityMonitor.end_step fed
+    # with the same rows of a real log: the same opened episodes and skipped steps.
+    import json
+
+    import torch
+
+    from megatron_gate.monitor.config import MonitorConfig, SinksConfig
+    from megatron_gate.monitor.monitor import StabilityMonitor
+
+    log = logs["pg_pr1_gqa4"]
+    rows = slice(0, 2000)  # outliers at 1241, 1455, 1609, 1794
+    short = dataclasses.replace(log, steps=log.steps[rows], loss=log.loss[rows],
+                                grad_norm=log.grad_norm[rows])  # fmt: skip
+    config = MonitorConfig(sinks=SinksConfig(tensorboard=False, console=False))
+    monitor = StabilityMonitor(config, models=torch.nn.Linear(2, 2), run_dir=tmp_path)
+    for step, loss in zip(short.steps, short.loss, strict=True):
+        monitor.end_step(step, loss=loss)
+    monitor.close()
+    records = [json.loads(line) for line in (tmp_path / "stability.jsonl").read_text().splitlines()]
+    opened = sorted(
+        (r["step"], r["detector"] == "guard")
+        for r in records
+        if r["kind"] == "event" and r["episode"]["phase"] == "open"
+    )
+    marks = bench.on_logs(bench.ours())(short)
+    assert opened == sorted((m.step, m.skip) for m in marks)
+    assert {1241, 1455, 1609, 1794} <= {step for step, _ in opened}
