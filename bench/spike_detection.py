@@ -49,6 +49,7 @@ from megatron_gate.monitor.guard_rule import GuardRule  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "spike_detection.json"
 TRACES = ROOT / "bench" / "results" / "traces"
+MEGATRON_LM_TRACES = ROOT / "bench" / "results" / "traces_megatron_lm"
 MATCH_STEPS = 10
 SIGNALS = ("loss", "grad_norm", "update_norm")
 ALARM_KINDS = ("spike", "bump", "divergence", "non_finite", "threshold")
@@ -209,10 +210,11 @@ def synthetic_curves(seeds: Iterable[int], *, healthy: Iterable[int] = ()) -> li
     ]
 
 
-def real_curves() -> list[Curve]:
-    """The cached real traces (bench/spike_traces.py writes them)."""
+def real_curves(folder: Path = TRACES) -> list[Curve]:
+    """The cached real traces of `folder` (bench/spike_traces.py writes bench/results/traces,
+    bench/megatron_lm_traces.py bench/results/traces_megatron_lm)."""
     curves = []
-    for path in sorted(TRACES.glob("*.json")):
+    for path in sorted(folder.glob("*.json")):
         data = json.loads(path.read_text())
         curves.append(Curve(name=f"real_{path.stem}", scalars=data["scalars"],
                             labels=data["labels"], benign=data.get("benign", []),
@@ -625,8 +627,8 @@ def _fmt(value: float | None) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the small subset the test scores")
-    parser.add_argument("--sets", nargs="+", choices=("synthetic", "real", "real_logs"),
-                        default=["synthetic", "real", "real_logs"],
+    parser.add_argument("--sets", nargs="+", choices=("synthetic", "real", "megatron_lm", "real_logs"),
+                        default=["synthetic", "real", "megatron_lm", "real_logs"],
                         help="curve sets to score; the others keep their figures in --output")  # fmt: skip
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -636,6 +638,8 @@ def main() -> int:
         sets["synthetic"] = synthetic_curves(seeds, healthy=healthy)
     if "real" in args.sets and not args.quick:
         sets["real"] = real_curves()
+    if "megatron_lm" in args.sets and not args.quick:
+        sets["megatron_lm"] = real_curves(MEGATRON_LM_TRACES)
     report: dict[str, Any] = {"match_steps": MATCH_STEPS, "sets": {}}
     if args.output.exists() and not args.quick:
         report = json.loads(args.output.read_text())
