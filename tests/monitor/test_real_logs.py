@@ -46,9 +46,15 @@ def test_outlier_labels_follow_their_definition(logs: dict) -> None:
     assert logs["llmc_siddanthemani_124m"].blips == (8715, 12008)
 
 
-def test_guard_leaves_a_healthy_full_batch_run_alone(bench: ModuleType, logs: dict) -> None:
+@pytest.mark.parametrize("name", ["llmc_siddanthemani_124m", "mng_2024-10-13_llmc"])
+def test_guard_leaves_a_healthy_full_batch_run_alone(
+    bench: ModuleType, logs: dict, name: str
+) -> None:
+    # Two llm.c GPT-2 124M runs (~19,500 steps each, full-batch loss and global grad norm)
     real_logs = sys.modules["real_logs"]
-    result = real_logs.score_clean([logs["llmc_siddanthemani_124m"]], bench.on_logs(bench.ours()))
+    marks = bench.on_logs(bench.ours())(logs[name])
+    assert {m.step for m in marks if m.skip} <= set(logs[name].blips)
+    result = real_logs.score_clean([logs[name]], bench.on_logs(bench.ours()))
     assert result["healthy_skips_per_10k"] == 0.0, result["false_examples"]
     assert result["actionable_loss_events_per_10k"] == 0.0, result["false_examples"]
     assert result["actionable_grad_norm_events_per_10k_outside_blips"] <= 1.0
