@@ -30,7 +30,14 @@ class DuplicateKeyError(InputError):
         )
         self.key, self.first_line, self.second_line = key, first_line, second_line
 
+    def __reduce__(self) -> tuple:  # picklable (a spawned rank reports it to its parent)
+        return (_rebuild, (self.key, self.first_line, self.second_line))
+
     fix = "keep one of them (a repeated key is usually a merge or copy mistake)"
+
+
+def _rebuild(key: object, first_line: int, second_line: int) -> DuplicateKeyError:
+    return DuplicateKeyError(key, first_line=first_line, second_line=second_line)
 
 
 class UniqueKeySafeLoader(yaml.SafeLoader):
