@@ -18,7 +18,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from megatron_gate.errors import output_error
+from megatron_gate.errors import InputError, output_error
 
 DISK_FULL_MARGIN = 1 << 20
 """Free bytes below which a failed write that is not an `OSError` counts as a full disk."""
@@ -45,14 +45,25 @@ def disk_nearly_full(directory: Path) -> bool:
         return False
 
 
+_REFUSALS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
 def refused_write(error: BaseException, directory: Path) -> OSError | None:
     """The `OSError` behind a failed write, or None when the failure is not the machine's.
 
-    Writers that wrap the C library (torch.save's zip writer) report a full disk as a
-    `RuntimeError`: that counts as `ENOSPC` when the disk is indeed (nearly) full."""
+    Libraries wrap the refusal: Megatron's checkpoint writer raises its own exception from the
+    `OSError`, torch.save's zip writer a `RuntimeError` that keeps no errno; the latter counts as
+    `ENOSPC` when the disk is indeed (nearly) full."""
     if isinstance(error, OSError):
         return error
-    if isinstance(error, RuntimeError) and disk_nearly_full(directory):
+    if isinstance(error, InputError):
+        return None  # already one line of its own
+    cause = error.__cause__ or error.__context__
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno in _REFUSALS:
+            return cause
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(error, Exception) and disk_nearly_full(directory):
         return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     return None
 

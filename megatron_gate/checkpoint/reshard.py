@@ -34,6 +34,7 @@ from megatron_gate.checkpoint.safe_io import (
     check_output,
     commit,
     partial_path,
+    refused_write_error,
 )
 from megatron_gate.checkpoint.torch_dist_files import vet_torch_dist_dir
 
@@ -145,10 +146,10 @@ def save_distributed(
         write_distributed(model, partial, shape=shape)
         if _rank() == 0:
             commit(partial, directory, force=force)
-    except BaseException:
+    except BaseException as error:
         if _rank() == 0 and partial.exists():
             shutil.rmtree(partial, ignore_errors=True)
-        raise
+        raise refused_write_error(error, directory) or error
     _barrier()
     return directory
 

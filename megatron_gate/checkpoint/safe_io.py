@@ -127,6 +127,13 @@ def commit(partial: Path, path: Path, *, force: bool) -> None:
         partial.rename(path)
 
 
+def refused_write_error(error: BaseException, path: Path) -> CheckpointError | None:
+    """The one-line `CheckpointError` of a write of `path` that the machine refused (a full disk,
+    a read-only folder), or None for any other failure."""
+    refused = refused_write(error, path.parent)
+    return None if refused is None else CheckpointError(write_failure_message(path, refused))
+
+
 @contextlib.contextmanager
 def atomic_output(
     path: str | os.PathLike, *, force: bool, directory: bool = False
@@ -144,12 +151,9 @@ def atomic_output(
             partial.mkdir()
         yield partial
         commit(partial, path, force=force)
-    except (OSError, RuntimeError) as error:
+    except Exception as error:
         remove(partial)
-        refused = refused_write(error, path.parent)
-        if refused is not None:
-            raise CheckpointError(write_failure_message(path, refused)) from error
-        raise
+        raise refused_write_error(error, path) or error
     except BaseException:
         remove(partial)
         raise
