@@ -149,7 +149,10 @@ def save_distributed(
     except BaseException as error:
         if _rank() == 0 and partial.exists():
             shutil.rmtree(partial, ignore_errors=True)
-        raise refused_write_error(error, directory) or error
+        refused = refused_write_error(error, directory)
+        if refused is not None:
+            raise refused from error
+        raise
     _barrier()
     return directory
 

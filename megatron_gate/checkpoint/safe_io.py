@@ -153,7 +153,10 @@ def atomic_output(
         commit(partial, path, force=force)
     except Exception as error:
         remove(partial)
-        raise refused_write_error(error, path) or error
+        refused = refused_write_error(error, path)
+        if refused is not None:
+            raise refused from error
+        raise
     except BaseException:
         remove(partial)
         raise
