@@ -362,8 +362,10 @@ def _event_view(
 
 
 def _raw_text(event: dict[str, Any]) -> str:
-    """The record as written (indented JSON, cut at MAX_RAW_CHARS): one click away on the page."""
-    text = json.dumps(event, indent=1, default=str)
+    """The record as written (indented JSON, cut at MAX_RAW_CHARS): one click away on the page.
+    Non-finite numbers become null, as the monitor's JSONL sink writes them."""
+    strict = json.loads(json.dumps(event, default=str), parse_constant=lambda _constant: None)
+    text = json.dumps(strict, indent=1)
     return text if len(text) <= MAX_RAW_CHARS else text[: MAX_RAW_CHARS - 3] + "..."
 
 
