@@ -473,7 +473,8 @@ class DemoRun:
     def _stop_if_record_refused(self) -> None:
         """The demo's report is read from its JSONL: a record the machine refused to write (the
         monitor disabled the sink, saying why) ends the demo with that one line (exit 2)."""
-        refused = self.monitor.sinks.disabled.get("jsonl")
+        sinks = getattr(self.monitor, "sinks", None)  # none when the monitor is off
+        refused = sinks.disabled.get("jsonl") if sinks is not None else None
         if refused is not None:
             raise OutputError(refused.removeprefix(f"{OutputError.__name__}: "))
 
