@@ -164,8 +164,8 @@ def build_model(
 ) -> torch.nn.Module:
     """The variant's GPT, initialised from `config.seed` (same data order for every variant)."""
     from megatron_gate.backends import resolve_backend
+    from megatron_gate.demo.tiny_gpt import build_gpt, tiny_config
     from megatron_gate.distributed import init_model_parallel
-    from megatron_gate.tiny_gpt import build_gpt, tiny_config
 
     backend = resolve_backend("auto") if device.type == "cuda" else "local"
     init_model_parallel(tp=config.tp, seed=config.seed)
@@ -238,7 +238,7 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
 
 def token_loss(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of a `[b, s]` batch."""
-    from megatron_gate.tiny_gpt import causal_mask, position_ids
+    from megatron_gate.demo.tiny_gpt import causal_mask, position_ids
 
     batch, seq_len = tokens.shape
     device = next(model.parameters()).device
