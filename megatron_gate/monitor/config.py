@@ -320,8 +320,10 @@ def _check_yaml_events(text: str, source: str) -> None:
     parser's events, before anything is constructed or expanded."""
     import yaml
 
+    from megatron_gate import safe_yaml
+
     depth = 0
-    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+    for event in yaml.parse(text, Loader=safe_yaml.UniqueKeySafeLoader):
         if isinstance(event, yaml.AliasEvent):
             raise MonitorConfigError(
                 f"{source}: YAML aliases (*{event.anchor}) are not accepted (monitor config): "
@@ -339,9 +341,12 @@ def _check_yaml_events(text: str, source: str) -> None:
 
 
 def load_yaml(text: str, *, source: str) -> Any:
-    """`yaml.safe_load(text)` with the limits above; every failure is a `MonitorConfigError`
-    whose message never echoes the (possibly huge) input."""
+    """`text` read with the shared safe loader (`megatron_gate.safe_yaml`: no key given twice)
+    and the limits above; every failure is a `MonitorConfigError` whose message never echoes
+    the (possibly huge) input."""
     import yaml
+
+    from megatron_gate import safe_yaml
 
     if len(text) > MAX_YAML_BYTES:
         raise MonitorConfigError(
@@ -349,9 +354,11 @@ def load_yaml(text: str, *, source: str) -> Any:
         )
     try:
         _check_yaml_events(text, source)
-        return yaml.safe_load(text)
+        return safe_yaml.load(text)
     except MonitorConfigError:
         raise
+    except safe_yaml.DuplicateKeyError as error:
+        raise MonitorConfigError(f"{source}: {error} (monitor config): {error.fix}") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
