@@ -147,9 +147,21 @@ def _parallel_sizes() -> dict[str, int]:
     }
 
 
+def _validated_args() -> argparse.Namespace | None:
+    """Megatron's validated arguments once it has them (defaults filled in, e.g. the global
+    batch size): Megatron parses the command line more than once, and the namespace seen by
+    the parse wrapper may be a raw one."""
+    try:
+        from megatron.training import global_vars
+    except ImportError:
+        return RUN.args
+    validated = getattr(global_vars, "_GLOBAL_ARGS", None)
+    return validated if validated is not None else RUN.args
+
+
 def check_model(model_chunks: list[Any], optimizer: Any = None, scheduler: Any = None) -> str:
     """Stop a run whose gate is missing; start the monitor; return (and print) the start-up line."""
-    args = RUN.args
+    args = _validated_args()
     report = global_report(model_chunks, _parallel_sizes())
     if args is not None and gate_args.gating_requested(args):
         message = missing_gate_message(report, requested=gate_args.describe_request(args))

@@ -14,6 +14,7 @@ from pretrain_runs import (
     LEGACY_SCRIPT,
     MIN_SCRIPT,
     SMOKE_MONITOR,
+    TINY_GPT,
     run_pretrain,
     run_smoke_script,
 )
@@ -100,8 +101,12 @@ def test_cpu_smoke_example_gated_monitored_checkpointed_and_resumed(tmp_path: Pa
 def test_bf16_run_says_once_that_megatrons_nan_check_is_off(tmp_path: Path) -> None:
     """Megatron parses the command line twice (its fault-tolerance set-up re-reads it): the
     notice that the guard replaces Megatron's NaN check is printed once, and the check is off."""
+    # Without --global-batch-size: the monitor reads Megatron's validated arguments (the default
+    # filled in), not the raw namespace of the second parse.
+    at = TINY_GPT.index("--global-batch-size")
     run = run_pretrain(MIN_SCRIPT, "--train-iters", "2", "--bf16", "--gated-attention", "headwise",
-                       "--stability-dir", str(tmp_path / "stability"))  # fmt: skip
+                       "--stability-dir", str(tmp_path / "stability"),
+                       model_flags=tuple(TINY_GPT[:at] + TINY_GPT[at + 2 :]))  # fmt: skip
     assert run.returncode == 0, run.output[-3000:]
     assert run.output.count(NAN_CHECK_NOTICE) == 1, run.output[-3000:]
     assert re.search(r"check_for_nan_in_loss_and_grad \.+ False", run.output)
