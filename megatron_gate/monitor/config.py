@@ -137,6 +137,12 @@ class GuardConfig:
     the read values and a rejected step is not taken: no copies, one synchronisation per step
     on a GPU), or "auto" (host on the CPU, where a read waits for nothing; device otherwise)."""
 
+    recompute_rejected: bool = True
+    """Before a rejected step is skipped, run its forward and backward again on the same batch
+    (where the loop reads the decision on the host anyway and can re-read the batch): a clean
+    recompute is a transient fault and its update is applied, a rejected one is reproducible
+    (the batch or the model) and the step is skipped. Accepted steps never recompute."""
+
     def reads_on_host(self, device_type: str) -> bool:
         """Whether per-step values on `device_type` are read to the host (`skip_mode`)."""
         return self.skip_mode == "host" or (self.skip_mode == "auto" and device_type == "cpu")
