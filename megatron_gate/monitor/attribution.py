@@ -32,13 +32,12 @@ from typing import Any
 
 import torch
 
+from megatron_gate.monitor import schema
 from megatron_gate.monitor.detectors import Event
 
 logger = logging.getLogger(__name__)
 
-TRANSIENT = "transient"
-REPRODUCIBLE = "reproducible"
-ATTRIBUTIONS = (TRANSIENT, REPRODUCIBLE)
+TRANSIENT, REPRODUCIBLE = schema.ATTRIBUTIONS
 
 # The guard's running state: `StepGuard` (device path) replaces these tensors on every check,
 # `GuardRule` (host path) keeps deques that a rejected step leaves as they are, and a streak.
