@@ -37,6 +37,7 @@ from megatron_gate.demo.data import (
     load_corpus,
     validation_batches,
 )
+from megatron_gate.monitor.attribution import RandomState
 
 FINAL_LOSS_WINDOW = 10  # final train loss = mean of the last this-many steps
 
@@ -435,24 +436,33 @@ class DemoRun:
             group["lr"] = lr
         tokens, labels = self.batches.next()
         self.monitor.start_step(step)
-        loss = token_loss(self.model, tokens, labels)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = float(grad_norm(self.model))
-        decision = self.monitor.end_step(
-            step, loss=loss.detach(), grad_norm=norm, learning_rate=lr, tokens=tokens.numel()
-        )
-        result.spikes = _count_spikes(result.spikes, decision.events)
-        loss_value = float(loss.detach())
-        self.losses.append(loss_value)
+        random_state = RandomState.take()
+        loss, norm = self.forward_backward(tokens, labels)
         # The demo reads its loss and grad norm on the host every step anyway: reading the
-        # guard's flag as well costs no extra synchronisation and keeps the schedule exact.
+        # guard's flag as well costs no extra synchronisation and keeps the schedule exact. A
+        # step the guard rejects is computed once more on the same batch (attribution.py).
+        decision = self.monitor.end_step(step, loss=loss, grad_norm=norm, learning_rate=lr,
+                                         tokens=tokens.numel(), recompute=True)  # fmt: skip
+        if decision.recompute:
+            random_state.restore()
+            loss, norm = self.forward_backward(tokens, labels)
+            decision = self.monitor.end_recompute(step, loss=loss, grad_norm=norm)
+        result.spikes = _count_spikes(result.spikes, decision.events)
+        loss_value = float(loss)
+        self.losses.append(loss_value)
         applies = decision.accept is None or bool(decision.accept)
         if applies and not decision.skip_step and decision.rollback is None:
             clip_gradients(self.model, max_norm=self.config.clip_grad, norm=norm)
             self.monitor.step_optimizer(self.optimizer, decision)
             self.applied += 1
         return {"loss": loss_value, "grad_norm": norm}
+
+    def forward_backward(self, tokens: torch.Tensor, labels: torch.Tensor) -> tuple:
+        """(loss, grad norm) of one batch, its gradients in place."""
+        loss = token_loss(self.model, tokens, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        return loss.detach(), float(grad_norm(self.model))
 
     def evaluate(self, step: int, result: RunResult) -> None:
         """Validation loss every `eval_interval` steps and at the end."""
