@@ -223,6 +223,7 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[s
     }
 
 
+@pytest.mark.slow
 def test_two_ranks_attribute_a_one_rank_fault_alike(two_ranks: dict[str, list]) -> None:
     clean, matmul, batch = two_ranks["clean"], two_ranks["matmul"], two_ranks["batch"]
     # both ranks recompute the step the fault of rank 1 made them reject (one all_reduce)
