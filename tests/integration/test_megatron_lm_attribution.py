@@ -73,11 +73,15 @@ def test_one_rank_faults_are_attributed_alike_on_every_rank(
     assert samples[0] == [12, 13, 14, 15]  # iteration 4 of a global batch of 4
     if mode == "validate_results":  # Megatron's machine reran the steps and wrote its verdicts
         lines = tracker.read_text().splitlines()
-        statuses = {(int(line.split("iteration=")[1].split()[0]),
-                     line.split("status=")[1].split()[0].split(".")[-1].upper())
-                    for line in lines}  # fmt: skip
-        assert (4, "FIRST_RERUN_NOT_REPRODUCIBLE") in statuses, lines
-        assert (6, "FIRST_RERUN_NOT_REPRODUCIBLE") in statuses, lines
-        assert (8, "FIRST_RERUN_REPRODUCIBLE") in statuses, lines
+        statuses = sorted({(int(line.split("iteration=")[1].split()[0]),
+                            line.split("status=")[1].split()[0].split(".")[-1].upper())
+                           for line in lines})  # fmt: skip
+        # megatron-core 0.19.2's tracker numbers a fresh run's iterations one ahead of its logs
+        offset = statuses[0][0] - 4
+        assert offset in (0, 1), lines
+        assert [(i - offset, status) for i, status in statuses] == [
+            (4, "FIRST_RERUN_NOT_REPRODUCIBLE"), (6, "FIRST_RERUN_NOT_REPRODUCIBLE"),
+            (8, "FIRST_RERUN_REPRODUCIBLE"),
+        ], lines  # fmt: skip
     else:
         assert not tracker.exists() or not tracker.read_text()
