@@ -12,7 +12,9 @@ Batches are addressed by a data index; a rollback reloads the newest checkpoint 
 the spiking step and never replays the batches of the steps in `RollbackRequest.skip_steps`.
 Every update goes through `monitor.step_optimizer`: a step the guard rejects (a NaN loss, a
 spike) leaves the weights and the optimizer state bit-identical, with no host read; the steps
-the logged path skips are listed in `LoopResult.skipped_steps` (the guard's are events).
+the logged path skips are listed in `LoopResult.skipped_steps` (the guard's are events). With
+the host guard (the CPU default) a rejected step is first computed again on the same batch
+(attribution.py): a transient fault's recomputed update is applied, a reproducible one skipped.
 """
 
 from __future__ import annotations
