@@ -6,6 +6,7 @@ Healthy steps never recompute; at two ranks a fault on one rank is attributed al
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Callable
@@ -193,6 +194,37 @@ def test_recompute_can_be_turned_off(tmp_path: Path, one_rank_world: None) -> No
     run = _train(tmp_path, scales={FAULT_STEP: math.nan}, config=_config(recompute_rejected=False))
     assert run["calls"] == list(range(STEPS))
     assert "attribution" not in _guard_events(run)[0]
+
+
+@pytest.mark.parametrize("skip_mode", ["device", "host"])
+def test_the_recompute_is_tested_against_the_statistics_before_the_step(
+    tmp_path: Path, one_rank_world: None, skip_mode: str
+) -> None:
+    """Both guard paths: a reproduced spike leaves the guard as a plain rejection does (its
+    streak too: the next spike is a new level), a clean recompute as a clean step does."""
+    model = tiny_gated_gpt(seed=2)
+    config = _config(skip_mode=skip_mode, min_history=4, max_consecutive_skips=1)
+    clean_values = [(2.0 + 0.01 * (i % 3), 1.0 + 0.01 * (i % 2)) for i in range(12)]
+    first = dict(enumerate(clean_values)) | {6: (500.0, 1.0), 7: (600.0, 1.0), 9: (math.nan, 1.0)}
+    recomputed = {6: (500.0, 1.0), 9: clean_values[9]}  # step 7 is a new level: accepted
+    plain = {**dict(enumerate(clean_values)), 6: first[6], 7: first[7]}  # what the run applies
+    monitors = [StabilityMonitor(config, models=[model], run_dir=tmp_path / name)
+                for name in ("attributed", "plain")]  # fmt: skip
+    outcomes = {}
+    for step in range(12):
+        loss, norm = first[step]
+        decision = monitors[0].end_step(step, loss=loss, grad_norm=norm, recompute=True)
+        if decision.recompute:
+            loss, norm = recomputed[step]
+            decision = monitors[0].end_recompute(step, loss=loss, grad_norm=norm)
+            outcomes[step] = bool(decision.accept)
+        loss, norm = plain[step]
+        monitors[1].end_step(step, loss=loss, grad_norm=norm)
+    assert outcomes == {6: False, 9: True}
+    states = [json.dumps(monitor.guard.state_dict()) for monitor in monitors]  # NaN: empty slots
+    assert states[0] == states[1]
+    for monitor in monitors:
+        monitor.close()
 
 
 # ---------------------------------------------------------------------- two ranks
