@@ -16,6 +16,10 @@ over `DetectorSuite.check` (`check_steps`).
   2x the opening residual, or non-finite while open).
 - `LossSpikeDetector`: that test on the loss, plus Megatron's rule (loss > ratio x the max of the
   first `warmup_steps` losses) when `ratio` is set (off by default).
+- `OutlierDetector`: one-step outliers a person sees on the curve, on the linear value: above
+  the median of the previous `window` values by more than max(`min_absolute_jump`,
+  `z_threshold` x 1.4826 MAD). Severity info by default: it informs where the spike test stays
+  silent (a micro-batch loss has real one-step data outliers that need no action).
 - `NanInfDetector`: the device-side NaN/Inf flag; 3 non-finite steps in a row are a divergence.
 - `LayerThresholdDetector`: per layer, value > `threshold` or > `ratio` x its own running median
   (massive activations, attention sinks, attention-logit growth): one event per layer and episode.
@@ -56,6 +60,11 @@ LEVEL_SHIFT_RETAINED = 0.8
 # Steps within which events of two signals corroborate each other (an LR jump shows in the update
 # at step t and in the loss at t + 1).
 CORROBORATION_STEPS = 2
+# A loss value within this many steps after a grad-norm event opened is "primed": a loss reaction to
+# a gradient burst is likely, so its threshold is the quantile of a PRIMED_RATE_FACTOR x higher
+# false-alarm rate, floored at half the usual jump.
+PRIMED_STEPS = 1
+PRIMED_RATE_FACTOR = 100.0
 # Steps of consecutive NaN/Inf after which the non-finite episode is a divergence.
 NON_FINITE_DIVERGENCE_STEPS = 3
 # A per-layer condition whose action is one of these asks for it on every step it lasts (log and
@@ -251,18 +260,20 @@ class RobustSpikeDetector:
         return f"{residual:+.4g} from"
 
     # ------------------------------------------------------------------ thresholds
-    def residual_threshold(self, level: float) -> float | None:
-        """The residual above which an event opens now (None: not enough history)."""
+    def residual_threshold(self, level: float, *, primed: bool = False) -> float | None:
+        """The residual above which an event opens now (None: not enough history); `primed`:
+        right after a grad-norm event (see `PRIMED_RATE_FACTOR`)."""
         if len(self.tail) + len(self.pending) < self.config.min_history:
             return None
-        quantile = self.tail.quantile(self.config.false_alarm_rate)
+        rate = min(0.5, self.config.false_alarm_rate * (PRIMED_RATE_FACTOR if primed else 1.0))
+        quantile = self.tail.quantile(rate)
         if quantile is None:  # too few residuals for a tail fit: a conservative robust z-score
             center, sigma = robust_center_scale([*self.tail.history, *self.pending])
             quantile = center + self.config.z_threshold * sigma
         else:  # a sub-threshold level shift or bump in the history must not inflate the tail
             center, sigma = self.tail.robust_sigma()
             quantile = min(quantile, center + MAX_ROBUST_SIGMAS * sigma)
-        return max(quantile, self._floor(level))
+        return max(quantile, self._floor(level) / (2.0 if primed else 1.0))
 
     def _floor(self, level: float) -> float:
         if self.log_scale:
@@ -277,8 +288,9 @@ class RobustSpikeDetector:
         return min(quantile, 0.5 * threshold)
 
     # ------------------------------------------------------------------ stepping
-    def observe(self, step: int, value: float | None) -> list[Event]:
-        """Check `value` of `step` (steps in order); returns the records this step produced."""
+    def observe(self, step: int, value: float | None, *, primed: bool = False) -> list[Event]:
+        """Check `value` of `step` (steps in order); returns the records this step produced.
+        `primed`: a lower threshold (`residual_threshold`)."""
         if not self.config.enabled or value is None:
             return []
         if not math.isfinite(value):
@@ -293,9 +305,10 @@ class RobustSpikeDetector:
             return []
         level = statistics.median(self.recent)
         residual = transformed - level
-        threshold = self.residual_threshold(level)
+        threshold = self.residual_threshold(level, primed=primed)
         if threshold is not None and residual > threshold:
-            return [self._open(step, value, transformed, level, residual, threshold)]
+            rate = self.config.false_alarm_rate * (PRIMED_RATE_FACTOR if primed else 1.0)
+            return [self._open(step, value, transformed, level, residual, threshold, rate)]
         self._accept(transformed, residual)
         return []
 
@@ -307,7 +320,7 @@ class RobustSpikeDetector:
 
     def _open(
         self, step: int, value: float, transformed: float, level: float, residual: float,
-        threshold: float,
+        threshold: float, rate: float,
     ) -> Event:  # fmt: skip
         release = self._release(threshold)
         # Onset: the steps just before that were already above the release level belong to it.
@@ -330,7 +343,8 @@ class RobustSpikeDetector:
         message = (
             f"{self.metric} {value:.4g} is {self._jump(residual, level)} its recent level "
             f"{self._inverse(level):.4g}, above the threshold {self._inverse(level + threshold):.4g}"
-            f" (false-alarm rate {self.config.false_alarm_rate:g} per step, "
+            f" (false-alarm rate {rate:g} per step"
+            f"{', right after a grad-norm event' if rate > self.config.false_alarm_rate else ''}, "
             f"{len(self.tail) + len(self.pending)} steps of history)"
         )
         return self._event(step, value, level + threshold, message, phase="open")
@@ -547,11 +561,11 @@ class LossSpikeDetector(RobustSpikeDetector):
         self.early: list[float] = []
         self.megatron = ThresholdEpisodes("loss_spike", "loss", config)
 
-    def observe(self, step: int, value: float | None) -> list[Event]:
-        """Check the loss of `step`."""
+    def observe(self, step: int, value: float | None, *, primed: bool = False) -> list[Event]:
+        """Check the loss of `step` (`primed`: right after a grad-norm event)."""
         if not self.config.enabled or value is None:
             return []
-        events = super().observe(step, value)
+        events = super().observe(step, value, primed=primed)
         if not math.isfinite(value):
             return events
         ratio = self.config.ratio
@@ -581,6 +595,88 @@ class LossSpikeDetector(RobustSpikeDetector):
         super().load_state_dict(state)
         self.early = list(state.get("early", []))
         self.megatron.load_state_dict(state.get("megatron", {}))
+
+
+class OutlierDetector:
+    """Episodes of a value far above the median of its previous `window` values (linear scale).
+
+    The history keeps every finite value, outliers included (the median ignores them), so a new
+    level is absorbed within half a window instead of being reported for ever.
+    """
+
+    def __init__(self, name: str, metric: str, config: DetectorConfig) -> None:
+        self.name, self.metric, self.config = name, metric, config
+        self.history: deque[float] = deque(maxlen=config.window)
+        self.episode: Episode | None = None
+
+    def limit(self) -> tuple[float, float] | None:
+        """(level, threshold) now; None before `min_history` values."""
+        if len(self.history) < self.config.min_history:
+            return None
+        level, sigma = robust_center_scale(self.history)
+        jump = max(self.config.min_absolute_jump, self.config.z_threshold * sigma)
+        return level, level + jump
+
+    def observe(self, step: int, value: float | None, *, reported: bool = False) -> list[Event]:
+        """Check `value` of `step`; `reported`: another detector already reports this step (no
+        episode opens here)."""
+        if not self.config.enabled or not _finite(value):
+            return []
+        assert value is not None
+        limit = self.limit()
+        self.history.append(value)
+        if limit is None:
+            return []
+        level, threshold = limit
+        if self.episode is not None:
+            return self._track(step, value, level, threshold)
+        if value <= threshold or reported:
+            return []
+        self.episode = Episode.begin(step, kind="spike", peak=value, level=level,
+                                     threshold=threshold)  # fmt: skip
+        message = (
+            f"{self.metric} {value:.4g} is {value - level:+.3g} above the median {level:.4g} of "
+            f"the last {self.config.window} steps (outlier threshold {threshold:.4g}: "
+            f"{self.config.z_threshold:g} robust SD, at least {self.config.min_absolute_jump:g})"
+        )
+        return [self._event(step, value, threshold, message, phase="open")]
+
+    def _track(self, step: int, value: float, level: float, threshold: float) -> list[Event]:
+        episode = self.episode
+        assert episode is not None
+        if value > threshold:
+            episode.last_step, episode.kind = step, "bump"
+            if value > episode.peak:
+                episode.peak, episode.peak_step = value, step
+            return []
+        message = (
+            f"{self.metric} back near its median {level:.4g} at step {step}: {episode.kind} from "
+            f"step {episode.start_step} ({episode.duration} steps), peak {episode.peak:.4g}"
+        )
+        event = self._event(step, value, threshold, message, phase="close")
+        self.episode = None
+        return [replace(event, action="log")]
+
+    def _event(
+        self, step: int, value: float, threshold: float, message: str, *, phase: str
+    ) -> Event:
+        assert self.episode is not None
+        return make_event(
+            self.config, step=step, detector=self.name, metric=self.metric, value=value,
+            threshold=threshold, message=message, signals=(self.metric,),
+            **self.episode.fields(phase=phase, end=phase == "close"),
+        )  # fmt: skip
+
+    def state_dict(self) -> dict[str, Any]:
+        """The value history and an open episode."""
+        episode = None if self.episode is None else self.episode.to_dict()
+        return {"history": list(self.history), "episode": episode}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
+        self.history = deque(state.get("history", []), maxlen=self.config.window)
+        episode = state.get("episode")
+        self.episode = None if episode is None else Episode(**episode)
 
 
 class NanInfDetector:
@@ -726,6 +822,7 @@ class DetectorSuite:
         self.update_norm = RobustSpikeDetector(
             "update_norm_spike", "update_norm", config.update_norm_spike, log_scale=True
         )
+        self.loss_outlier = OutlierDetector("loss_outlier", "loss", config.loss_outlier)
         self.nan_or_inf = NanInfDetector(config.nan_or_inf)
         self.massive_activation = LayerThresholdDetector(
             "massive_activation", "max_abs_residual", config.massive_activation
@@ -742,6 +839,7 @@ class DetectorSuite:
     def _named(self) -> dict[str, Any]:
         return {
             "loss_spike": self.loss,
+            "loss_outlier": self.loss_outlier,
             "grad_norm_spike": self.grad_norm,
             "update_norm_spike": self.update_norm,
             "nan_or_inf": self.nan_or_inf,
@@ -763,13 +861,18 @@ class DetectorSuite:
         flag = scalars.get("nan_or_inf")
         events = self.nan_or_inf.observe(step, flag)
         spikes: list[Event] = []
-        for signal, detector in self._scalar().items():
-            value = scalars.get(signal)
+        # The grad norm first: a burst at this step primes this step's loss test.
+        for signal in ("grad_norm", "loss", "update_norm"):
+            detector, value = self._scalar()[signal], scalars.get(signal)
             if value is None and flag is not None and (flag > 0 or math.isnan(flag)):
                 spikes += detector.non_finite(step)  # the value is null because it was NaN/Inf
+            elif signal == "loss":
+                spikes += detector.observe(step, value, primed=self._primed(step, spikes))
             else:
                 spikes += detector.observe(step, value)
         events += self._corroborate(step, spikes)
+        reported = self.loss.episode is not None or any(e.metric == "loss" for e in spikes)
+        events += self.loss_outlier.observe(step, scalars.get("loss"), reported=reported)
         for detector in (
             self.massive_activation,
             self.attention_sink,
@@ -787,6 +890,12 @@ class DetectorSuite:
         for step, scalars, layers in records:
             events += self.check(step, scalars, layers)
         return events
+
+    def _primed(self, step: int, events: list[Event]) -> bool:
+        """Whether a grad-norm event opened at this step or within `PRIMED_STEPS` before it."""
+        opened = [e.step for e in events if e.metric == "grad_norm" and e.phase == "open"]
+        last = max(opened, default=self.last_open.get("grad_norm", -(10**9)))
+        return step - last <= PRIMED_STEPS
 
     def _corroborate(self, step: int, events: list[Event]) -> list[Event]:
         """Opened events seen in another signal too: severity up, `confirmed_action`."""

@@ -200,7 +200,7 @@ def test_zero1_and_two_stage_pipeline_with_monitor(tmp_path: Path) -> None:
         assert guard["skipped"] == 2
     events = [r for r in read_records(tmp_path / "zero1_guard") if r["kind"] == "event"]
     guard_events = [(e["step"], e["severity"]) for e in events if e["detector"] == "guard"]
-    assert guard_events == [(3, "critical"), (9, "warning")]
+    assert guard_events == [(3, "critical"), (9, "critical")]  # the monitor acted
 
     stages = {result["pipeline"]["stage"]: result["pipeline"] for result in results}
     assert stages[0]["gated_layers"] == [1] and stages[1]["gated_layers"] == [2]
