@@ -151,8 +151,6 @@ class StabilityMonitor:
         self._layer_step: int | None = None
         self._grad_sumsq: torch.Tensor | None = None
         self._last_end: float | None = None
-        self._pending: _PendingStep | None = None
-        self._attributions: dict[int, Attribution] = {}
         self.sinks = SinkGroup(
             self._build_sinks(tensorboard_writer, extra_sinks) if self.is_writer else [],
             background=True,
@@ -205,6 +203,10 @@ class StabilityMonitor:
         )
 
     def _build_guard(self) -> StepGuard | None:
+        self._pending: _PendingStep | None = None
+        """A rejected step waiting for its recompute (`end_recompute`)."""
+        self._attributions: dict[int, Attribution] = {}
+        """What the recomputes found, by step, until the log step writes their events."""
         self._guard_rows = torch.full(
             (self.config.log_interval, len(RECORD_COLUMNS)), -math.inf,
             dtype=torch.float64, device=self.device,
@@ -368,8 +370,10 @@ class StabilityMonitor:
         one all_reduce): accepted, the fault was transient and `decision.accept` applies the
         recomputed update; rejected again, it is reproducible and the step is skipped. The
         guard's event says which, with the batch's `samples` where given."""
+        if not self.enabled:
+            return Decision(step=step)
         pending, self._pending = self._pending, None
-        if not self.enabled or pending is None or pending.step != step:
+        if pending is None or pending.step != step:
             self._warn_once("end_recompute", RuntimeError(f"step {step} was not held"))
             return self.end_step(step, loss=loss, grad_norm=grad_norm)
         pending.before.restore(self.guard)
