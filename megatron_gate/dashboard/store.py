@@ -21,7 +21,7 @@ import numpy as np
 from megatron_gate.dashboard.downsample import bucket_max, minmax_series, rounded
 from megatron_gate.dashboard.episodes import episode_rows
 from megatron_gate.dashboard.reader import JsonlTail
-from megatron_gate.monitor.schema import JSONL_NAME, SCALARS
+from megatron_gate.monitor.schema import ATTRIBUTIONS, JSONL_NAME, SCALARS
 
 # Per-layer metrics kept at full resolution for the heatmaps (the others stay in the JSONL:
 # 128 layers x 100,000 steps x 4 bytes = 51 MB per metric).
@@ -338,6 +338,7 @@ def _event_view(
     event: dict[str, Any], steps: np.ndarray, scalars: dict[str, _Column]
 ) -> dict[str, Any]:
     """An event's fields plus the marked scalars' values at its step (where its marker sits)."""
+    attribution = event.get("attribution")
     view = {k: _text(event.get(k)) for k in ("detector", "severity", "metric")} | {
         "step": event["step"],
         "time": _finite(event.get("time")),
@@ -347,6 +348,8 @@ def _event_view(
         "action": _text(event.get("action", "log")),
         "message": _text(event.get("message", "")),
         "details": _details(event),
+        # a rejected step recomputed on its batch: transient | reproducible (its own marker)
+        "attribution": attribution if attribution in ATTRIBUTIONS else None,
     }
     if event.get("kind") != "event":
         view["kind"] = _text(event.get("kind"))

@@ -39,6 +39,7 @@ from megatron_gate.demo.data import (
     validation_batches,
 )
 from megatron_gate.errors import OutputError, output_error
+from megatron_gate.monitor.attribution import RandomState
 from megatron_gate.output_files import (
     append_whole,
     atomic_write,
@@ -450,19 +451,21 @@ class DemoRun:
             group["lr"] = lr
         tokens, labels = self.batches.next()
         self.monitor.start_step(step)
-        loss = token_loss(self.model, tokens, labels)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = float(grad_norm(self.model))
-        decision = self.monitor.end_step(
-            step, loss=loss.detach(), grad_norm=norm, learning_rate=lr, tokens=tokens.numel()
-        )
+        random_state = RandomState.take()
+        loss, norm = self.forward_backward(tokens, labels)
+        # The demo reads its loss and grad norm on the host every step anyway: reading the
+        # guard's flag as well costs no extra synchronisation and keeps the schedule exact. A
+        # step the guard rejects is computed once more on the same batch (attribution.py).
+        decision = self.monitor.end_step(step, loss=loss, grad_norm=norm, learning_rate=lr,
+                                         tokens=tokens.numel(), recompute=True)  # fmt: skip
+        if decision.recompute:
+            random_state.restore()
+            loss, norm = self.forward_backward(tokens, labels)
+            decision = self.monitor.end_recompute(step, loss=loss, grad_norm=norm)
         self._stop_if_record_refused()
         result.spikes = _count_spikes(result.spikes, decision.events)
-        loss_value = float(loss.detach())
+        loss_value = float(loss)
         self.losses.append(loss_value)
-        # The demo reads its loss and grad norm on the host every step anyway: reading the
-        # guard's flag as well costs no extra synchronisation and keeps the schedule exact.
         applies = decision.accept is None or bool(decision.accept)
         if applies and not decision.skip_step and decision.rollback is None:
             clip_gradients(self.model, max_norm=self.config.clip_grad, norm=norm)
@@ -477,6 +480,13 @@ class DemoRun:
         refused = sinks.disabled.get("jsonl") if sinks is not None else None
         if refused is not None:
             raise OutputError(refused.removeprefix(f"{OutputError.__name__}: "))
+
+    def forward_backward(self, tokens: torch.Tensor, labels: torch.Tensor) -> tuple:
+        """(loss, grad norm) of one batch, its gradients in place."""
+        loss = token_loss(self.model, tokens, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        return loss.detach(), float(grad_norm(self.model))
 
     def evaluate(self, step: int, result: RunResult) -> None:
         """Validation loss every `eval_interval` steps and at the end."""

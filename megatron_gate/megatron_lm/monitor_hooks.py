@@ -11,6 +11,10 @@ Where each monitor call sits in Megatron's `train_step` (iteration `n`, 1-based 
                                  skip / rollback / the guard rejects: the update is not applied
                                  (Megatron counts a skipped iteration and does not step its
                                  scheduler); lr back-off: the monitor scales the lrs
+      the guard rejected      -> train_step once more on the same micro-batches and random
+                                 state (step_recompute.py; Megatron's rerun state machine where
+                                 it runs): a clean recompute is applied (transient), a
+                                 rejected one skipped (reproducible)
     generate_state_dict   -> the monitor's state goes into every Megatron checkpoint
     _load_base_checkpoint -> and comes back on resume
 
@@ -34,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_gate.megatron_lm.patching import wrap
+from megatron_gate.megatron_lm.step_recompute import StepReplay, values
 from megatron_gate.monitor import Decision, MonitorConfig, RollbackRequest, StabilityMonitor
 from megatron_gate.monitor.guarded_step import guarded_inner_step
 
@@ -79,6 +84,10 @@ class _Step:
     loss: torch.Tensor | None = None
     grad_norm: Any = None
     decision: Decision | None = None
+    recomputing: bool = False
+    """The guard rejected the first run: this is the second, on the same micro-batches."""
+    first: Any = None
+    """(loss, grad norm) of the first run, for the rerun state machine's comparison."""
 
 
 class MegatronLoopMonitor:
@@ -99,6 +108,9 @@ class MegatronLoopMonitor:
         self.tokens_per_step = tokens_per_step
         self.current: _Step | None = None
         self.rolling_back = False
+        self.replay = StepReplay()
+        guard = monitor.config.guard
+        self.recompute = monitor.enabled and guard.enabled and guard.recompute_rejected
         monitor.on_rollback = self.rollback
         monitor.on_abort = self.save_before_abort
 
@@ -122,18 +134,48 @@ class MegatronLoopMonitor:
             return None
         if step.decision is None:
             get_loss_scale = getattr(self.optimizer, "get_loss_scale", None)
+            # Megatron reads the grad norm on the host and `applies` reads the flag: a recompute
+            # decided here adds no synchronisation.
             step.decision = self.monitor.end_step(
                 step.number,
                 loss=step.loss,
                 grad_norm=step.grad_norm,
                 loss_scale=get_loss_scale() if get_loss_scale is not None else None,
                 tokens=self.tokens_per_step,
+                recompute=self.recompute,
+            )
+        elif step.recomputing and step.decision.recompute:
+            step.decision = self.monitor.end_recompute(
+                step.number, loss=step.loss, grad_norm=step.grad_norm, samples=_samples()
             )
         return step.decision
 
+    def start_recompute(self) -> None:
+        """Set up the second run of a rejected step (the same micro-batches and random state)."""
+        step = self.current
+        step.first = values(step.loss, step.grad_norm)
+        step.recomputing, step.loss, step.grad_norm = True, None, None
+        self.replay.prepare_rerun(step.first)
+
+    def recording(self, schedule: Any) -> Any:
+        """`forward_backward_func` that keeps this rank's loss (and, in the rerun state
+        machine's rerun, hands it the rerun's (loss, grad norm) to compare)."""
+
+        def forward_backward(*args: Any, **kwargs: Any) -> Any:
+            losses = schedule(*args, **kwargs)
+            self.record_losses(losses)
+            step = self.current
+            if step is not None and step.recomputing:
+                self.optimizer.prepare_grads()  # as optimizer.step will: the same grad norm
+                rerun = values(step.loss, self.optimizer.get_grad_norm())
+                self.replay.validate_rerun(rerun)
+            return losses
+
+        return forward_backward
+
     def applies(self, decision: Decision) -> bool:
         """Whether the update of `decision`'s step is applied (all ranks agree)."""
-        if decision.skip_step or decision.rollback is not None:
+        if decision.skip_step or decision.rollback is not None or decision.recompute:
             return False
         # Megatron has just read the global grad norm on the host (clip_grad_norm and
         # get_grad_norm end in .item()) and reads the step's success right after this call: the
@@ -335,7 +377,17 @@ def _iteration(kwargs: dict[str, Any]) -> int:
     return int(get_args().curr_iteration)
 
 
-_FORWARD_BACKWARD_POSITION = 6  # train_step(forward_step_func, data_iterator, model, ...)
+# train_step(forward_step_func, data_iterator, model, optimizer, opt_param_scheduler, config,
+#            forward_backward_func, ...)
+_POSITIONS = {"data_iterator": 1, "forward_backward_func": 6}
+
+
+def _replace_argument(args: tuple, kwargs: dict[str, Any], name: str, change: Any) -> tuple:
+    """`train_step`'s arguments with the one called `name` replaced by `change(it)`."""
+    if name in kwargs:
+        return args, {**kwargs, name: change(kwargs[name])}
+    position = _POSITIONS[name]
+    return (*args[:position], change(args[position]), *args[position + 1 :]), kwargs
 
 
 def _wrap_train_step(original: Any) -> Any:
@@ -344,28 +396,30 @@ def _wrap_train_step(original: Any) -> Any:
         if loop is None:
             return original(*args, **kwargs)
         loop.begin(_iteration(kwargs) + 1)
-
-        def forward_backward(*fb_args: Any, **fb_kwargs: Any) -> Any:
-            losses = schedule(*fb_args, **fb_kwargs)
-            loop.record_losses(losses)
-            return losses
-
-        if "forward_backward_func" in kwargs:
-            schedule = kwargs["forward_backward_func"]
-            kwargs["forward_backward_func"] = forward_backward
-        else:
-            schedule = args[_FORWARD_BACKWARD_POSITION]
-            args = (
-                *args[:_FORWARD_BACKWARD_POSITION],
-                forward_backward,
-                *args[_FORWARD_BACKWARD_POSITION + 1 :],
-            )
+        if loop.recompute:
+            args, kwargs = _replace_argument(args, kwargs, "data_iterator", loop.replay.begin)
+        args, kwargs = _replace_argument(args, kwargs, "forward_backward_func", loop.recording)
         result = original(*args, **kwargs)
         # An fp16 overflow returns before the update; the monitor still sees the step.
-        loop.end()
+        decision = loop.end()
+        if decision is not None and decision.recompute:  # rejected, nothing applied: again
+            loop.start_recompute()
+            result = original(*args, **kwargs)
+            loop.end()
         return result
 
     return train_step
+
+
+def _samples() -> list[int]:
+    """The sample positions of this iteration's global batch (Megatron's sampler order)."""
+    from megatron.core.num_microbatches_calculator import get_num_microbatches
+    from megatron.training import get_args
+
+    args = get_args()
+    start = int(args.consumed_train_samples)
+    count = args.micro_batch_size * args.data_parallel_size * get_num_microbatches()
+    return list(range(start, start + count))
 
 
 def _wrap_generate_state_dict(original: Any) -> Any:

@@ -81,6 +81,9 @@ class Decision:
     accept: torch.Tensor | None = None
     """The guard's verdict on this step, a 0-dim bool on the device (None: no guard). Not read
     by the monitor: `StabilityMonitor.step_optimizer` applies it with `torch.where`."""
+    recompute: bool = False
+    """The guard rejected this step and the loop offered a recompute (`end_step(recompute=True)`):
+    run its forward and backward again on the same batch and call `end_recompute`."""
 
     @property
     def action(self) -> str:

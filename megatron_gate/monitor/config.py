@@ -156,6 +156,12 @@ class GuardConfig:
     the read values and a rejected step is not taken: no copies, one synchronisation per step
     on a GPU), or "auto" (host on the CPU, where a read waits for nothing; device otherwise)."""
 
+    recompute_rejected: bool = True
+    """Before a rejected step is skipped, run its forward and backward again on the same batch
+    (where the loop reads the decision on the host anyway and can re-read the batch): a clean
+    recompute is a transient fault and its update is applied, a rejected one is reproducible
+    (the batch or the model) and the step is skipped. Accepted steps never recompute."""
+
     def relative_jump(self, signal: str) -> float:
         """The least relative jump above its level at which `signal`'s value is a spike."""
         return self.grad_norm_min_relative_jump if signal == "grad_norm" else self.min_relative_jump

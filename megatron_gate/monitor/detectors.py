@@ -106,6 +106,10 @@ class Event:
     """Detection step - `start_step`."""
     signals: tuple[str, ...] = ()
     """Scalar signals in which the episode is seen (two or more: corroborated)."""
+    attribution: str | None = None
+    """A rejected step recomputed on the same batch: transient | reproducible (attribution.py)."""
+    samples: tuple[int, ...] | None = None
+    """The sample indices of that step's batch, where the loop knows them."""
 
     def to_dict(self) -> dict[str, Any]:
         """The `event` record's fields: the flat ones, and `episode` {kind, phase, start_step,
@@ -113,6 +117,11 @@ class Event:
         data = asdict(self)
         episode = {name: data.pop(name) for name in EPISODE_FIELDS}
         episode["signals"] = list(self.signals)
+        for name in ("attribution", "samples"):  # only on attributed guard events
+            if data[name] is None:
+                del data[name]
+        if self.samples is not None:
+            data["samples"] = list(self.samples)
         return {**data, "episode": episode}
 
 

@@ -12,7 +12,9 @@ Batches are addressed by a data index; a rollback reloads the newest checkpoint 
 the spiking step and never replays the batches of the steps in `RollbackRequest.skip_steps`.
 Every update goes through `monitor.step_optimizer`: a step the guard rejects (a NaN loss, a
 spike) leaves the weights and the optimizer state bit-identical, with no host read; the steps
-the logged path skips are listed in `LoopResult.skipped_steps` (the guard's are events).
+the logged path skips are listed in `LoopResult.skipped_steps` (the guard's are events). With
+the host guard (the CPU default) a rejected step is first computed again on the same batch
+(attribution.py): a transient fault's recomputed update is applied, a reproducible one skipped.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from typing import Any
 
 import torch
 
-from megatron_gate.monitor.actions import RollbackRequest
+from megatron_gate.monitor.actions import Decision, RollbackRequest
+from megatron_gate.monitor.attribution import RandomState, recompute_available
 from megatron_gate.monitor.monitor import StabilityMonitor
 
 
@@ -115,57 +118,103 @@ def train_with_monitor(
 
     `batch_at(index)` returns batch number `index`; `loss_of(model, batch)` its scalar loss.
     A checkpoint is saved after every `checkpoint_interval`-th step (and before step 0), an
-    abort saves one more through `monitor.on_abort` (set here when it is unset).
+    abort saves one more through `monitor.on_abort` (set here when it is unset). A step the
+    guard rejects is recomputed on the same batch first (`guard.recompute_rejected`, where the
+    decision is read on the host): a transient fault's recomputed update is applied.
     """
-    result = LoopResult()
-    step, data_index = 0, 0
-    losses: dict[int, torch.Tensor] = {}
-
-    def save(at_step: int) -> None:
-        if checkpoints is not None:
-            state = _state(at_step, model, optimizer, monitor, data_index, result.skipped_batches)
-            checkpoints.save(at_step, state)
-
+    loop = _Loop(model=model, optimizer=optimizer, monitor=monitor, batch_at=batch_at,
+                 loss_of=loss_of, checkpoints=checkpoints, interval=checkpoint_interval,
+                 clip=clip_grad_norm, tokens=tokens_per_step)  # fmt: skip
     if monitor.on_abort is None and checkpoints is not None:
-        monitor.on_abort = lambda _reason: save(step)
+        monitor.on_abort = lambda _reason: loop.save(loop.step)
     if checkpoints is not None and checkpoint_interval:
-        save(-1)
+        loop.save(-1)
     status = "failed"
     try:
-        while step < steps:
-            while data_index in result.skipped_batches:
-                data_index += 1
-            batch = batch_at(data_index)
-            result.data_index_of_step[step] = data_index
-            monitor.start_step(step)
-            loss = loss_of(model, batch)
-            loss.backward()
-            grad_norm = None
-            if clip_grad_norm is not None:
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
-            decision = monitor.end_step(
-                step, loss=loss.detach(), grad_norm=grad_norm, tokens=tokens_per_step
-            )
-            losses[step] = loss.detach()  # read once at the end: no host read per step
-            if decision.rollback is not None and checkpoints is not None:
-                step, data_index = _rollback(
-                    decision.rollback, model, optimizer, checkpoints, result
-                )
-                continue
-            # The guard's verdict is applied on the device; host-known skips do not step.
-            if not monitor.step_optimizer(optimizer, decision):
-                result.skipped_steps.append(step)
-            optimizer.zero_grad(set_to_none=True)
-            data_index += 1
-            result.last_step = step
-            if checkpoint_interval and (step + 1) % checkpoint_interval == 0:
-                save(step)
-            step += 1
+        while loop.step < steps:
+            loop.train_step()
         status = "completed"
     finally:
         monitor.close(status if status == "completed" else "aborted")
-        result.losses = {at: float(value) for at, value in losses.items()}
-    return result
+        loop.result.losses = {at: float(value) for at, value in loop.losses.items()}
+    return loop.result
+
+
+@dataclass(kw_only=True)
+class _Loop:
+    """The state of `train_with_monitor` and its steps."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    monitor: StabilityMonitor
+    batch_at: Callable[[int], Any]
+    loss_of: Callable[[torch.nn.Module, Any], torch.Tensor]
+    checkpoints: CheckpointStore | None
+    interval: int
+    clip: float | None
+    tokens: int | None
+    result: LoopResult = field(default_factory=LoopResult)
+    step: int = 0
+    data_index: int = 0
+    losses: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Read once at the end: no host read per step."""
+
+    def __post_init__(self) -> None:
+        self.recompute = recompute_available(self.monitor)
+
+    def save(self, at_step: int) -> None:
+        if self.checkpoints is not None:
+            state = _state(at_step, self.model, self.optimizer, self.monitor, self.data_index,
+                           self.result.skipped_batches)  # fmt: skip
+            self.checkpoints.save(at_step, state)
+
+    def forward_backward(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        loss = self.loss_of(self.model, batch)
+        loss.backward()
+        grad_norm = None
+        if self.clip is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+        return loss.detach(), grad_norm
+
+    def train_step(self) -> None:
+        """One step: forward and backward, the monitor's decision, the update."""
+        step, result = self.step, self.result
+        while self.data_index in result.skipped_batches:
+            self.data_index += 1
+        batch = self.batch_at(self.data_index)
+        result.data_index_of_step[step] = self.data_index
+        self.monitor.start_step(step)
+        decision = self.decide(batch)
+        if decision.rollback is not None and self.checkpoints is not None:
+            self.step, self.data_index = _rollback(
+                decision.rollback, self.model, self.optimizer, self.checkpoints, result
+            )
+            return
+        # The guard's verdict is applied on the device; host-known skips do not step.
+        if not self.monitor.step_optimizer(self.optimizer, decision):
+            result.skipped_steps.append(step)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.data_index += 1
+        result.last_step = step
+        if self.interval and (step + 1) % self.interval == 0:
+            self.save(step)
+        self.step += 1
+
+    def decide(self, batch: Any) -> Decision:
+        """The monitor's decision on this step; a rejected step is recomputed on its batch."""
+        random_state = RandomState.take() if self.recompute else None
+        loss, grad_norm = self.forward_backward(batch)
+        self.losses[self.step] = loss
+        decision = self.monitor.end_step(self.step, loss=loss, grad_norm=grad_norm,
+                                         tokens=self.tokens, recompute=self.recompute)  # fmt: skip
+        if not decision.recompute or random_state is None:
+            return decision
+        random_state.restore()  # the same dropout masks as the first computation
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, grad_norm = self.forward_backward(batch)
+        self.losses[self.step] = loss
+        return self.monitor.end_recompute(self.step, loss=loss, grad_norm=grad_norm,
+                                          samples=[self.data_index])  # fmt: skip
 
 
 def _rollback(

@@ -5,6 +5,10 @@
     decision = monitor.end_step(step, loss=loss, grad_norm=..., tokens=...)
     monitor.step_optimizer(optimizer, decision)    # the guard's verdict applied on the device
 
+A loop that can run a step again on the same batch passes `recompute=True`; a step the guard
+rejects then comes back with `decision.recompute`, and the loop reports the recompute with
+`end_recompute` (attribution.py: transient fault or reproducible).
+
 Per step, `end_step` writes the scalars into a device buffer and runs the guard (`guard.py`:
 finiteness and spike tests on the device, one small all_reduce; no host read). Every
 `log_interval` steps it packs the buffered scalars and, on per-layer steps, every layer
@@ -20,7 +24,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +39,13 @@ from megatron_gate.monitor.actions import (
     RollbackRequest,
     StabilityAbort,
 )
+from megatron_gate.monitor.attribution import (
+    REPRODUCIBLE,
+    Attribution,
+    GuardSnapshot,
+    attributed_event,
+    outcome,
+)
 from megatron_gate.monitor.collectors import (
     ACTIVATIONS,
     LayerCollector,
@@ -46,7 +57,13 @@ from megatron_gate.monitor.collectors import (
 )
 from megatron_gate.monitor.config import MonitorConfig
 from megatron_gate.monitor.detectors import DetectorSuite, Event
-from megatron_gate.monitor.guard import RECORD_COLUMNS, GuardVerdict, StepGuard, skip_event
+from megatron_gate.monitor.guard import (
+    RECORD_COLUMNS,
+    GuardVerdict,
+    StepGuard,
+    _host_number,
+    skip_event,
+)
 from megatron_gate.monitor.guarded_step import bucketed_step
 from megatron_gate.monitor.reduction import PackLayout, reduce_packed
 from megatron_gate.monitor.sinks import (
@@ -186,6 +203,10 @@ class StabilityMonitor:
         )
 
     def _build_guard(self) -> StepGuard | None:
+        self._pending: _PendingStep | None = None
+        """A rejected step waiting for its recompute (`end_recompute`)."""
+        self._attributions: dict[int, Attribution] = {}
+        """What the recomputes found, by step, until the log step writes their events."""
         self._guard_rows = torch.full(
             (self.config.log_interval, len(RECORD_COLUMNS)), -math.inf,
             dtype=torch.float64, device=self.device,
@@ -308,6 +329,7 @@ class StabilityMonitor:
         learning_rate: float | None = None,
         loss_scale: torch.Tensor | float | None = None,
         tokens: int | None = None,
+        recompute: bool = False,
     ) -> Decision:
         """Record `step` (after backward, before the optimizer step); decide on log steps.
 
@@ -316,12 +338,76 @@ class StabilityMonitor:
         processed in this step. Apply the returned decision with `step_optimizer` (it skips the
         update when `decision.skip_step` and applies the guard's `decision.accept` on the
         device); reload when `decision.rollback` (unless `on_rollback` did).
+
+        `recompute=True` (a loop that can recompute the step and reads the guard's decision on
+        the host anyway, see `decides_on_host`): a step the guard rejects is held open and
+        returned with `decision.recompute`; report the recompute with `end_recompute`.
         """
         if not self.enabled:
             return Decision(step=step)
         self.step = step
         row = min(self._rows, self.buffer.rows - 1)
+        offered = recompute and self.guard is not None and self.config.guard.recompute_rejected
+        before = GuardSnapshot.take(self.guard) if offered else None
         verdict = self._guard_step(row, loss, grad_norm)
+        inputs = _StepInputs(loss, grad_norm, learning_rate, loss_scale, tokens)
+        if before is not None and verdict is not None and not bool(verdict.accept):
+            self._hold(step, row, before, inputs)
+            return Decision(step=step, recompute=True, accept=verdict.accept)
+        return self._finish_step(step, verdict, inputs)
+
+    def end_recompute(
+        self,
+        step: int,
+        *,
+        loss: torch.Tensor | float | None,
+        grad_norm: torch.Tensor | float | None = None,
+        samples: Sequence[int] | None = None,
+    ) -> Decision:
+        """Finish a step held by `end_step` with its recompute on the same batch.
+
+        The guard tests the recompute against its statistics from before the step (every rank,
+        one all_reduce): accepted, the fault was transient and `decision.accept` applies the
+        recomputed update; rejected again, it is reproducible and the step is skipped. The
+        guard's event says which, with the batch's `samples` where given."""
+        if not self.enabled:
+            return Decision(step=step)
+        pending, self._pending = self._pending, None
+        if pending is None or pending.step != step:
+            self._warn_once("end_recompute", RuntimeError(f"step {step} was not held"))
+            return self.end_step(step, loss=loss, grad_norm=grad_norm)
+        pending.before.restore(self.guard)
+        first = self._guard_rows[pending.row].clone()
+        verdict = self._guard_step(pending.row, loss, grad_norm)
+        if verdict is None:
+            return self._finish_step(step, verdict, pending.inputs)
+        accepted = bool(verdict.accept)
+        read = verdict.read or (_host_number(loss), _host_number(grad_norm))
+        samples_ = tuple(int(s) for s in samples) if samples is not None else None
+        self._attributions[step] = Attribution(step, outcome(accepted), read, samples_)
+        if accepted:  # the event shows the fault's values; the update is the recompute's
+            self._guard_rows[pending.row] = first
+        inputs = replace(pending.inputs, loss=loss, grad_norm=grad_norm)
+        return self._finish_step(step, verdict, inputs)
+
+    def decides_on_host(self) -> bool:
+        """Whether `step_optimizer` reads the guard's decision on the host (CPU runs and
+        `guard.skip_mode: host`): there a recompute of a rejected step adds no synchronisation."""
+        return self.enabled and self.guard is not None and self.guard.on_host
+
+    def _hold(self, step: int, row: int, before: GuardSnapshot, inputs: _StepInputs) -> None:
+        """Keep a rejected step open for its recompute (the layer hooks record it afresh)."""
+        self._pending = _PendingStep(step=step, row=row, before=before, inputs=inputs)
+        if self._layer_step == step:
+            self.layer_collector.disarm()
+            self.layer_collector.arm()
+
+    def _finish_step(
+        self, step: int, verdict: GuardVerdict | None, inputs: _StepInputs
+    ) -> Decision:
+        """Record the step, decide on log steps, apply the back-off; the guard's verdict."""
+        loss, grad_norm = inputs.loss, inputs.grad_norm
+        learning_rate, loss_scale, tokens = inputs.learning_rate, inputs.loss_scale, inputs.tokens
         if verdict is not None and verdict.read is not None:  # read once: keep the numbers
             loss = verdict.read[0]
             grad_norm = verdict.read[1] if grad_norm is not None else None
@@ -519,7 +605,7 @@ class StabilityMonitor:
                     record["step"], record["scalars"], record.get("layers")
                 )
             if act:
-                skipped = frozenset(event.step for event in guard_events)
+                skipped = frozenset(e.step for e in guard_events if e.action == "skip_step")
                 decision, events = self.policy.decide(step, events, guard_skipped=skipped)
                 if any(event.action == "lr_backoff" for event in events):
                     self.backoff.trigger()
@@ -548,8 +634,13 @@ class StabilityMonitor:
             values = dict(zip(RECORD_COLUMNS, flat[row * width : (row + 1) * width], strict=True))
             if step is None or values["accepted"] != 0.0:
                 continue  # accepted, or no verdict (-inf)
-            self.skipped_steps += 1
-            events.append(skip_event(step, values, self.config.guard))
+            event = skip_event(step, values, self.config.guard)
+            attribution = self._attributions.pop(step, None)
+            if attribution is not None:
+                event = attributed_event(event, attribution)
+            if attribution is None or attribution.outcome == REPRODUCIBLE:
+                self.skipped_steps += 1
+            events.append(event)
         return events
 
     def _record_backoff(self, records: list[dict[str, Any]], step: int) -> None:
@@ -661,6 +752,25 @@ class StabilityMonitor:
             error,
             exc_info=True,
         )
+
+
+@dataclass(frozen=True)
+class _StepInputs:
+    """What the loop handed to `end_step` (kept while a rejected step is recomputed)."""
+
+    loss: Any
+    grad_norm: Any
+    learning_rate: float | None
+    loss_scale: Any
+    tokens: int | None
+
+
+@dataclass(frozen=True)
+class _PendingStep:
+    step: int
+    row: int
+    before: GuardSnapshot
+    inputs: _StepInputs
 
 
 def _with_scale(decision: Decision, scale: float) -> Decision:

@@ -18,7 +18,10 @@ One JSON object per line in `<run_dir>/stability.jsonl`, each with `"schema"` an
   `duration` (steps), `delay` (detection step - start_step), `signals` (scalars it is seen in).
   The guard's skipped steps are events with detector "guard" and action "skip_step", at their
   own step (one-step episodes, kind non_finite or spike). `scalars.skipped_steps` counts the guard's skips since
-  the run started.
+  the run started. A rejected step that was recomputed on the same batch (attribution.py) has
+  `attribution` (ATTRIBUTIONS): "transient" (the recompute was clean: action "log", its update
+  was applied, not counted as skipped) or "reproducible" (the batch or the model: skipped), and
+  `samples` (the batch's sample indices) where the loop knows them; other events have neither.
 - `run_end`: `step`, `time`, `status` ("completed" | "aborted" | "interrupted" | "failed").
 """
 
@@ -71,6 +74,8 @@ def opens_episode(record: dict) -> bool:
     return (record.get("episode") or {}).get("phase", "open") == "open"
 
 
+ATTRIBUTIONS: tuple[str, ...] = ("transient", "reproducible")
+
 ACTIONS: tuple[str, ...] = ("log", "alert", "skip_step", "lr_backoff", "rollback", "abort")
 
 TENSORBOARD_PREFIX = "stability/"
@@ -91,3 +96,10 @@ def prometheus_name(metric: str) -> str:
 
 PROMETHEUS_EVENTS_TOTAL = f"{PROMETHEUS_PREFIX}events_total"  # counter; labels detector, severity
 PROMETHEUS_LAST_STEP = f"{PROMETHEUS_PREFIX}step"
+# counter; label attribution (ATTRIBUTIONS): rejected steps recomputed, by what the recompute found
+PROMETHEUS_ATTRIBUTED_TOTAL = f"{PROMETHEUS_PREFIX}attributed_steps_total"
+
+
+def attribution_tag(attribution: str) -> str:
+    """`stability/attributed/transient`: the count of such steps so far (TensorBoard)."""
+    return tensorboard_tag(f"attributed/{attribution}")

@@ -137,3 +137,22 @@ def test_records_with_odd_field_types_do_not_break_the_store(tmp_path: Path) -> 
     assert view["scalars"]["loss"]["x"] == [4, 5, 6]  # steps 1-3 carry no usable loss
     assert store.summary()["num_layers"] == 2 and store.summary()["last_step"] == 6
     assert len(view["heatmaps"]["max_abs_residual"]["z"]) == 2
+
+
+def test_attributed_events_carry_their_attribution(tmp_path: Path) -> None:
+    run = SyntheticRun(name="r", num_layers=2)
+    path = tmp_path / "r" / JSONL_NAME
+    path.parent.mkdir()
+    guard = {"schema": run.run_start()["schema"], "kind": "event", "detector": "guard",
+             "severity": "critical", "metric": "loss", "value": None, "threshold": None,
+             "layer": None, "message": "m"}  # fmt: skip
+    events = [
+        guard | {"step": 2, "action": "log", "attribution": "transient", "samples": [2]},
+        guard | {"step": 3, "action": "skip_step", "attribution": "reproducible"},
+        guard | {"step": 4, "action": "skip_step"},
+        guard | {"step": 5, "action": "skip_step", "attribution": "<script>"},
+    ]
+    path.write_text("".join(to_line(r) for r in [run.run_start(), *run.records(1, 6), *events]))
+    view = load_run(tmp_path / "r").view()
+    marked = [(e["step"], e["attribution"]) for e in view["events"] if e["detector"] == "guard"]
+    assert marked == [(2, "transient"), (3, "reproducible"), (4, None), (5, None)]

@@ -1,5 +1,6 @@
 """The demo's actions do what they say: rollback reloads the last checkpoint, abort saves one,
-ends the run and the command (exit 3), a NaN loss is skipped by the guard (not an abort)."""
+ends the run and the command (exit 3), a NaN loss is skipped by the guard (not an abort); a
+one-time NaN is a transient fault whose recomputed update is applied."""
 
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def test_nan_loss_is_skipped_unless_nan_or_inf_says_abort(
         loss = plain_loss(model, tokens, labels)
         if torch.is_grad_enabled():  # a training step (validation runs without grad)
             calls["n"] += 1
-            if calls["n"] == 3:
+            if calls["n"] in (3, 4):  # step 3 and its recompute: a reproducible NaN
                 return loss * float("nan")
         return loss
 
@@ -70,7 +71,9 @@ def test_nan_loss_is_skipped_unless_nan_or_inf_says_abort(
     skipped = _run(tmp_path / "skip")
     assert skipped.status == "completed" and math.isfinite(skipped.final_train_loss)
     events = [r for r in _records(tmp_path / "skip") if r["kind"] == "event"]
-    assert (3, "guard", "skip_step") in {(e["step"], e["detector"], e["action"]) for e in events}
+    assert (3, "guard", "skip_step", "reproducible") in {
+        (e["step"], e["detector"], e["action"], e.get("attribution")) for e in events
+    }
     calls["n"] = 0
     aborted = _run(tmp_path / "abort", "detectors.nan_or_inf.action=abort")
     assert aborted.status == "aborted" and aborted.steps_done == 2
@@ -92,3 +95,28 @@ def test_abort_exits_3_saves_and_stops_the_remaining_runs(tmp_path: Path) -> Non
     latest = json.loads((out / "baseline" / "checkpoint" / "latest.json").read_text())
     assert latest["step"] == 1  # the last applied update before the abort at step 2
     assert not (out / "gated_headwise" / schema.JSONL_NAME).exists()  # never started
+
+
+def test_one_time_nan_is_transient_and_costs_no_update(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clean = _run(tmp_path / "clean")
+    calls = {"n": 0}
+    plain_loss = trainer.token_loss
+
+    def nan_once_at_step_3(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor):  # noqa: ANN202
+        loss = plain_loss(model, tokens, labels)
+        if torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] == 3:  # the first computation of step 3 only
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(trainer, "token_loss", nan_once_at_step_3)
+    faulty = _run(tmp_path / "faulty")
+    assert calls["n"] == TINY.steps + 1  # step 3 computed twice
+    guard = [r for r in _records(tmp_path / "faulty") if r["kind"] == "event"
+             and r["detector"] == "guard"]  # fmt: skip
+    assert [(e["step"], e["action"], e["attribution"]) for e in guard] == [(3, "log", "transient")]
+    assert _losses(tmp_path / "faulty") == _losses(tmp_path / "clean")  # nothing lost
+    assert faulty.final_validation_loss == clean.final_validation_loss

@@ -12,6 +12,9 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from megatron_gate.distributed import free_port
 
@@ -115,3 +118,39 @@ def run_pretrain(
         command, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout
     )
     return PretrainRun(result.returncode, result.stdout + result.stderr)
+
+
+# Values that legitimately change from one saved iteration to the next.
+CHANGING = {"iteration", "rng_state", "args", "num_floating_point_operations_so_far",
+            "stability_monitor",  # the monitor's own history goes on (it saw the step)
+            "checkpoint_version", "rerun_state_machine", "train_iters"}  # fmt: skip
+
+
+def checkpoint_state(save: Path, iteration: int, rank: int) -> dict[str, Any]:
+    """Megatron's `--ckpt-format torch` files of one iteration and rank (model, optimizer)."""
+    folder = save / f"iter_{iteration:07d}" / f"mp_rank_{rank:02d}"
+    # files this test's own run just wrote (trusted): Megatron pickles its args in them
+    state = torch.load(folder / "model_optim_rng.pt", map_location="cpu", weights_only=False)
+    state["distributed_optimizer"] = torch.load(
+        folder / "distrib_optim.pt", map_location="cpu", weights_only=False
+    )
+    return state
+
+
+def differences(a: Any, b: Any, path: str = "") -> list[str]:
+    """Paths at which two checkpoint states differ (tensors bit by bit; CHANGING ignored)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = (set(a) | set(b)) - CHANGING
+        return [
+            d for k in sorted(keys, key=str) for d in differences(a.get(k), b.get(k), f"{path}/{k}")
+        ]
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
+        return [
+            d
+            for i, (x, y) in enumerate(zip(a, b, strict=True))
+            for d in differences(x, y, f"{path}/{i}")
+        ]
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        same = a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+        return [] if same else [path]
+    return [] if a == b else [path]

@@ -86,3 +86,26 @@ def test_multiprocess_mode_collects_every_process(tmp_path: Path) -> None:
     assert samples[events] == 2.0, json.dumps(list(map(str, samples)))  # counters add up
     assert samples[(schema.PROMETHEUS_LAST_STEP, ())] == 5.0  # gauges: the most recent
     assert samples[(schema.prometheus_name("loss"), ())] == 5.0
+
+
+def test_exporter_counts_attributed_steps_by_attribution() -> None:
+    sink = PrometheusSink(host="127.0.0.1", port=0)
+    try:
+        with urllib.request.urlopen(sink.url, timeout=5) as response:
+            before = _samples(response.read().decode())
+        guard = {**EVENT, "detector": "guard", "severity": "critical"}
+        for attribution in ("transient", "transient", "reproducible"):
+            sink.write({**guard, "attribution": attribution})
+        sink.write(guard)  # a skip without a recompute
+        with urllib.request.urlopen(sink.url, timeout=5) as response:
+            after = _samples(response.read().decode())
+    finally:
+        sink.close()
+    name = schema.PROMETHEUS_ATTRIBUTED_TOTAL
+    # both series are there from the start (a rate() over them needs no first fault)
+    assert before[(name, (("attribution", "transient"),))] == 0.0
+    assert before[(name, (("attribution", "reproducible"),))] == 0.0
+    assert after[(name, (("attribution", "transient"),))] == 2.0
+    assert after[(name, (("attribution", "reproducible"),))] == 1.0
+    events = (schema.PROMETHEUS_EVENTS_TOTAL, (("detector", "guard"), ("severity", "critical")))
+    assert after[events] == 4.0

@@ -145,3 +145,21 @@ def test_background_group_keeps_jsonl_inline(tmp_path: Path) -> None:
     assert [r["kind"] for r in slow.records] == ["step", "event"]
     assert set(group.disabled) == {"failing"}
     group.close()
+
+
+def test_tensorboard_counts_attributed_steps(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    guard = {**EVENT, "detector": "guard", "action": "log"}
+    sink = TensorBoardSink(log_dir=tmp_path)
+    sink.write({**guard, "step": 3, "attribution": "transient"})
+    sink.write({**guard, "step": 5, "attribution": "reproducible", "action": "skip_step"})
+    sink.write({**guard, "step": 9, "attribution": "transient"})
+    sink.write({**guard, "step": 11})  # a guard skip without a recompute: not counted
+    sink.close()
+    accumulator = EventAccumulator(str(tmp_path))
+    accumulator.Reload()
+    transient = accumulator.Scalars(schema.attribution_tag("transient"))
+    reproducible = accumulator.Scalars(schema.attribution_tag("reproducible"))
+    assert [(s.step, s.value) for s in transient] == [(3, 1.0), (9, 2.0)]
+    assert [(s.step, s.value) for s in reproducible] == [(5, 1.0)]

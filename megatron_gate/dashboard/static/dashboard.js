@@ -27,6 +27,9 @@
   const SEVERITY_COLORS = { info: "#1f77b4", warning: "#ff7f0e", critical: "#d62728" };
   const ACTION_SYMBOLS = { log: "circle-open", alert: "diamond", skip_step: "x",
     lr_backoff: "triangle-down", rollback: "star", abort: "square" };
+  // A rejected step recomputed on its batch: a transient fault (update applied from the
+  // recompute) or a reproducible one (the batch or the model: skipped).
+  const ATTRIBUTION_SYMBOLS = { transient: "hourglass", reproducible: "x-thin-open" };
   const POLL_MS = 2000;
   const MAX_TABLE_ROWS = 500;
   const PLOT_CONFIG = { responsive: true, displaylogo: false };
@@ -163,7 +166,8 @@
   function eventText(e) {
     const kind = e.kind ? ` [${e.kind}]` : "";
     const details = fmtDetails(e.details);
-    return `${e.detector}${kind} (${e.severity}) → ${e.action}<br>${e.message}` +
+    const attribution = e.attribution ? ` {${e.attribution}}` : "";
+    return `${e.detector}${kind}${attribution} (${e.severity}) → ${e.action}<br>${e.message}` +
       (details ? `<br>${details}` : "");
   }
 
@@ -185,7 +189,8 @@
       hovertemplate: "step %{x}<br>%{text}<extra>" + run.name + "</extra>",
       marker: { size: 11, line: { width: 2, color: runColor(i) },
         color: events.map((e) => SEVERITY_COLORS[e.severity] || "#444"),
-        symbol: events.map((e) => ACTION_SYMBOLS[e.action] || "circle") },
+        symbol: events.map((e) => ATTRIBUTION_SYMBOLS[e.attribution] ||
+          ACTION_SYMBOLS[e.action] || "circle") },
       error_x: episodeBars(events, runColor(i)),
       showlegend: false,
     };

@@ -2,7 +2,9 @@
 
 `GET /metrics` serves one gauge per scalar (`megatron_gate_loss`), per-layer gauges with a
 `layer` label (`megatron_gate_max_abs_residual{layer="3"}`), `megatron_gate_step`, the counter
-`megatron_gate_events_total{detector,severity}`, and prometheus-client's process, platform and
+`megatron_gate_events_total{detector,severity}`, the counter
+`megatron_gate_attributed_steps_total{attribution}` (rejected steps recomputed: transient or
+reproducible, both present from the start at 0), and prometheus-client's process, platform and
 GC collectors. A name that is both a scalar and a per-layer metric (`grad_norm`) carries the
 whole-model value under `layer=""`, which Prometheus stores as "no layer label": the Grafana
 queries and alert rules select it with `layer=""`. Binds 127.0.0.1 by default.
@@ -70,6 +72,14 @@ class PrometheusSink(Sink):
             ("detector", "severity"),
             registry=self._metrics_registry,
         )
+        self.attributed = prometheus_client.Counter(
+            schema.PROMETHEUS_ATTRIBUTED_TOTAL.removesuffix("_total"),
+            "rejected steps recomputed on the same batch, by attribution",
+            ("attribution",),
+            registry=self._metrics_registry,
+        )
+        for attribution in schema.ATTRIBUTIONS:  # both series exist (at 0) before any fault
+            self.attributed.labels(attribution=attribution)
         self.server = self.thread = None
         if port is not None:
             self.server, self.thread = prometheus_client.start_http_server(
@@ -114,6 +124,8 @@ class PrometheusSink(Sink):
             self._write_layers(record.get("layers") or {})
         elif kind == "event" and schema.opens_episode(record):
             self.events.labels(detector=record["detector"], severity=record["severity"]).inc()
+            if record.get("attribution") in schema.ATTRIBUTIONS:
+                self.attributed.labels(attribution=record["attribution"]).inc()
 
     def _write_scalars(self, scalars: dict[str, Any]) -> None:
         for metric, value in scalars.items():

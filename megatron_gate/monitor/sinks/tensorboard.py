@@ -12,7 +12,8 @@ _MASK_DELTA = 0xA282EAD8  # TFRecord's checksum mask (rotate right by 15, add th
 
 
 class TensorBoardSink(Sink):
-    """Writes `step` records as scalars and `event` records as `stability/events/<detector>`.
+    """Writes `step` records as scalars and `event` records as `stability/events/<detector>`;
+    attributed guard events also as the running count `stability/attributed/<attribution>`.
 
     All values of one record go into ONE `Summary` protobuf (one event in the file) instead of
     one `add_scalar` call per value: `add_scalar` costs ~0.1-0.6 ms each on a busy CPU, and a
@@ -32,6 +33,8 @@ class TensorBoardSink(Sink):
         else:
             self._owned = False
         self.writer = writer
+        self.attributed = dict.fromkeys(schema.ATTRIBUTIONS, 0)
+        """Rejected steps recomputed so far, by attribution (transient, reproducible)."""
 
     def write(self, record: dict[str, Any]) -> None:
         """Scalars of steps and events."""
@@ -47,6 +50,10 @@ class TensorBoardSink(Sink):
                         values.append((schema.tensorboard_tag(name, index + 1), value))
         elif kind == "event":
             values.append((schema.tensorboard_tag(f"events/{record['detector']}"), record["value"]))
+            attribution = record.get("attribution")
+            if attribution in self.attributed:
+                self.attributed[attribution] += 1
+                values.append((schema.attribution_tag(attribution), self.attributed[attribution]))
         if values:
             self._write_values(values, step)
 
