@@ -67,13 +67,14 @@ class BigramBackcopy:
     def sample(self, uniforms: torch.Tensor) -> torch.Tensor:
         """`[b, s]` float64 uniforms -> `[b, s + 1]` sequences `[BOS, x1, ..., x_s]`."""
         batch, length = uniforms.shape
+        uniforms = uniforms.t().contiguous()  # [s, b]: one contiguous row per position
         sequences = torch.empty(batch, length + 1, dtype=torch.long)
         sequences[:, 0] = self.bos_token
-        sequences[:, 1] = self._draw(self.first_cdf.expand(batch, -1), uniforms[:, 0])
+        sequences[:, 1] = self._draw(self.first_cdf.expand(batch, -1), uniforms[0])
         for t in range(1, length):
             current = sequences[:, t]
             drawn = self._draw(self.transition_cdf[current.clamp(max=self.normal_tokens - 1)],
-                               uniforms[:, t])  # fmt: skip
+                               uniforms[t])  # fmt: skip
             sequences[:, t + 1] = torch.where(self.is_trigger[current], sequences[:, t - 1], drawn)
         return sequences
 
@@ -115,15 +116,27 @@ class BigramBackcopy:
 
 
 class TaskBatches:
-    """Seeded stream of a task's training batches (`next()` like `data.BatchSampler`)."""
+    """Seeded stream of a task's training batches (`next()` like `data.BatchSampler`).
+
+    Sequences are generated `CHUNK_BATCHES` batches at a time: the chain is sequential over
+    positions, so one pass over a large batch costs about what one over a small batch does.
+    """
+
+    CHUNK_BATCHES = 32
 
     def __init__(self, task: BigramBackcopy, *, seq_len: int, batch_size: int, seed: int) -> None:
         self.task, self.seq_len, self.batch_size = task, seq_len, batch_size
         self.generator = torch.Generator().manual_seed(seed)
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         """`(tokens, labels)`, each `[b, s]`."""
-        return self.task.batch(self.generator, seq_len=self.seq_len, batch_size=self.batch_size)
+        if not self._pending:
+            tokens, labels = self.task.batch(self.generator, seq_len=self.seq_len,
+                                             batch_size=self.batch_size * self.CHUNK_BATCHES)  # fmt: skip
+            self._pending = list(zip(tokens.split(self.batch_size), labels.split(self.batch_size),
+                                     strict=True))[::-1]  # fmt: skip
+        return self._pending.pop()
 
 
 def _transition_matrix(size: int, concentration: float, seed: int) -> torch.Tensor:

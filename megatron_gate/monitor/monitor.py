@@ -641,7 +641,8 @@ class StabilityMonitor:
             flat[i * bins : (i + 1) * bins] if values["gate/count"][i] > 0 else None
             for i in range(count)
         ]
-        return {name: layers[name] for name in schema.LAYER_METRICS}, histogram
+        # the sink metrics of LAYER_METRICS come from `LayerCollector.sink_metrics`
+        return {name: layers[name] for name in schema.LAYER_METRICS if name in layers}, histogram
 
     def _act(self, decision: Decision) -> None:
         """Run the rollback and abort callbacks (every rank) for a decision."""
