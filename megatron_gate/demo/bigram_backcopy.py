@@ -104,9 +104,7 @@ class BigramBackcopy:
         share = float(self.stationary[self.triggers].sum())
         return f"{self.name}: sequences generated per step (triggers {share:.0%} of the chain)"
 
-    def validation_batches(
-        self, *, seq_len: int, batch_size: int, num_batches: int
-    ) -> list[tuple]:
+    def validation_batches(self, *, seq_len: int, batch_size: int, num_batches: int) -> list[tuple]:
         """Fixed validation batches (the same for every run seed)."""
         generator = torch.Generator().manual_seed(VALIDATION_SEED - self.seed)
         return [

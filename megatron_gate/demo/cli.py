@@ -301,10 +301,21 @@ def finish(
     figures_dir: Path | None = None,
 ) -> Path:
     """Summary table on stdout and `OUT/report.html` from what is on disk."""
-    from megatron_gate.demo.report import load_run, markdown_table, summary_rows, write_demo_report
+    from megatron_gate.demo.report import (
+        has_sink_metrics,
+        load_run,
+        markdown_table,
+        sink_rows,
+        summary_rows,
+        write_demo_report,
+    )
 
     runs = [load_run(d) for d in run_dirs if (d / "stability.jsonl").exists()]
     print("\n" + markdown_table(summary_rows(runs)))
+    if has_sink_metrics(runs):
+        print(
+            "\nAttention sink (last layer, last logged step):\n" + markdown_table(sink_rows(runs))
+        )
     report = out / "report.html"
     write_demo_report(runs, report, title=title, settings=settings, figures_dir=figures_dir)
     print_paths(out, [run.run_dir for run in runs], report)

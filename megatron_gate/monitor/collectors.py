@@ -28,8 +28,7 @@ from typing import Any
 
 import torch
 
-from megatron_gate.monitor import schema
-from megatron_gate.monitor import sink_statistics
+from megatron_gate.monitor import schema, sink_statistics
 from megatron_gate.monitor.probe import (
     class_share_sums,
     first_token_shares,

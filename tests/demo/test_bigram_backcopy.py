@@ -64,7 +64,9 @@ def test_triggers_are_the_most_frequent_tokens(task: BigramBackcopy) -> None:
     others = torch.ones_like(stationary, dtype=torch.bool)
     others[task.triggers] = False
     assert stationary[task.triggers].min() > stationary[others].max()
-    assert torch.allclose(task.transition.sum(1), torch.ones(task.normal_tokens, dtype=torch.float64))
+    assert torch.allclose(
+        task.transition.sum(1), torch.ones(task.normal_tokens, dtype=torch.float64)
+    )
     assert task.first_distribution[task.triggers].sum() == 0
 
 

@@ -29,9 +29,16 @@ def _random(*shape: int, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("offset", [None, "zero", "learned"])
 def test_shares_with_a_softmax_offset_equal_the_reference(offset: str | None) -> None:
     sq, batch, heads, groups, head_dim = 12, 3, 4, 2, 8
-    query, key = _random(sq, batch, heads, head_dim, seed=0), _random(sq, batch, groups, head_dim, seed=1)
+    query, key = (
+        _random(sq, batch, heads, head_dim, seed=0),
+        _random(sq, batch, groups, head_dim, seed=1),
+    )
     key[0] += 2
-    softmax_offset = {None: None, "zero": torch.zeros(heads), "learned": _random(heads, seed=2) * 3}[offset]
+    softmax_offset = {
+        None: None,
+        "zero": torch.zeros(heads),
+        "learned": _random(heads, seed=2) * 3,
+    }[offset]
     positions = sample_positions(sq, 5)
     shares, max_logit = first_token_shares(
         query, key, softmax_scale=0.4, positions=positions, softmax_offset=softmax_offset
@@ -63,9 +70,13 @@ def test_class_sums_and_value_norms_equal_loops() -> None:
     assert counts.tolist() == [batch * len(positions), 0, 0] and (sums[1:] == 0).all()
     value = _random(seq, batch, 2, 8, seed=3)
     first, rest, first_count, rest_count = value_norms(value)
-    norms = [[[value[s, b, g].norm().item() for g in range(2)] for b in range(batch)] for s in range(seq)]
+    norms = [
+        [[value[s, b, g].norm().item() for g in range(2)] for b in range(batch)] for s in range(seq)
+    ]
     assert first.item() == pytest.approx(sum(sum(row) for row in norms[0]), rel=1e-5)
-    assert rest.item() == pytest.approx(sum(sum(sum(row) for row in pos) for pos in norms[1:]), rel=1e-5)
+    assert rest.item() == pytest.approx(
+        sum(sum(sum(row) for row in pos) for pos in norms[1:]), rel=1e-5
+    )
     assert (first_count, rest_count) == (batch * 2, (seq - 1) * batch * 2)
 
 
@@ -110,7 +121,9 @@ def test_monitor_matches_megatron_attention(
 ) -> None:
     """Per-head, per-class shares equal the probabilities inside Megatron's DotProductAttention
     (its own SoftmaxOne for the offset types); value drain and BOS ratio its value and outputs."""
-    model = tiny_gated_gpt(seed=3, num_attention_heads=4, num_query_groups=2, softmax_type=softmax_type)
+    model = tiny_gated_gpt(
+        seed=3, num_attention_heads=4, num_query_groups=2, softmax_type=softmax_type
+    )
     config = MonitorConfig.from_dict({"log_interval": 1, "layer_interval": 1, "probe_queries": 6,
                                       "sinks": {"console": False, "tensorboard": False}})  # fmt: skip
     monitor = StabilityMonitor(config, models=[model], run_dir=tmp_path)
@@ -156,4 +169,4 @@ def test_monitor_matches_megatron_attention(
         ratio = (hidden_norms[0] / hidden_norms[1:].median(dim=0).values).mean().item()
         assert layers["residual_norm_ratio_first_token"] == pytest.approx(ratio, rel=1e-5)
         assert layers["kurtosis_residual"] > 1.0
-    assert BATCH == flags.shape[0]
+    assert flags.shape[0] == BATCH
