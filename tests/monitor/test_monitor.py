@@ -131,7 +131,7 @@ def test_records_failing_sink_and_broken_probe(
     def broken_probe(*_args: object, **_kwargs: object) -> None:
         raise RuntimeError("probe bug")
 
-    monkeypatch.setattr("megatron_gate.monitor.collectors.probe_attention", broken_probe)
+    monkeypatch.setattr("megatron_gate.monitor.collectors.first_token_shares", broken_probe)
     model = tiny_gated_gpt()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     broken = BrokenSink()
