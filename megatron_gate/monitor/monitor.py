@@ -641,8 +641,7 @@ class StabilityMonitor:
             flat[i * bins : (i + 1) * bins] if values["gate/count"][i] > 0 else None
             for i in range(count)
         ]
-        # the sink metrics of LAYER_METRICS come from `LayerCollector.sink_metrics`
-        return {name: layers[name] for name in schema.LAYER_METRICS if name in layers}, histogram
+        return {name: layers[name] for name in schema.LAYER_METRICS}, histogram
 
     def _act(self, decision: Decision) -> None:
         """Run the rollback and abort callbacks (every rank) for a decision."""

@@ -157,7 +157,7 @@ def test_records_failing_sink_and_broken_probe(
     layered = [r for r in steps if "layers" in r]
     assert [r["step"] for r in layered] == [0, 4, 8]
     for record in layered:
-        assert set(record["layers"]) == set(schema.LAYER_METRICS)
+        assert set(record["layers"]) == {*schema.LAYER_METRICS, *schema.SINK_LAYER_METRICS}
         layers = record["layers"]
         assert all(v is not None and v > 0 for v in layers["max_abs_residual"])
         assert all(0 < v < 1 for v in layers["gate_mean"])

@@ -149,7 +149,7 @@ def test_monitor_matches_megatron_attention(
         handle.remove()
     monitor.close()
     record = monitor.last_records[0]
-    assert set(record["layers"]) == set(schema.LAYER_METRICS)
+    assert set(record["layers"]) == {*schema.LAYER_METRICS, *schema.SINK_LAYER_METRICS}
     positions = sample_positions(SEQ, 6)
     sampled_flags = flags[:, positions]  # [b, k]
     for number, tensors in captured.items():
