@@ -21,7 +21,7 @@ from typing import Any
 
 from regime_search import bootstrap_ci
 
-from megatron_gate.demo.report import RunLog, load_run
+from megatron_gate.demo.report import RunLog, load_run, markdown_table
 
 VARIANT_ORDER = ("baseline", "gated_headwise", "gated_elementwise", "qk_layernorm",
                  "softmax_off_by_one", "softmax_learnable")  # fmt: skip
@@ -86,15 +86,6 @@ def _ci_text(values: Sequence[float]) -> str:
     mean, low, high = bootstrap_ci(finite)
     missing = f" ({len(values) - len(finite)} n/a)" if len(finite) < len(values) else ""
     return f"{mean:.3g} [{low:.3g}, {high:.3g}]{missing}"
-
-
-def _table(rows: list[dict[str, str]]) -> str:
-    if not rows:
-        return "(no runs)\n"
-    header = list(rows[0])
-    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
-    lines += ["| " + " | ".join(row[key] for key in header) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
 
 
 def lr_tables(rows: list[dict[str, Any]], lr: float) -> tuple[list[dict], list[dict]]:
@@ -191,8 +182,8 @@ def write_summary(rows: list[dict[str, Any]], out: Path) -> None:
     parts = []
     for lr in sorted({r["lr"] for r in rows}):
         means, differences = lr_tables(rows, lr)
-        parts.append(f"### lr {lr:g}\n\nMean [95% bootstrap CI over seeds]\n\n{_table(means)}\n"
-                     f"Paired differences (same seed, same batches)\n\n{_table(differences)}")  # fmt: skip
+        parts.append(f"### lr {lr:g}\n\nMean [95% bootstrap CI over seeds]\n\n{markdown_table(means)}\n"
+                     f"Paired differences (same seed, same batches)\n\n{markdown_table(differences)}")  # fmt: skip
     (out / "summary.md").write_text("\n".join(parts))
     if rows:
         share_figure(rows, out / "share_over_steps.png")
