@@ -37,7 +37,8 @@ class HeadEvent(Event):
 
 def _with_head(event: Event, head: int) -> HeadEvent:
     values = {field.name: getattr(event, field.name) for field in fields(Event)}
-    values["message"] = f"head {head}: {event.message}"
+    where = f"layer {event.layer} "
+    values["message"] = event.message.replace(where, f"layer {event.layer} head {head}: ", 1)
     return HeadEvent(**values, head=head)
 
 

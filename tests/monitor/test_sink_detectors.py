@@ -32,7 +32,8 @@ def test_a_sink_forming_in_one_head_is_one_episode_with_layer_head_and_step() ->
     assert len(opened) == 1 and not [e for e in events if e.phase == "close"]
     event = opened[0]
     assert (event.detector, event.layer, event.head, event.step) == ("sink_formation", 2, 1, 40)
-    assert event.metric == "first_token_share_unflagged" and "head 1" in event.message
+    assert event.metric == "first_token_share_unflagged"
+    assert event.message.startswith("layer 2 head 1: first_token_share_unflagged 0.55 is above")
     record = event.to_dict()
     assert record["head"] == 1 and record["layer"] == 2
     json.dumps(record)  # a plain JSON record
