@@ -53,12 +53,12 @@ DEFAULTS = TrainConfig(
 
 
 PRESETS: dict[str, dict[str, object]] = {
-    # Bigram-Backcopy (Guo et al. 2024) at the size of the issue's measurement: a 1-head model
-    # whose last layer parks non-trigger queries on BOS (an attention sink) within minutes.
+    # Bigram-Backcopy (Guo et al. 2024): a 1-head model whose last layer parks non-trigger
+    # queries on BOS. Measured (docs/evidence.md): baseline share 0.91 at step 200, 0.997 at 300.
     "sink": {"task": "bigram-backcopy", "layers": 2, "hidden": 64, "heads": 1, "seq_len": 64,
-             "batch_size": 64, "steps": 2000, "lr": 1e-3, "weight_decay": 1e-4,
+             "batch_size": 16, "steps": 1200, "lr": 3e-3, "weight_decay": 1e-4, "seed": 0,
              "position_embedding": "learned_absolute",
-             "monitor_set": ["probe_queries=63", "log_interval=50", "layer_interval=50"]},
+             "monitor_set": ["probe_queries=63", "log_interval=25", "layer_interval=25"]},
 }  # fmt: skip
 """`megatron-gate demo --preset NAME`: documented settings (later flags override them)."""
 

@@ -66,7 +66,7 @@ PRESETS: dict[str, dict[str, object]] = {
     # Bigram-Backcopy (docs/evidence.md, "Attention sinks"): the baseline forms a sink; the
     # gates, qk-layernorm and Megatron-Core's softmax offsets side by side, 3 seeds, 2 LRs.
     "sink": {"task": "bigram-backcopy", "layers": 2, "hidden": 64, "heads": 1, "seq_len": 64,
-             "batch_size": 32, "steps": 1000, "weight_decay": 1e-4,
+             "batch_size": 16, "steps": 1200, "weight_decay": 1e-4,
              "position_embedding": "learned_absolute", "lrs": "1e-3,3e-3", "seeds": "0,1,2",
              "variants": "baseline,gated_headwise,gated_elementwise,qk_layernorm,"
                          "softmax_off_by_one,softmax_learnable",
