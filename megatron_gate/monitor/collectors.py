@@ -274,6 +274,11 @@ class LayerCollector:
         self.num_heads = _num_heads(layers)
         self.tensor_parallel_rank = position.tensor_parallel_rank
         self.sink = SinkObservations(num_layers, self.num_heads)
+        # The BOS residual ratio needs position 0 in the rank's layer output: not with the
+        # sequence (SP) or context (CP) split across ranks.
+        self.whole_sequences = position.context_parallel_size == 1 and not _sequence_parallel(
+            layers
+        )
         self.query_flags: torch.Tensor | None = None
         """`[b, s]` bool of this step's batch (True: a query of the flagged type), or None."""
         self.active = False
@@ -381,7 +386,7 @@ class LayerCollector:
         observations.activations.append(partial_statistics(tensor.detach()))
         observations.activation_slots.append(slot)
         observations.counts[slot] += tensor.numel()
-        if slot < self.num_layers:  # a layer output: the residual stream
+        if slot < self.num_layers and self.whole_sequences:  # a layer output: the residual
             self.sink.add_residual(slot, tensor.detach())
 
     def _gate_observer(self, index: int) -> Any:
@@ -531,6 +536,14 @@ def _num_heads(layers: dict[int, torch.nn.Module]) -> int:
         if isinstance(heads, int) and heads > 0:
             return heads
     return 1
+
+
+def _sequence_parallel(layers: dict[int, torch.nn.Module]) -> bool:
+    """Whether the layers' outputs are split along the sequence (Megatron's sequence_parallel)."""
+    return any(
+        bool(getattr(getattr(layer, "config", None), "sequence_parallel", False))
+        for layer in layers.values()
+    )
 
 
 def _softmax_scale(core: torch.nn.Module, head_dim: int) -> float:

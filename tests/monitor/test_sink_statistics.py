@@ -170,3 +170,23 @@ def test_monitor_matches_megatron_attention(
         assert layers["residual_norm_ratio_first_token"] == pytest.approx(ratio, rel=1e-5)
         assert layers["kurtosis_residual"] > 1.0
     assert flags.shape[0] == BATCH
+
+
+def test_sequence_parallel_outputs_leave_the_bos_ratio_unmeasured(
+    one_rank_world: None, tmp_path: Path
+) -> None:
+    """A rank's output under sequence parallelism is a chunk of positions: no BOS ratio then."""
+    model = tiny_gated_gpt(seed=1)
+    model.config.sequence_parallel = True  # what the collector reads (TP=1 cannot run it)
+    config = MonitorConfig.from_dict({"log_interval": 1, "layer_interval": 1,
+                                      "sinks": {"console": False, "tensorboard": False}})  # fmt: skip
+    monitor = StabilityMonitor(config, models=[model], run_dir=tmp_path)
+    model.config.sequence_parallel = False  # the forward itself runs unsplit
+    monitor.start_step(0)
+    lm_loss(model, batch_at(0)).backward()
+    monitor.end_step(0, loss=1.0)
+    monitor.close()
+    layers = monitor.last_records[0]["layers"]
+    assert layers["residual_norm_ratio_first_token"] == [None, None]
+    assert layers["kurtosis_residual"] == [None, None]
+    assert all(v is not None for v in layers["first_token_share_head_max"])
