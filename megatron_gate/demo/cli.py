@@ -2,6 +2,7 @@
 
     megatron-gate demo                          # embedded corpus, CPU, ~3-5 minutes
     megatron-gate demo --lr 3e-2 --steps 600 --data my_text_document --out runs/demo
+    megatron-gate demo --preset sink            # Bigram-Backcopy: an attention sink forms
 
 Trains the same small Megatron-Core GPT twice (same seed, same batches, same learning rate):
 without a gate and with the gated attention of Qiu et al. (2025). Ends with a summary table and
@@ -19,12 +20,14 @@ from pathlib import Path
 
 from megatron_gate.demo.data import (
     BYTE_VOCAB_SIZE,
+    TASKS,
     DataError,
     DataSource,
     check_corpus_size,
     load_corpus,
 )
 from megatron_gate.demo.trainer import (
+    POSITION_EMBEDDINGS,
     VARIANTS,
     RunPlan,
     TrainConfig,
@@ -47,6 +50,32 @@ DEFAULTS = TrainConfig(
     eval_interval=50,
     checkpoint_interval=100,
 )
+
+
+PRESETS: dict[str, dict[str, object]] = {
+    # Bigram-Backcopy (Guo et al. 2024): a 1-head model whose last layer parks non-trigger
+    # queries on BOS. Measured (docs/evidence.md): baseline share 0.91 at step 200, 0.997 at 300.
+    "sink": {"task": "bigram-backcopy", "layers": 2, "hidden": 64, "heads": 1, "seq_len": 64,
+             "batch_size": 16, "steps": 1200, "lr": 3e-3, "weight_decay": 1e-4, "seed": 0,
+             "position_embedding": "learned_absolute",
+             "monitor_set": ["probe_queries=63", "log_interval=25", "layer_interval=25"]},
+}  # fmt: skip
+"""`megatron-gate demo --preset NAME`: documented settings (later flags override them)."""
+
+
+class PresetAction(argparse.Action):
+    """`--preset NAME`: the preset's flag values, except for flags given before it with another
+    value than their default (flags after it override the preset)."""
+
+    def __init__(self, *args: object, presets: dict[str, dict[str, object]], **kwargs: object):
+        super().__init__(*args, **kwargs)
+        self.presets = presets
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:  # noqa: ANN001
+        for key, value in self.presets[values].items():
+            if getattr(namespace, key) == parser.get_default(key):
+                setattr(namespace, key, list(value) if isinstance(value, list) else value)
+        setattr(namespace, self.dest, values)
 
 
 MAX_LR = 100.0
@@ -100,16 +129,27 @@ def add_model_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig) 
     add("--doc-split", default="file", metavar="MODE",
         help="documents of text data: file (one per file / stdlib module), blank-line, or "
         "marker:TEXT (default %(default)s; they are marked in the stream with --bos)")  # fmt: skip
+    add("--task", choices=TASKS, default=None,
+        help="train on a synthetic task instead of text: bigram-backcopy (Guo et al. 2024; "
+        "BOS at position 0, attention sinks form on it; docs/evidence.md)")  # fmt: skip
+    add("--position-embedding", choices=POSITION_EMBEDDINGS, default=defaults.position_embedding,
+        help="position embedding (default %(default)s)")  # fmt: skip
+    add("--weight-decay", type=float, default=defaults.weight_decay,
+        help="AdamW weight decay of matrices (default %(default)g)")  # fmt: skip
     add("--overwrite", action="store_true", help="replace earlier runs in --out")
 
 
 def data_source(args: argparse.Namespace) -> DataSource:
-    """The `DataSource` of `--data`, `--bos` and `--doc-split`."""
-    return DataSource(path=args.data, bos=args.bos, doc_split=args.doc_split)
+    """The `DataSource` of `--data`, `--bos`, `--doc-split` and `--task`."""
+    return DataSource(path=args.data, bos=args.bos, doc_split=args.doc_split, task=args.task)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """`megatron-gate demo` flags."""
+    parser.add_argument("--preset", choices=sorted(PRESETS), action=PresetAction, default=None,
+                        presets=PRESETS,
+                        help="documented settings: sink = Bigram-Backcopy, where an attention "
+                        "sink forms (docs/demo.md); later flags override them")  # fmt: skip
     parser.add_argument("--lr", type=float, default=DEFAULTS.lr,
                         help="peak learning rate (default %(default)g)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed,
@@ -144,6 +184,8 @@ def train_config(
         steps=args.steps,
         lr=lr,
         seed=seed,
+        weight_decay=args.weight_decay,
+        position_embedding=args.position_embedding,
         tp=args.tp,
         log_interval=max(1, min(defaults.log_interval, args.steps // 10)),
         eval_interval=max(1, min(defaults.eval_interval, args.steps // 4)),
@@ -177,6 +219,11 @@ def validate(config: TrainConfig, *, vocab_size: int = BYTE_VOCAB_SIZE) -> None:
                 f"{flag} {value}: at most {UPPER_BOUNDS[flag]} ({flag}): the demo trains on the "
                 "CPU and memory grows with it; use Megatron-LM (megatron_gate.run) for larger runs."
             )
+    if not (math.isfinite(config.weight_decay) and 0 <= config.weight_decay < 1):
+        raise DemoInputError(
+            f"--weight-decay {config.weight_decay:g}: must be in [0, 1) (--weight-decay): "
+            "AdamW shrinks every weight by lr x this per step."
+        )
     if not 0 <= config.seed < 2**63:
         raise DemoInputError(f"--seed {config.seed}: must be in [0, 2**63) (--seed).")
     if config.hidden % config.heads:
@@ -254,10 +301,21 @@ def finish(
     figures_dir: Path | None = None,
 ) -> Path:
     """Summary table on stdout and `OUT/report.html` from what is on disk."""
-    from megatron_gate.demo.report import load_run, markdown_table, summary_rows, write_demo_report
+    from megatron_gate.demo.report import (
+        has_sink_metrics,
+        load_run,
+        markdown_table,
+        sink_rows,
+        summary_rows,
+        write_demo_report,
+    )
 
     runs = [load_run(d) for d in run_dirs if (d / "stability.jsonl").exists()]
     print("\n" + markdown_table(summary_rows(runs)))
+    if has_sink_metrics(runs):
+        print(
+            "\nAttention sink (last layer, last logged step):\n" + markdown_table(sink_rows(runs))
+        )
     report = out / "report.html"
     write_demo_report(runs, report, title=title, settings=settings, figures_dir=figures_dir)
     print_paths(out, [run.run_dir for run in runs], report)
@@ -293,7 +351,7 @@ def run(args: argparse.Namespace) -> int:
         progress="off" if args.quiet else "bar",
     )
     print(
-        f"megatron-gate demo: {corpus.name}, {corpus.num_tokens:,} tokens; {config.layers} layers, "
+        f"megatron-gate demo: {corpus.description}; {config.layers} layers, "
         f"hidden {config.hidden}, {config.heads} heads, seq {config.seq_len}, batch "
         f"{config.batch_size}, {config.steps} steps at lr {config.lr:g}, tp {config.tp}",
         file=sys.stderr,

@@ -4,7 +4,8 @@
     corpus = load_corpus("notes.txt")               # bytes of a text file (or a folder of them)
     corpus = load_corpus("my-corpus_text_document") # Megatron .bin/.idx (preprocess_data.py output)
     corpus = load_corpus(DataSource(path="notes.txt", bos=True, doc_split="blank-line"))
-    batches = BatchSampler(corpus.train, seq_len=128, batch_size=8, seed=0, bos=corpus.bos_token)
+    task = load_corpus(DataSource(task="bigram-backcopy"))   # a synthetic task (bigram_backcopy.py)
+    batches = corpus.batches(seq_len=128, batch_size=8, seed=0)   # same call for a task
     tokens, labels = batches.next()                 # [b, s] each
 
 Text is tokenised as bytes (vocab 256), so no tokenizer and no download is needed. The split is
@@ -32,11 +33,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megatron_gate.demo.bigram_backcopy import TASK_NAME, BigramBackcopy
+
 BYTE_VOCAB_SIZE = 256
 SPLIT_BLOCK = 4096
 VALIDATION_EVERY = 10
 EMBEDDED_CORPUS_BYTES = 2_000_000
 MAX_DATA_TOKENS = 32_000_000
+TASKS = (TASK_NAME,)
+"""Synthetic tasks that `--task` names (generated, not read)."""
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".json", ".jsonl", ".csv", ".html", ".tex")
 DOC_SPLITS = ("file", "blank-line", "marker:<text>")
 NEWLINE = ord("\n")
@@ -68,6 +73,8 @@ class DataSource:
     """Start every document and every sequence with a BOS token."""
     doc_split: str = "file"
     """How text becomes documents: "file", "blank-line" or "marker:<text>"."""
+    task: str | None = None
+    """A synthetic task from `TASKS` instead of text (`path`, `bos`, `doc_split` unused)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,6 +96,28 @@ class Corpus:
     @property
     def num_tokens(self) -> int:
         return int(self.train.numel() + self.validation.numel())
+
+    @property
+    def description(self) -> str:
+        """One line for the demo's start-up message."""
+        return f"{self.name}, {self.num_tokens:,} tokens"
+
+    def batches(self, *, seq_len: int, batch_size: int, seed: int) -> BatchSampler:
+        """Random training windows from `seed` (the same on every rank)."""
+        return BatchSampler(self.train, seq_len=seq_len, batch_size=batch_size, seed=seed,
+                            bos=self.bos_token)  # fmt: skip
+
+    def validation_batches(
+        self, *, seq_len: int, batch_size: int, num_batches: int
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Fixed, evenly spaced validation batches."""
+        return validation_batches(self.validation, seq_len=seq_len, batch_size=batch_size,
+                                  num_batches=num_batches, bos=self.bos_token)  # fmt: skip
+
+    def query_flags(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        """Text defines no query types (a task does: `BigramBackcopy.query_flags`)."""
+        del tokens
+        return None
 
 
 def embedded_corpus_files() -> list[Path]:
@@ -320,9 +349,12 @@ def _optional_str(path: str | Path | None) -> str | None:
     return None if path is None else str(path)
 
 
-def load_corpus(data: DataSource | str | Path | None) -> Corpus:
-    """The corpus a `DataSource` (or a bare `--data` path) names; raises `DataError`."""
+def load_corpus(data: DataSource | str | Path | None) -> Corpus | BigramBackcopy:
+    """The corpus (or synthetic task) a `DataSource` or a bare `--data` path names; raises
+    `DataError`."""
     source = data if isinstance(data, DataSource) else DataSource(path=_optional_str(data))
+    if source.task is not None:
+        return load_task(source.task)
     check_doc_split(source.doc_split)
     if source.path is None:
         return embedded_corpus(bos=source.bos, doc_split=source.doc_split)
@@ -345,8 +377,18 @@ def load_corpus(data: DataSource | str | Path | None) -> Corpus:
     return text_corpus(path, bos=source.bos, doc_split=source.doc_split)
 
 
-def check_corpus_size(corpus: Corpus, *, seq_len: int) -> None:
-    """Raise `DataError` when either split is too short for one `seq_len + 1` window."""
+def load_task(name: str) -> BigramBackcopy:
+    """The synthetic task called `name` (one of `TASKS`); raises `DataError`."""
+    if name not in TASKS:
+        raise DataError(f"unknown task {name!r} (--task): choose {', '.join(TASKS)}")
+    return BigramBackcopy()
+
+
+def check_corpus_size(corpus: Corpus | BigramBackcopy, *, seq_len: int) -> None:
+    """Raise `DataError` when either split is too short for one `seq_len + 1` window (a task
+    generates sequences of any length)."""
+    if not isinstance(corpus, Corpus):
+        return
     for split, stream in (("train", corpus.train), ("validation", corpus.validation)):
         if stream.numel() < seq_len + 1:
             raise _error(

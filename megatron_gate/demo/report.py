@@ -159,6 +159,48 @@ def summary_rows(runs: Sequence[RunLog]) -> list[dict[str, str]]:
     return rows
 
 
+def _last(run: RunLog, metric: str) -> float:
+    """The metric of the last layer at the last logged step (NaN when not measured)."""
+    values = run.final_layers(metric)
+    return values[-1] if values else math.nan
+
+
+def _first_open(run: RunLog, detector: str) -> str:
+    opened = [e for e in run.events if e.get("detector") == detector]
+    if not opened:
+        return "none"
+    first = opened[0]
+    head = f" head {first['head']}" if first.get("head") is not None else ""
+    return f"step {first.get('step')} (layer {first.get('layer')}{head})"
+
+
+def has_sink_metrics(runs: Sequence[RunLog]) -> bool:
+    """Whether the runs' queries were split by type (a task such as Bigram-Backcopy)."""
+    return any(_has_finite(run.layers.get("first_token_share_unflagged", [])) for run in runs)
+
+
+def sink_rows(runs: Sequence[RunLog]) -> list[dict[str, str]]:
+    """Attention-sink diagnostics of the last layer at the last logged step, one row per run."""
+    return [
+        {
+            "run": run.name,
+            "final val loss": _fmt(run.final_validation_loss(), 4),
+            "first-token share, non-flagged queries": _fmt(
+                _last(run, "first_token_share_unflagged")
+            ),
+            "flagged (trigger) queries": _fmt(_last(run, "first_token_share_flagged")),
+            "max over heads": _fmt(_last(run, "first_token_share_unflagged_head_max")),
+            "value norm at BOS / elsewhere": _fmt(_last(run, "value_norm_ratio_first_token")),
+            "BOS residual / median position": _fmt(_last(run, "residual_norm_ratio_first_token")),
+            "kurtosis": _fmt(_last(run, "kurtosis_residual")),
+            "max abs(h)": _fmt(_last(run, "max_abs_residual")),
+            "sink formed": _first_open(run, "sink_formation"),
+            "BOS massive activation": _first_open(run, "bos_massive_activation"),
+        }
+        for run in runs
+    ]
+
+
 def markdown_table(rows: Sequence[dict[str, str]]) -> str:
     """A GitHub-markdown table (also readable in a terminal)."""
     if not rows:
@@ -344,6 +386,32 @@ def logit_figure(runs: Sequence[RunLog]) -> Any:
     return figure
 
 
+SINK_PANELS = (
+    ("first_token_share_unflagged", "first-token share, non-flagged queries"),
+    ("first_token_share_flagged", "first-token share, flagged (trigger) queries"),
+    ("value_norm_ratio_first_token", "value norm at BOS / elsewhere"),
+    ("residual_norm_ratio_first_token", "BOS residual norm / median position"),
+)
+
+
+def sink_figure(runs: Sequence[RunLog]) -> Any:
+    """The sink diagnostics per layer over steps (colour: run; line style: layer)."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, len(SINK_PANELS), figsize=(4.2 * len(SINK_PANELS), 3.4))
+    styles = ("-", "--", ":", "-.")
+    for ax, (metric, title) in zip(axes, SINK_PANELS, strict=True):
+        for index, run in enumerate(runs):
+            grid = run.layers.get(metric, [])
+            for layer in range(len(grid[0]) if grid else 0):
+                ax.plot(run.layer_steps, [row[layer] for row in grid], styles[layer % 4],
+                        color=_color(run.name, index), label=f"{run.name} layer {layer + 1}")  # fmt: skip
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=6)
+    return figure
+
+
 def demo_figures(runs: Sequence[RunLog]) -> list[tuple[str, str, bytes]]:
     """(file stem, caption, PNG) for every figure of the demo report."""
     figures = [
@@ -354,6 +422,11 @@ def demo_figures(runs: Sequence[RunLog]) -> list[tuple[str, str, bytes]]:
          heatmap_figure(runs, "first_token_attention_share", title="first-token attention share")),
         ("max_attention_logit", "Largest pre-softmax attention logit.", logit_figure(runs)),
     ]  # fmt: skip
+    if has_sink_metrics(runs):
+        figures.insert(1, ("sink", "Attention-sink diagnostics per layer: first-token share of "
+                           "the queries the task does not flag (Bigram-Backcopy: non-triggers) "
+                           "and of those it flags, value drain and BOS residual ratio.",
+                           sink_figure(runs)))  # fmt: skip
     gates = gate_figure(runs)
     if gates is not None:
         figures.append(("gates", "Gate sparsity and mean gate per layer (gated run).", gates))
@@ -444,6 +517,11 @@ def write_demo_report(
         "<h2>Summary</h2>",
         html_table(summary_rows(runs)),
         "<p>Per-layer values are at the last logged step; spikes are counted over the run.</p>",
+        *(
+            ["<h2>Attention sink (last layer)</h2>", html_table(sink_rows(runs))]
+            if has_sink_metrics(runs)
+            else []
+        ),
         *(html_figure(png, caption) for _stem, caption, png in figures),
         _events_section(runs),
         "<h2>Settings</h2>",

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from megatron_gate.demo.cli import (
     DemoInputError,
+    PresetAction,
     add_model_arguments,
     data_source,
     prepare_out,
@@ -30,7 +31,15 @@ from megatron_gate.demo.cli import (
 )
 from megatron_gate.demo.cli import validate as validate_config
 from megatron_gate.demo.data import DataError, check_corpus_size, load_corpus
-from megatron_gate.demo.trainer import VARIANTS, RunPlan, TrainConfig, execute
+from megatron_gate.demo.trainer import (
+    DEFAULT_VARIANTS,
+    VARIANTS,
+    RunPlan,
+    TrainConfig,
+    demo_monitor_config,
+    execute,
+)
+from megatron_gate.monitor import MonitorConfigError
 
 DEFAULTS = TrainConfig(
     layers=2,
@@ -54,18 +63,15 @@ PRESETS: dict[str, dict[str, object]] = {
     "evidence": {"bos": True, "layers": 4, "hidden": 128, "heads": 4, "seq_len": 128,
              "batch_size": 4, "steps": 100, "lrs": "1e-2,3e-2,0.1,0.3,1,3", "seeds": "0,1,2",
              "variants": "baseline,qk_layernorm,gated_headwise,gated_elementwise"},
+    # Bigram-Backcopy (docs/evidence.md, "Attention sinks"): the baseline forms a sink; the
+    # gates, qk-layernorm and Megatron-Core's softmax offsets side by side, 3 seeds, 2 LRs.
+    "sink": {"task": "bigram-backcopy", "layers": 2, "hidden": 64, "heads": 1, "seq_len": 64,
+             "batch_size": 16, "steps": 1200, "weight_decay": 1e-4,
+             "position_embedding": "learned_absolute", "lrs": "1e-3,3e-3", "seeds": "0,1,2",
+             "variants": "baseline,gated_headwise,gated_elementwise,qk_layernorm,"
+                         "softmax_off_by_one,softmax_learnable",
+             "monitor_set": ["probe_queries=63", "log_interval=25", "layer_interval=25"]},
 }  # fmt: skip
-
-
-class PresetAction(argparse.Action):
-    """`--preset NAME`: the preset's flag values, except for flags given before it with another
-    value than their default (flags after it override the preset)."""
-
-    def __call__(self, parser, namespace, values, option_string=None) -> None:  # noqa: ANN001
-        for key, value in PRESETS[values].items():
-            if getattr(namespace, key) == parser.get_default(key):
-                setattr(namespace, key, value)
-        setattr(namespace, self.dest, values)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -175,14 +181,19 @@ def _csv(kind: type, text: str, flag: str) -> list:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """`megatron-gate sweep` flags."""
     parser.add_argument("--preset", choices=sorted(PRESETS), action=PresetAction, default=None,
+                        presets=PRESETS,
                         help="a documented regime (docs/evidence.md); later flags override it")  # fmt: skip
     parser.add_argument("--lrs", default=",".join(f"{lr:g}" for lr in DEFAULT_LRS),
                         help="comma-separated peak learning rates (default %(default)s)")  # fmt: skip
     parser.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)),
                         help="comma-separated seeds (default %(default)s)")  # fmt: skip
-    parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help="comma-separated variants (default: all: %(default)s)")  # fmt: skip
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                        help="comma-separated variants (default %(default)s; also: "
+                        "softmax_off_by_one, softmax_learnable)")  # fmt: skip
     add_model_arguments(parser, DEFAULTS)
+    parser.add_argument("--monitor-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one monitor key for every run, e.g. probe_queries=63 "
+                        "(repeatable)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("megatron-gate-sweep"),
                         help="output folder (default %(default)s)")  # fmt: skip
 
@@ -263,14 +274,17 @@ def run(args: argparse.Namespace) -> int:
         for config in configs:
             validate_config(config, vocab_size=corpus.vocab_size)
         check_corpus_size(corpus, seq_len=configs[0].seq_len)
+        monitor = demo_monitor_config(layer_interval=configs[0].log_interval,
+                                      overrides=args.monitor_set)  # fmt: skip
         prepare_out(args.out, ["runs"], overwrite=args.overwrite)
-    except (DemoInputError, DataError) as error:
+    except (DemoInputError, DataError, MonitorConfigError) as error:
         print(f"megatron-gate sweep: error: {error}", file=sys.stderr)
         return 2
     print(f"megatron-gate sweep: {len(runs)} runs on {corpus.name}", file=sys.stderr)
     interrupted = False
     try:
-        results = execute(RunPlan(runs=runs, data=data_source(args), progress="line"))
+        plan = RunPlan(runs=runs, data=data_source(args), monitor_config=monitor, progress="line")
+        results = execute(plan)
         interrupted = any(r.status == "interrupted" for r in results)
     except KeyboardInterrupt:
         interrupted = True

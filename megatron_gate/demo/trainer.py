@@ -31,13 +31,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_gate.demo.data import (
-    BatchSampler,
-    Corpus,
-    DataSource,
-    load_corpus,
-    validation_batches,
-)
+from megatron_gate.demo.bigram_backcopy import BigramBackcopy
+from megatron_gate.demo.data import Corpus, DataSource, load_corpus
 from megatron_gate.errors import OutputError, output_error
 from megatron_gate.monitor.attribution import RandomState
 from megatron_gate.output_files import (
@@ -60,6 +55,9 @@ class Variant:
     """Gate granularity ("headwise" | "elementwise"), or None for no gate."""
     qk_layernorm: bool = False
     """LayerNorm on queries and keys (Wortsman et al.'s fix for attention-logit growth)."""
+    softmax_type: str = "vanilla"
+    """Megatron-Core's `softmax_type`: "vanilla", "off-by-one" (a fixed zero logit in every
+    softmax) or "learnable" (a learned per-head logit: attention sinks as in gpt-oss)."""
 
     @property
     def gated(self) -> bool:
@@ -74,8 +72,14 @@ VARIANTS: dict[str, Variant] = {
         Variant(name="gated_headwise", granularity="headwise"),
         Variant(name="gated_elementwise", granularity="elementwise"),
         Variant(name="gated_qk_layernorm", granularity="headwise", qk_layernorm=True),
+        Variant(name="softmax_off_by_one", softmax_type="off-by-one"),
+        Variant(name="softmax_learnable", softmax_type="learnable"),
     )
 }
+DEFAULT_VARIANTS = ("baseline", "qk_layernorm", "gated_headwise", "gated_elementwise",
+                    "gated_qk_layernorm")  # fmt: skip
+"""The sweep's variants unless `--variants` names others (the softmax ones are opt-in)."""
+POSITION_EMBEDDINGS = ("rope", "learned_absolute")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -98,6 +102,8 @@ class TrainConfig:
     clip_grad: float = 0.0
     """Global grad-norm clip; 0 (the demo's default) shows the raw instability."""
     seed: int = 1234
+    position_embedding: str = "rope"
+    """"rope" or "learned_absolute" (Megatron's `position_embedding_type`)."""
     tp: int = 1
     log_interval: int = 10
     """Per-layer metrics every this-many steps (and on step 1)."""
@@ -178,12 +184,15 @@ def build_model(
         ffn_hidden_size=4 * config.hidden,
         tensor_model_parallel_size=config.tp,
         qk_layernorm=variant.qk_layernorm,
+        softmax_type=variant.softmax_type,
     )
+    # The output layer is untied from the embedding (GPTModel's default), as in the task's paper.
     model = build_gpt(
         model_config,
         layer_spec(variant, backend=backend),
         vocab_size=vocab_size,
         max_sequence_length=config.seq_len,
+        position_embedding_type=config.position_embedding,
     )
     return model.to(device)
 
@@ -195,6 +204,8 @@ def model_info(config: TrainConfig, variant: Variant, *, device: torch.device) -
         "gated_layers": list(range(1, config.layers + 1)) if variant.gated else [],
         "granularity": variant.granularity,
         "qk_layernorm": variant.qk_layernorm,
+        "softmax_type": variant.softmax_type,
+        "position_embedding": config.position_embedding,
         "backend": "te" if device.type == "cuda" else "local",
         "hidden_size": config.hidden,
         "num_attention_heads": config.heads,
@@ -407,7 +418,7 @@ class DemoRun:
         self,
         config: TrainConfig,
         variant: Variant,
-        corpus: Corpus,
+        corpus: Corpus | BigramBackcopy,
         *,
         run_dir: Path,
         monitor_config: Any,
@@ -419,14 +430,12 @@ class DemoRun:
         device = _device(rank)
         self.model = build_model(config, variant, vocab_size=corpus.vocab_size, device=device)
         self.optimizer = build_optimizer(self.model, config)
-        self.batches = BatchSampler(
-            corpus.train, seq_len=config.seq_len, batch_size=config.batch_size, seed=config.seed,
-            bos=corpus.bos_token,
-        )  # fmt: skip
-        self.eval_set = validation_batches(
-            corpus.validation, seq_len=config.seq_len, batch_size=config.batch_size,
-            num_batches=config.eval_batches, bos=corpus.bos_token,
-        )  # fmt: skip
+        self.corpus = corpus
+        self.batches = corpus.batches(seq_len=config.seq_len, batch_size=config.batch_size,
+                                      seed=config.seed)  # fmt: skip
+        self.eval_set = corpus.validation_batches(
+            seq_len=config.seq_len, batch_size=config.batch_size, num_batches=config.eval_batches
+        )
         self.writer = rank == 0
         if self.writer:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -450,7 +459,7 @@ class DemoRun:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         tokens, labels = self.batches.next()
-        self.monitor.start_step(step)
+        self.monitor.start_step(step, query_flags=self.corpus.query_flags(tokens))
         random_state = RandomState.take()
         loss, norm = self.forward_backward(tokens, labels)
         # The demo reads its loss and grad norm on the host every step anyway: reading the
@@ -532,7 +541,7 @@ def _say(message: str) -> None:
 def train_variant(
     config: TrainConfig,
     variant: Variant,
-    corpus: Corpus,
+    corpus: Corpus | BigramBackcopy,
     *,
     run_dir: Path,
     monitor_config: Any = None,

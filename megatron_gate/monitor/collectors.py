@@ -28,9 +28,16 @@ from typing import Any
 
 import torch
 
-from megatron_gate.monitor import schema
-from megatron_gate.monitor.probe import probe_attention, sample_positions
+from megatron_gate.monitor import schema, sink_statistics
+from megatron_gate.monitor.probe import (
+    class_share_sums,
+    first_token_shares,
+    query_class_weights,
+    sample_positions,
+    value_norms,
+)
 from megatron_gate.monitor.reduction import PackLayout
+from megatron_gate.monitor.sink_statistics import SinkObservations
 from megatron_gate.monitor.tensor_statistics import (
     GroupedSumOfSquares,
     Partial,
@@ -264,6 +271,16 @@ class LayerCollector:
         self.num_layers = num_layers
         self.probe_queries = probe_queries if position.context_parallel_size == 1 else 0
         self.observations = LayerObservations(num_layers)
+        self.num_heads = _num_heads(layers)
+        self.tensor_parallel_rank = position.tensor_parallel_rank
+        self.sink = SinkObservations(num_layers, self.num_heads)
+        # The BOS residual ratio needs position 0 in the rank's layer output: not with the
+        # sequence (SP) or context (CP) split across ranks.
+        self.whole_sequences = position.context_parallel_size == 1 and not _sequence_parallel(
+            layers
+        )
+        self.query_flags: torch.Tensor | None = None
+        """`[b, s]` bool of this step's batch (True: a query of the flagged type), or None."""
         self.active = False
         self._handles: list[Any] = []
         self._observers: list[tuple[list, Any]] = []
@@ -287,6 +304,7 @@ class LayerCollector:
         """Start recording (a per-layer step begins); forgets the previous step's statistics."""
         if not self.active:
             self.observations.clear()
+            self.sink.clear()
             if not (self._handles or self._observers):
                 self._register()
             self.active = True
@@ -368,6 +386,8 @@ class LayerCollector:
         observations.activations.append(partial_statistics(tensor.detach()))
         observations.activation_slots.append(slot)
         observations.counts[slot] += tensor.numel()
+        if slot < self.num_layers and self.whole_sequences:  # a layer output: the residual
+            self.sink.add_residual(slot, tensor.detach())
 
     def _gate_observer(self, index: int) -> Any:
         def observe(_module: torch.nn.Module, gate_logits: torch.Tensor) -> None:
@@ -409,24 +429,44 @@ class LayerCollector:
     def _observe_probe(self, index: int, core: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         query = args[0] if args else kwargs.get("query")
         key = args[1] if len(args) > 1 else kwargs.get("key")
+        value = args[2] if len(args) > 2 else kwargs.get("value")
         mask = args[3] if len(args) > 3 else kwargs.get("attention_mask")
         if query is None or key is None or query.dim() != 4 or key.dim() != 4:
             return
         positions = self._positions(query.shape[0], query.device)
         if positions.numel() == 0:
             return
-        share_sum, share_count, max_logit = probe_attention(
+        offset = getattr(core, "softmax_offset", None)
+        shares, max_logit = first_token_shares(
             query.detach(),
             key.detach(),
             softmax_scale=_softmax_scale(core, query.shape[-1]),
             positions=positions,
             attention_mask=mask if isinstance(mask, torch.Tensor) else None,
+            softmax_offset=offset if isinstance(offset, torch.Tensor) else None,
         )
         observations = self.observations
         observations.probe_max_logits.append(max_logit)
-        observations.probe_share_sums.append(share_sum)
+        observations.probe_share_sums.append(shares.sum())
         observations.probe_layers.append(index)
-        observations.counts[4 * self.num_layers + index] += share_count
+        observations.counts[4 * self.num_layers + index] += shares.numel()
+        self._observe_sink(index, shares, positions, value)
+
+    def _observe_sink(
+        self, index: int, shares: torch.Tensor, positions: torch.Tensor, value: Any
+    ) -> None:
+        """Per-head shares by query class, and the value drain, of one layer."""
+        batch, local_heads, _ = shares.shape
+        flags = self.query_flags
+        if flags is not None and flags.shape[0] != batch:
+            flags = None  # a batch the flags do not describe (e.g. an evaluation)
+        weights = query_class_weights(flags, positions, batch=batch)
+        sums, counts = class_share_sums(shares, weights)
+        first_head = self.tensor_parallel_rank * local_heads
+        if first_head + local_heads <= self.num_heads:
+            self.sink.add_shares(index, first_head, sums, counts)
+        if isinstance(value, torch.Tensor) and value.dim() == 4 and value.shape[0] > 1:
+            self.sink.add_value_norms(index, *value_norms(value.detach()))
 
     # -------------------------------------------------------------- packing
     # Packed key-major blocks ([key 0: layers 1..L | key 1: layers 1..L | ...]) and the
@@ -461,10 +501,18 @@ class LayerCollector:
         layout.add("layers/sum", len(self.SUM_KEYS) * count, "sum")
         layout.add("layers/count", len(self.COUNT_KEYS) * count, "sum")
         layout.add("gate/histogram", count * schema.GATE_HISTOGRAM_BINS, "sum")
+        for name, size in sink_statistics.block_sizes(count, self.num_heads).items():
+            layout.add(name, size, "sum")
 
     def packed_values(self, device: torch.device) -> dict[str, torch.Tensor]:
         """Slot name -> flat tensor on `device` (neutral where a layer is not on this rank)."""
-        return self.observations.blocks(device)
+        return {**self.observations.blocks(device), **self.sink.blocks(device)}
+
+    def sink_metrics(
+        self, values: dict[str, list[float]]
+    ) -> tuple[dict[str, list[float | None]], dict[str, list[list[float | None]]]]:
+        """Reduced blocks -> (per-layer sink metrics, per-head first-token shares)."""
+        return sink_statistics.unpack(values, num_layers=self.num_layers, num_heads=self.num_heads)
 
     def unpack(self, values: dict[str, list[float]]) -> dict[str, list[float]]:
         """Reduced blocks -> per-statistic lists of `num_layers` values, by slot name."""
@@ -478,6 +526,24 @@ class LayerCollector:
             for index, (_, name) in enumerate(keys):
                 named[name] = values[block][index * count : (index + 1) * count]
         return named
+
+
+def _num_heads(layers: dict[int, torch.nn.Module]) -> int:
+    """Attention heads of the model (all tensor-parallel ranks), from the layers' config."""
+    for layer in layers.values():
+        config = getattr(getattr(layer, "self_attention", None), "config", None)
+        heads = getattr(config, "num_attention_heads", None)
+        if isinstance(heads, int) and heads > 0:
+            return heads
+    return 1
+
+
+def _sequence_parallel(layers: dict[int, torch.nn.Module]) -> bool:
+    """Whether the layers' outputs are split along the sequence (Megatron's sequence_parallel)."""
+    return any(
+        bool(getattr(getattr(layer, "config", None), "sequence_parallel", False))
+        for layer in layers.values()
+    )
 
 
 def _softmax_scale(core: torch.nn.Module, head_dim: int) -> float:

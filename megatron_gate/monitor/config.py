@@ -107,6 +107,12 @@ class DetectorsConfig:
     attention_logit_growth: DetectorConfig = _detector(
         action="alert", threshold=1.0e3, ratio=4.0, min_history=5
     )
+    # sink_detectors.py: one episode per (layer, head) whose first-token share passes threshold,
+    # and per layer whose BOS residual ratio passes max(threshold, ratio x its early value).
+    sink_formation: DetectorConfig = _detector(action="log", severity="info", threshold=0.5)
+    bos_massive_activation: DetectorConfig = _detector(
+        action="log", severity="info", threshold=3.0, ratio=2.0, min_history=2
+    )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -66,6 +66,7 @@ from megatron_gate.monitor.guard import (
 )
 from megatron_gate.monitor.guarded_step import bucketed_step
 from megatron_gate.monitor.reduction import PackLayout, reduce_packed
+from megatron_gate.monitor.sink_detectors import SinkDetectors
 from megatron_gate.monitor.sinks import (
     ConsoleSink,
     JsonlSink,
@@ -194,6 +195,7 @@ class StabilityMonitor:
         """The detectors, the action policy and the learning-rate back-off."""
         config = self.config
         self.detectors = DetectorSuite(config.detectors)
+        self.sink_detectors = SinkDetectors(config.detectors)
         self.policy = ActionPolicy(
             rollback_skip_batches=config.rollback_skip_batches,
             max_rollbacks=config.max_rollbacks,
@@ -306,13 +308,19 @@ class StabilityMonitor:
         return step % self.config.layer_interval == 0
 
     # ------------------------------------------------------------------ loop API
-    def start_step(self, step: int) -> bool:
-        """Begin `step`: arm layer hooks on per-layer steps. Returns whether they are armed."""
+    def start_step(self, step: int, *, query_flags: torch.Tensor | None = None) -> bool:
+        """Begin `step`: arm layer hooks on per-layer steps. Returns whether they are armed.
+
+        `query_flags` `[b, s]` bool marks the queries of a type the data defines (the triggers
+        of Bigram-Backcopy): the first-token share is then also reported for them and for the
+        others (`first_token_share_flagged`, `..._unflagged`).
+        """
         if not self.enabled:
             return False
         self.step = step
         try:
             if self.is_layer_step(step):
+                self.layer_collector.query_flags = query_flags
                 self.layer_collector.arm()
                 self._layer_step = step
                 return True
@@ -497,6 +505,7 @@ class StabilityMonitor:
             "version": STATE_VERSION,
             "step": self.step,
             "detectors": self.detectors.state_dict(),
+            "sink_detectors": self.sink_detectors.state_dict(),
             "policy": self.policy.state_dict(),
             "lr_backoff": self.backoff.state_dict(),
             "guard": self.guard.state_dict() if self.guard is not None else {},
@@ -511,6 +520,7 @@ class StabilityMonitor:
             self._warn_once("load_state_dict", ValueError(f"state version {state.get('version')}"))
             return
         self.detectors.load_state_dict(state.get("detectors", {}))
+        self.sink_detectors.load_state_dict(state.get("sink_detectors", {}))
         self.policy.load_state_dict(state.get("policy", {}))
         self.backoff.load_state_dict(state.get("lr_backoff", {}))
         if self.guard is not None and state.get("guard"):
@@ -604,6 +614,9 @@ class StabilityMonitor:
                 events += self.detectors.check(
                     record["step"], record["scalars"], record.get("layers")
                 )
+                events += self.sink_detectors.check(
+                    record["step"], record.get("layers"), record.get("heads")
+                )
             if act:
                 skipped = frozenset(e.step for e in guard_events if e.action == "skip_step")
                 decision, events = self.policy.decide(step, events, guard_skipped=skipped)
@@ -669,7 +682,9 @@ class StabilityMonitor:
             record: dict[str, Any] = {"kind": "step", "step": step, "scalars": scalars}
             if values["layers/present"][0] > 0 and step == self._layer_step:
                 layers, histogram = self._layer_values(values)
-                record["layers"] = layers
+                sink_layers, heads = self.layer_collector.sink_metrics(values)
+                record["layers"] = {**layers, **sink_layers}
+                record["heads"] = heads
                 record["gate_histogram"] = histogram
                 update = values["update/sumsq"]
                 if values["update/present"][0] > 0:

@@ -8,8 +8,10 @@ One JSON object per line in `<run_dir>/stability.jsonl`, each with `"schema"` an
 - `run_start`: `run` (name), `time` (unix s), `config` (the monitor config), `model`
   (`num_layers`, `gated_layers` [1-based layer numbers], `granularity`, `backend`, parallel sizes).
 - `step`: `step` (int), `time`, `scalars` {SCALARS -> float}, and on logged steps `layers`
-  {LAYER_METRICS -> list of float|null, index i = layer i+1} and optionally `gate_histogram`
-  (list per layer of GATE_HISTOGRAM_BINS counts, or null).
+  {LAYER_METRICS and SINK_LAYER_METRICS -> list of float|null, index i = layer i+1} and optionally `gate_histogram`
+  (list per layer of GATE_HISTOGRAM_BINS counts, or null), and `heads` {HEAD_METRICS -> list per
+  layer of lists per head (float|null)}: the first-token share of each head, for all sampled
+  queries, those the loop did not flag and those it flagged (`start_step(query_flags=...)`).
 - `event`: `step`, `time`, `detector`, `severity` (SEVERITIES), `metric`, `value`, `threshold`,
   `layer` (1-based or null), `action` (ACTIONS), `message`, and `episode`: `kind`
   (EVENT_KINDS; provisional until the episode closes), `phase` (EVENT_PHASES: one "open" record
@@ -57,6 +59,22 @@ LAYER_METRICS: tuple[str, ...] = (
     "max_attention_logit",
     "grad_norm",
     "update_norm",
+)
+SINK_LAYER_METRICS: tuple[str, ...] = (
+    # attention sinks and outliers (sink_statistics.py): in the same `layers` field
+    "first_token_share_head_max",
+    "first_token_share_unflagged",
+    "first_token_share_unflagged_head_max",
+    "first_token_share_flagged",
+    "first_token_share_flagged_head_max",
+    "value_norm_ratio_first_token",
+    "residual_norm_ratio_first_token",
+    "kurtosis_residual",
+)
+HEAD_METRICS: tuple[str, ...] = (
+    "first_token_share",
+    "first_token_share_unflagged",
+    "first_token_share_flagged",
 )
 
 GATE_SPARSITY_THRESHOLD = 0.1

@@ -131,7 +131,7 @@ def test_records_failing_sink_and_broken_probe(
     def broken_probe(*_args: object, **_kwargs: object) -> None:
         raise RuntimeError("probe bug")
 
-    monkeypatch.setattr("megatron_gate.monitor.collectors.probe_attention", broken_probe)
+    monkeypatch.setattr("megatron_gate.monitor.collectors.first_token_shares", broken_probe)
     model = tiny_gated_gpt()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     broken = BrokenSink()
@@ -157,7 +157,7 @@ def test_records_failing_sink_and_broken_probe(
     layered = [r for r in steps if "layers" in r]
     assert [r["step"] for r in layered] == [0, 4, 8]
     for record in layered:
-        assert set(record["layers"]) == set(schema.LAYER_METRICS)
+        assert set(record["layers"]) == {*schema.LAYER_METRICS, *schema.SINK_LAYER_METRICS}
         layers = record["layers"]
         assert all(v is not None and v > 0 for v in layers["max_abs_residual"])
         assert all(0 < v < 1 for v in layers["gate_mean"])
