@@ -151,6 +151,19 @@ def monitor_reference(traces: list[dict[str, Any]]) -> dict[str, Any]:
             "lead_median": percentile(found, 0.5), "lead_p10": percentile(found, 0.1)}  # fmt: skip
 
 
+def spike_trace_healthy(config: Any = None) -> list[dict[str, Any]]:
+    """The healthy runs of bench/spike_traces.py (same model, plain loop, scalars only)."""
+    rows = []
+    for path in sorted((HERE / "results" / "traces").glob("healthy_*.json")):
+        trace = json.loads(path.read_text())
+        scalars = trace["scalars"]
+        records = [(trace["first_step"] + i, {k: v[i] for k, v in scalars.items()}, None)
+                   for i in range(len(scalars["loss"]))]  # fmt: skip
+        opened = run_detector(records, config)
+        rows.append({"name": path.stem, **score_run(opened, divergence=None, steps=len(records))})
+    return rows
+
+
 # ---------------------------------------------------------------------- real logs
 def real_trace_dir() -> Path | None:
     return next((d for d in REAL_TRACE_DIRS if (d / "index.tsv").exists()), None)
@@ -259,6 +272,8 @@ def evaluate(*, with_tuning: bool) -> dict[str, Any]:
     result: dict[str, Any] = {"summaries": summaries, "runs": rows,
                               "runs_loss_grad_only": loss_grad,
                               "monitor_reference": monitor_reference(traces)}  # fmt: skip
+    result["spike_traces_healthy"] = spike_trace_healthy()
+    summaries["spike_traces healthy (loss + grad norm)"] = summarise(result["spike_traces_healthy"])
     directory = real_trace_dir()
     if directory is not None:
         real = score_real(read_real(directory))

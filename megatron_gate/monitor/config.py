@@ -95,6 +95,9 @@ class ForecastConfig(DetectorConfig):
     """Per-layer growth (log units per step) above which a layer's statistic is growing."""
     layer_ratio: float = 2.0
     """... and it must be this many times its own median (of the values before the fit)."""
+    min_layer_signals: int = 2
+    """Growing per-layer statistics (different ones) that, with the loss above its best, are
+    evidence enough while the loss is not (yet) rising."""
     confirm: int = 3
     """Consecutive values the rule must hold before the episode opens."""
     release: int = 20
@@ -497,7 +500,7 @@ def _validate_detector(name: str, detector: DetectorConfig) -> None:
 
 def _validate_forecast(forecast: ForecastConfig) -> None:
     key = "detectors.divergence_forecast"
-    for name in ("smoothing", "confirm", "release"):
+    for name in ("smoothing", "confirm", "release", "min_layer_signals"):
         _require(getattr(forecast, name) >= 1, f"{key}.{name}", "must be >= 1.")
     for name in ("trend_steps", "layer_points"):
         _require(getattr(forecast, name) >= 3, f"{key}.{name}", "must be >= 3.")

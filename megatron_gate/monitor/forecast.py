@@ -12,12 +12,14 @@ Pure Python over the numbers the other detectors see (no torch). Every value it 
   over its last `layer_points` per-layer steps exceeds `layer_growth` per step AND it is
   `layer_ratio` x its own median before those points.
 
-The rule holds when the loss rises and at least one more signal (grad norm, or a growing layer
-statistic) agrees; an episode opens after `confirm` values in a row, with the evidence and the
-steps until the loss reaches 2x its best at the fitted rate in its message. It closes after
-`release` values in a row without the rule and with the loss no longer rising (the trend
-reversed), or when the loss turns non-finite (the divergence came). With only loss and grad norm
-(no per-layer steps) the same rule runs on those two.
+The rule holds when the smoothed loss is `loss_rise` above its best and either it is rising and
+at least one more signal (grad norm, or a growing layer statistic) agrees, or at least
+`min_layer_signals` different layer statistics are growing (the loss stopped improving while
+the layers run away: the earliest sign, on per-layer steps only). An episode opens after
+`confirm` values in a row, with the evidence and the steps until the loss reaches 2x its best
+at the fitted rate in its message. It closes after `release` values in a row without the rule
+(the trend reversed), or when the loss turns non-finite (the divergence came). With only loss
+and grad norm (no per-layer steps) the first branch runs on those two, with less lead.
 """
 
 from __future__ import annotations
@@ -156,16 +158,18 @@ class DivergenceForecast:
         if self.seen >= self.config.smoothing:  # the first values are the initial fall
             self.best = min(self.best, self.average)
 
-    def _loss_evidence(self) -> tuple[Evidence | None, float]:
-        """Loss evidence (when rising) and the fitted slope of log(loss) (0 without a fit)."""
+    def _loss_evidence(self) -> tuple[Evidence | None, bool, float]:
+        """Loss evidence (when above its best), whether it is rising, and the fitted slope of
+        log(loss) (0 without a fit)."""
         fit = self.loss.slope()
         if fit is None or self.average is None or not math.isfinite(self.best):
-            return None, 0.0
+            return None, False, 0.0
         slope, t = fit
         above = self.average - self.best
-        if above > math.log1p(self.config.loss_rise) and slope > 0 and t > self.config.min_t:
-            return Evidence(signal="loss", ratio=math.exp(above), growth=slope), slope
-        return None, slope
+        if above <= math.log1p(self.config.loss_rise):
+            return None, False, slope
+        rising = slope > 0 and t > self.config.min_t
+        return Evidence(signal="loss", ratio=math.exp(above), growth=slope), rising, slope
 
     def _grad_evidence(self) -> Evidence | None:
         fit = self.grad.slope()
@@ -179,15 +183,18 @@ class DivergenceForecast:
 
     def evidence(self) -> tuple[list[Evidence], float]:
         """What points to divergence now (empty unless the rule holds) and the loss slope."""
-        loss, slope = self._loss_evidence()
+        loss, rising, slope = self._loss_evidence()
         if loss is None or self.seen < self.config.min_history:
             return [], slope
         config = self.config
-        others = [self._grad_evidence()] + list(
-            self.layers.growing(growth=config.layer_growth, ratio=config.layer_ratio)
-        )
-        others = [item for item in others if item is not None]
-        return ([loss, *others] if others else []), slope
+        layers = self.layers.growing(growth=config.layer_growth, ratio=config.layer_ratio)
+        grad = self._grad_evidence()
+        others = ([grad] if grad else []) + layers
+        if rising and others:
+            return [loss, *others], slope
+        if len(layers) >= config.min_layer_signals:  # the loss stopped falling, layers run away
+            return [loss, *others], slope
+        return [], slope
 
     # ------------------------------------------------------------------ stepping
     def observe(
@@ -230,15 +237,15 @@ class DivergenceForecast:
         episode = self.episode
         assert episode is not None
         episode.peak = max(episode.peak, loss)
-        if found or slope > 0:
+        if found:
             self.holding = 0
             episode.last_step = step
         else:
             self.holding += 1
         if self.holding >= self.config.release:
             message = (f"trend reversed at step {step}: loss {loss:.4g} "
-                       f"({math.exp(self.average - self.best):.2f}x its best) no longer rising "
-                       f"for {self.holding} steps; forecast since step {episode.start_step}")  # fmt: skip
+                       f"({math.exp(self.average - self.best):.2f}x its best), no evidence for "
+                       f"{self.holding} steps; forecast since step {episode.start_step}")  # fmt: skip
             return [self._close(step, loss, message)]
         if (
             found
