@@ -137,18 +137,25 @@ def _name(trace: dict[str, Any]) -> str:
 
 
 def monitor_reference(traces: list[dict[str, Any]]) -> dict[str, Any]:
-    """The shipped detectors' first event before each divergence (what the monitor said)."""
-    leads = []
+    """What the shipped detectors said (events recorded live, the forecast's own left out):
+    the first event in the window before each divergence, and events in healthy runs."""
+    leads, healthy_events, healthy_steps = [], 0, 0
     for trace in traces:
         divergence = label(trace)
+        events = [s for s, detector, _kind in trace["monitor_events"]
+                  if detector not in ("divergence_forecast", "guard")]  # fmt: skip
         if divergence is None:
+            healthy_events += len(events)
+            healthy_steps += trace["steps_done"]
             continue
-        before = [s for s, _d, _k in trace["monitor_events"]
-                  if divergence - MAX_LEAD <= s <= divergence]  # fmt: skip
+        before = [s for s in events if divergence - MAX_LEAD <= s <= divergence]
         leads.append(divergence - before[0] if before else None)
     found = [lead for lead in leads if lead is not None]
     return {"diverging": len(leads), "any_event_before": len(found),
-            "lead_median": percentile(found, 0.5), "lead_p10": percentile(found, 0.1)}  # fmt: skip
+            "lead_median": percentile(found, 0.5), "lead_p10": percentile(found, 0.1),
+            "healthy_events": healthy_events, "healthy_steps": healthy_steps,
+            "healthy_events_per_10k": 1e4 * healthy_events / healthy_steps
+            if healthy_steps else None}  # fmt: skip
 
 
 def spike_trace_healthy(config: Any = None) -> list[dict[str, Any]]:

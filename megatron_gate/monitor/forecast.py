@@ -102,8 +102,11 @@ class LayerGrowth:
     def __init__(self, *, points: int, window: int) -> None:
         self.points, self.window = points, window
         self.series: dict[tuple[str, int], deque[tuple[int, float]]] = {}
+        self._found: list[Evidence] | None = None
+        """`growing`'s answer since the last per-layer step (it only changes on those)."""
 
     def add(self, step: int, layers: dict[str, Sequence[float | None]]) -> None:
+        self._found = None
         for signal in LAYER_SIGNALS:
             for index, value in enumerate(layers.get(signal) or ()):
                 if value is not None and math.isfinite(value) and value > 0:
@@ -113,6 +116,11 @@ class LayerGrowth:
 
     def growing(self, *, growth: float, ratio: float) -> list[Evidence]:
         """One `Evidence` per statistic, naming its growing layers (fastest growth and ratio)."""
+        if self._found is None:
+            self._found = self._growing(growth=growth, ratio=ratio)
+        return self._found
+
+    def _growing(self, *, growth: float, ratio: float) -> list[Evidence]:
         found: dict[str, list[tuple[int, float, float]]] = {}
         for (signal, layer), series in self.series.items():
             if len(series) < self.points + 3:  # the median needs a few earlier values
