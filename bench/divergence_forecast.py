@@ -203,7 +203,8 @@ def score_real(runs: list[dict[str, Any]], config: Any = None) -> list[dict[str,
         row = score_run(opened, divergence=divergence, steps=len(records))
         if divergence is not None:
             row["steps"] = sum(1 for s, _, _ in records if s < divergence - MAX_LEAD)
-        rows.append({"name": run["name"], "kind": run["kind"], **row})
+        has_grad = any("grad_norm" in scalars for _, scalars, _ in records)
+        rows.append({"name": run["name"], "kind": run["kind"], "grad_norm": has_grad, **row})
     return rows
 
 
@@ -267,6 +268,18 @@ def table(summaries: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def run_table(rows: list[dict[str, Any]]) -> str:
+    """One line per demo run: its setting, divergence step, forecast step, lead."""
+    lines = ["| run | split | diverged at | forecast at (lead) | false warnings at |",
+             "| --- | --- | --- | --- | --- |"]  # fmt: skip
+    for r in rows:
+        diverged = r.get("divergence_step")
+        lead = f"{diverged - r['lead']} ({r['lead']})" if r.get("lead") is not None else "-"
+        lines.append(f"| {r['name'].split('_', 1)[1]} | {r['split']} | {diverged or '-'} | "
+                     f"{lead} | {', '.join(map(str, r['false_steps'])) or '-'} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def evaluate(*, with_tuning: bool) -> dict[str, Any]:
     traces = load_traces()
     rows = score_traces(traces)
@@ -287,7 +300,11 @@ def evaluate(*, with_tuning: bool) -> dict[str, Any]:
         result["real_traces_dir"] = str(directory)
         result["real"] = real
         summaries["real logs: nan (loss only)"] = summarise([r for r in real if r["kind"] == "nan"])
-        summaries["real logs: clean + micro"] = summarise([r for r in real if r["kind"] != "nan"])
+        healthy = [r for r in real if r["kind"] != "nan"]
+        summaries["real logs: clean + micro, with grad norm"] = summarise(
+            [r for r in healthy if r["grad_norm"]])  # fmt: skip
+        summaries["real logs: clean + micro, loss only"] = summarise(
+            [r for r in healthy if not r["grad_norm"]])  # fmt: skip
     if with_tuning:
         result["tuning"] = tune(traces)
     return result
@@ -316,7 +333,9 @@ def main(argv: list[str]) -> int:
         saved = sum(r["saved"] for r in result["backoff"])
         result["backoff_summary"] = {"diverging": len(result["backoff"]), "saved": saved}
     RESULTS.write_text(json.dumps(result, indent=1))
-    print(table(result["summaries"]))
+    markdown = f"{table(result['summaries'])}\n\n{run_table(result['runs'])}\n"
+    RESULTS.with_suffix(".md").write_text(markdown)
+    print(markdown)
     print("monitor's shipped detectors:", result["monitor_reference"])
     if "backoff_summary" in result:
         print("lr_backoff:", result["backoff_summary"])
