@@ -32,15 +32,20 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-from megatron_gate.monitor.config import DetectorsConfig  # noqa: E402
+import real_logs  # noqa: E402
+
+from megatron_gate.monitor.config import MonitorConfig  # noqa: E402
 from megatron_gate.monitor.detectors import DetectorSuite  # noqa: E402
+from megatron_gate.monitor.guard_rule import SIGNALS as GUARD_SIGNALS  # noqa: E402
+from megatron_gate.monitor.guard_rule import GuardRule  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "spike_detection.json"
 TRACES = ROOT / "bench" / "results" / "traces"
@@ -203,29 +208,57 @@ class Opening:
     step: int
     kind: str
     signal: str
+    actionable: bool = True
+    """Severity warning or critical (an `info` event only informs: not scored as an alarm)."""
+    skip: bool = False
+    """The guard skipped this step's update (not an event of a detector)."""
 
 
 Detector = Callable[[Curve], list[Opening]]
 
 
-def ours(config: DetectorsConfig | None = None) -> Detector:
-    """megatron-gate's `DetectorSuite` (scalar detectors and the NaN/Inf flag)."""
+def _guard_opening(step: int, evaluation: Any) -> Opening:
+    """The opening that stands for a step the guard skipped."""
+    non_finite = any(test.non_finite for test in evaluation.tests)
+    signal = next((s for s, t in zip(GUARD_SIGNALS, evaluation.tests, strict=True)
+                   if t.non_finite or t.spike), "loss")  # fmt: skip
+    return Opening(step=step, kind="non_finite" if non_finite else "spike",
+                   signal="nan_or_inf" if non_finite else signal, skip=True)  # fmt: skip
+
+
+def _guard_values(scalars: dict[str, float | None]) -> list[float | None]:
+    """(loss, grad norm) as the guard sees them: NaN where the curve flags a non-finite step."""
+    flagged = (scalars.get("nan_or_inf") or 0.0) > 0
+    return [math.nan if flagged and scalars.get(s) is None else scalars.get(s)
+            for s in GUARD_SIGNALS]  # fmt: skip
+
+
+def ours(config: MonitorConfig | None = None, *, guard: bool = True) -> Detector:
+    """megatron-gate's monitor: the per-step guard (`GuardRule`, as `StabilityMonitor.end_step`
+    runs it on the CPU) and the `DetectorSuite` (scalar detectors and the NaN/Inf flag)."""
+    config = config or MonitorConfig()
 
     def run(curve: Curve) -> list[Opening]:
-        suite = DetectorSuite(config or DetectorsConfig())
+        suite, rule = DetectorSuite(config.detectors), GuardRule(config.guard)
         openings: list[Opening] = []
         current: dict[str, int] = {}  # detector -> index of its open episode in `openings`
         for index in range(curve.steps):
             step = curve.first_step + index
             scalars = {name: values[index] for name, values in curve.scalars.items()}
+            if guard and config.guard.enabled:
+                evaluation = rule.evaluate(_guard_values(scalars))
+                accept = not any(evaluation.flags)
+                rule.update(evaluation, accept)
+                if not accept:
+                    openings.append(_guard_opening(step, evaluation))
             for event in suite.check(step, scalars):
                 if event.phase == "open":
                     current[event.detector] = len(openings)
-                    openings.append(Opening(step=step, kind=event.kind, signal=event.detector))
+                    openings.append(Opening(step=step, kind=event.kind, signal=event.metric,
+                                            actionable=event.severity != "info"))  # fmt: skip
                 elif event.detector in current:  # the final kind is known at close
                     at = current[event.detector]
-                    openings[at] = Opening(step=openings[at].step, kind=event.kind,
-                                           signal=event.detector)  # fmt: skip
+                    openings[at] = replace(openings[at], kind=event.kind)
                     if event.phase == "close":
                         del current[event.detector]
         return openings
@@ -245,9 +278,12 @@ class Rule:
     def __call__(self, curve: Curve) -> list[Opening]:
         openings, previous = [], False
         flags = curve.scalars.get("nan_or_inf") or [0.0] * curve.steps
-        for index, value in enumerate(curve.scalars[self.signal]):
+        for index, value in enumerate(curve.scalars.get(self.signal) or [None] * curve.steps):
             step = curve.first_step + index
-            non_finite = value is None or (flags[index] or 0) > 0
+            non_finite = (flags[index] or 0) > 0
+            if value is None and not non_finite:  # the signal is not in this log
+                previous = False
+                continue
             fired = non_finite or self.alarm(value)
             if fired and not previous:
                 openings.append(Opening(step=step, kind="non_finite" if non_finite else "spike",
@@ -333,6 +369,44 @@ class LightningRule(Rule):
         return fired
 
 
+class ZClipRule(Rule):
+    """ZClip's spike test (Kumar et al. 2025; defaults alpha 0.97, z 2.5, 25 warm-up steps): the
+    z-score of the grad norm against an EMA of its mean and variance; a spike enters the EMA at
+    its clipped value mean + z_max^2 / z x std, as ZClip clips it."""
+
+    def __init__(self, *, alpha: float = 0.97, z_max: float = 2.5, warmup: int = 25) -> None:
+        super().__init__("grad_norm")
+        self.alpha, self.z_max, self.warmup = alpha, z_max, warmup
+        self.early: list[float] = []
+        self.mean = self.variance = 0.0
+
+    def alarm(self, value: float) -> bool:
+        if len(self.early) < self.warmup:
+            self.early.append(value)
+            if len(self.early) == self.warmup:
+                self.mean = statistics.fmean(self.early)
+                self.variance = statistics.pvariance(self.early, self.mean)
+            return False
+        std = math.sqrt(max(self.variance, 1e-24))
+        z = (value - self.mean) / std
+        fired = z > self.z_max
+        entered = self.mean + self.z_max**2 / z * std if fired else value
+        self.variance = self.alpha * self.variance + (1 - self.alpha) * (entered - self.mean) ** 2
+        self.mean = self.alpha * self.mean + (1 - self.alpha) * entered
+        return fired
+
+
+class FixedThresholdRule(Rule):
+    """Megatron-Core's `OptimizerConfig.grad_norm_skip_threshold`: skip above a fixed value."""
+
+    def __init__(self, threshold: float) -> None:
+        super().__init__("grad_norm")
+        self.threshold = threshold
+
+    def alarm(self, value: float) -> bool:
+        return value > self.threshold
+
+
 def union(*rules: Callable[[], Detector]) -> Detector:
     """A detector whose events are those of fresh `rules` on several signals."""
 
@@ -342,13 +416,20 @@ def union(*rules: Callable[[], Detector]) -> Detector:
     return run
 
 
+GRAD_NORM_SKIP_THRESHOLD = 1.0  # the same value as the usual --clip-grad
+
+
 def reference_detectors() -> dict[str, Detector]:
-    """The reference rules, each on loss and grad norm (Megatron's and Lightning's: loss only)."""
+    """The reference rules (Megatron's and Lightning's on the loss only, ZClip's and the fixed
+    threshold's on the grad norm only)."""
     return {
-        "mean_std_6sigma_128 (OLMo-core)": union(lambda: MeanStdRule("loss"),
-                                                 lambda: MeanStdRule("grad_norm")),
+        "mean_std_6sigma_128 (OLMo-core SkipStep)": union(lambda: MeanStdRule("loss"),
+                                                          lambda: MeanStdRule("grad_norm")),
         "median_mad_6sigma_128": union(lambda: MedianMadRule("loss"),
                                        lambda: MedianMadRule("grad_norm")),
+        "zclip_z2.5_ema0.97": union(ZClipRule),
+        f"grad_norm_skip_threshold_{GRAD_NORM_SKIP_THRESHOLD:g} (Megatron-Core)": union(
+            lambda: FixedThresholdRule(GRAD_NORM_SKIP_THRESHOLD)),
         "megatron_10x_first_100": union(MegatronRule),
         "lightning_spike_detection": union(LightningRule),
     }  # fmt: skip
@@ -371,7 +452,9 @@ class Tally:
 
 
 def score_curve(curve: Curve, openings: list[Opening], tally: Tally) -> None:
-    """Add one curve's matches to `tally` (module docstring: the matching rule)."""
+    """Add one curve's matches to `tally` (module docstring: the matching rule); `info` events
+    only inform and are not scored."""
+    openings = [opening for opening in openings if opening.actionable]
     spans = []
     for label in curve.labels:
         kind, step = label["kind"], label["step"]
@@ -452,6 +535,53 @@ def all_detectors() -> dict[str, Detector]:
     return {"megatron_gate (defaults)": ours(), **reference_detectors()}
 
 
+# ---------------------------------------------------------------------- real logs by others
+def log_curve(log: real_logs.RealLog) -> Curve:
+    """A real log as a curve (non-finite values: None, with the NaN/Inf flag set)."""
+
+    def finite(values: list[float | None]) -> list[float | None]:
+        return [v if v is not None and math.isfinite(v) else None for v in values]
+
+    flags = [0.0 if math.isfinite(loss) and (grad is None or math.isfinite(grad)) else 1.0
+             for loss, grad in zip(log.loss, log.grad_norm, strict=True)]  # fmt: skip
+    scalars = {"loss": finite(log.loss), "grad_norm": finite(log.grad_norm), "nan_or_inf": flags}
+    return Curve(name=log.name, scalars=scalars, first_step=0)
+
+
+def on_logs(detector: Detector) -> real_logs.Detector:
+    """`detector` as a real-log detector: openings at log rows -> marks at the logs' steps."""
+
+    def run(log: real_logs.RealLog) -> list[real_logs.Mark]:
+        return [real_logs.Mark(step=log.steps[o.step], signal=o.signal, actionable=o.actionable,
+                               skip=o.skip)
+                for o in detector(log_curve(log))]  # fmt: skip
+
+    return run
+
+
+def evaluate_real_logs() -> dict[str, Any]:
+    """Every detector on the real logs, per kind (bench/real_logs.py: labels and figures)."""
+    logs = real_logs.load_logs()
+    detectors = {name: on_logs(detector) for name, detector in all_detectors().items()}
+    return real_logs.evaluate_logs(detectors, logs)
+
+
+def logs_table(results: dict[str, dict[str, Any]]) -> str:
+    """Markdown tables per kind of the real-log figures."""
+    lines = []
+    for kind, by_detector in results.items():
+        columns = [
+            k
+            for k in next(iter(by_detector.values()))
+            if k not in ("logs", "false_examples", "missed")
+        ]
+        lines += [f"\n{kind}:\n", "| detector | " + " | ".join(columns) + " |",
+                  "| --- |" + " --- |" * len(columns)]  # fmt: skip
+        for name, figures in by_detector.items():
+            lines.append(f"| {name} | " + " | ".join(str(figures[c]) for c in columns) + " |")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------- report
 QUICK_SEEDS, QUICK_HEALTHY = range(100, 106), range(200, 202)
 FULL_SEEDS, FULL_HEALTHY = range(1000, 1060), range(2000, 2010)
@@ -475,8 +605,8 @@ def _fmt(value: float | None) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the small subset the test scores")
-    parser.add_argument("--sets", nargs="+", choices=("synthetic", "real"),
-                        default=["synthetic", "real"],
+    parser.add_argument("--sets", nargs="+", choices=("synthetic", "real", "real_logs"),
+                        default=["synthetic", "real", "real_logs"],
                         help="curve sets to score; the others keep their figures in --output")  # fmt: skip
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -489,6 +619,13 @@ def main() -> int:
     report: dict[str, Any] = {"match_steps": MATCH_STEPS, "sets": {}}
     if args.output.exists() and not args.quick:
         report = json.loads(args.output.read_text())
+    if "real_logs" in args.sets and not args.quick:
+        start = time.process_time()
+        report["real_logs"] = evaluate_real_logs()
+        report["real_logs_cpu_seconds"] = round(time.process_time() - start, 1)
+        print(
+            "\n## real logs by others (bench/data/real_traces)\n" + logs_table(report["real_logs"])
+        )
     for name, curves in sets.items():
         if not curves:
             continue

@@ -48,6 +48,8 @@ class DetectorConfig:
     is the residual quantile of that rate from a generalized Pareto fit of the residual tail."""
     min_relative_jump: float = 0.1
     """Floor of the scalar threshold: a value must exceed its level by this fraction."""
+    min_absolute_jump: float = 0.0
+    """Floor of the one-step outlier threshold, in the value's units (nats for the loss)."""
     z_threshold: float = 6.0
     """Scalar detectors, until the tail fit has enough history: robust z-score (median and
     1.4826 x MAD of the residuals) above which an event opens."""
@@ -122,6 +124,12 @@ class DetectorsConfig:
     update_norm_spike: DetectorConfig = _detector(
         action="alert", window=256, min_relative_jump=0.5, min_history=8
     )
+    # A one-step loss outlier a person sees on the curve: > median of the last 50 losses +
+    # max(0.5 nats, 10 robust SD). Informs (severity info), unless loss_spike already reported it.
+    loss_outlier: DetectorConfig = _detector(
+        action="log", severity="info", window=50, min_history=50, z_threshold=10.0,
+        min_absolute_jump=0.5,
+    )  # fmt: skip
     nan_or_inf: DetectorConfig = _detector(action="skip_step", severity="critical")
     massive_activation: DetectorConfig = _detector(
         action="log", threshold=1.0e4, ratio=10.0, min_history=5
@@ -139,7 +147,9 @@ class GuardConfig:
     """The per-step guard: which updates it skips on the device (see docs/monitor.md, "Guard").
 
     The defaults skip only what is certainly bad: non-finite values, and spikes at high
-    confidence (robust z > 8 AND more than 50% above the recent level).
+    confidence: robust z > 8 AND a loss more than 50% above its recent level, or a grad norm
+    more than 4x its recent level. Calibrated on real runs by others (bench/spike_detection.py):
+    healthy grad norms reach 3.5x their median, so a lower grad-norm bar skips healthy updates.
     """
 
     enabled: bool = True
@@ -154,7 +164,12 @@ class GuardConfig:
     """Robust z-score of the log-value (median and 1.4826 x MAD of the history) above which a
     value may be a spike."""
     min_relative_jump: float = 0.5
-    """And the value must exceed its recent level (the median) by more than this fraction."""
+    """And the loss must exceed its recent level (the median) by more than this fraction."""
+    grad_norm_min_relative_jump: float = 3.0
+    """And the grad norm must exceed its recent level by more than this fraction (3.0: 4x).
+    Clipping already bounds the update of a large gradient, and healthy runs show grad norms of
+    1.5-3.5x their median (llm.c GPT-2 124M: 26 such steps in 19,552): only a far larger
+    excursion is skipped; smaller ones are reported by the `grad_norm_spike` detector."""
     window: int = 128
     """Accepted log-values kept for the statistics."""
     min_history: int = 32
@@ -173,6 +188,10 @@ class GuardConfig:
     `torch.where` keeps the old state: no host read), "host" (the rule runs in plain Python on
     the read values and a rejected step is not taken: no copies, one synchronisation per step
     on a GPU), or "auto" (host on the CPU, where a read waits for nothing; device otherwise)."""
+
+    def relative_jump(self, signal: str) -> float:
+        """The least relative jump above its level at which `signal`'s value is a spike."""
+        return self.grad_norm_min_relative_jump if signal == "grad_norm" else self.min_relative_jump
 
     def reads_on_host(self, device_type: str) -> bool:
         """Whether per-step values on `device_type` are read to the host (`skip_mode`)."""
@@ -478,6 +497,11 @@ def _validate_detector(name: str, detector: DetectorConfig) -> None:
     )
     _require(0 < detector.false_alarm_rate < 0.5, f"{key}.false_alarm_rate", "must be in (0, 0.5).")
     _require(detector.min_relative_jump >= 0, f"{key}.min_relative_jump", "must be >= 0.")
+    _require(
+        math.isfinite(detector.min_absolute_jump) and detector.min_absolute_jump >= 0,
+        f"{key}.min_absolute_jump",
+        "must be a finite number >= 0.",
+    )
     _require(detector.level_window >= 1, f"{key}.level_window", "must be >= 1.")
     _require(detector.level_shift_steps >= 2, f"{key}.level_shift_steps", "must be >= 2.")
     _require(detector.z_threshold > 0, f"{key}.z_threshold", "must be > 0.")
@@ -516,8 +540,9 @@ def _validate_guard(guard: GuardConfig) -> None:
     finite = math.isfinite
     _require(finite(guard.z_threshold) and guard.z_threshold > 0, "guard.z_threshold",
              "must be a finite number > 0.")  # fmt: skip
-    _require(finite(guard.min_relative_jump) and guard.min_relative_jump > 0,
-             "guard.min_relative_jump", "must be a finite number > 0.")  # fmt: skip
+    for key in ("min_relative_jump", "grad_norm_min_relative_jump"):
+        value = getattr(guard, key)
+        _require(finite(value) and value > 0, f"guard.{key}", "must be a finite number > 0.")
     _require(8 <= guard.window <= 4096, "guard.window", "must be between 8 and 4096.")
     _require(1 <= guard.min_history <= guard.window, "guard.min_history",
              f"must be between 1 and window ({guard.window}).")  # fmt: skip

@@ -16,6 +16,10 @@ over `DetectorSuite.check` (`check_steps`).
   2x the opening residual, or non-finite while open).
 - `LossSpikeDetector`: that test on the loss, plus Megatron's rule (loss > ratio x the max of the
   first `warmup_steps` losses) when `ratio` is set (off by default).
+- `OutlierDetector`: one-step outliers a person sees on the curve, on the linear value: above
+  the median of the previous `window` values by more than max(`min_absolute_jump`,
+  `z_threshold` x 1.4826 MAD). Severity info by default: it informs where the spike test stays
+  silent (a micro-batch loss has real one-step data outliers that need no action).
 - `NanInfDetector`: the device-side NaN/Inf flag; 3 non-finite steps in a row are a divergence.
 - `LayerThresholdDetector`: per layer, value > `threshold` or > `ratio` x its own running median
   (massive activations, attention sinks, attention-logit growth): one event per layer and episode.
@@ -574,6 +578,88 @@ class LossSpikeDetector(RobustSpikeDetector):
         self.megatron.load_state_dict(state.get("megatron", {}))
 
 
+class OutlierDetector:
+    """Episodes of a value far above the median of its previous `window` values (linear scale).
+
+    The history keeps every finite value, outliers included (the median ignores them), so a new
+    level is absorbed within half a window instead of being reported for ever.
+    """
+
+    def __init__(self, name: str, metric: str, config: DetectorConfig) -> None:
+        self.name, self.metric, self.config = name, metric, config
+        self.history: deque[float] = deque(maxlen=config.window)
+        self.episode: Episode | None = None
+
+    def limit(self) -> tuple[float, float] | None:
+        """(level, threshold) now; None before `min_history` values."""
+        if len(self.history) < self.config.min_history:
+            return None
+        level, sigma = robust_center_scale(self.history)
+        jump = max(self.config.min_absolute_jump, self.config.z_threshold * sigma)
+        return level, level + jump
+
+    def observe(self, step: int, value: float | None, *, reported: bool = False) -> list[Event]:
+        """Check `value` of `step`; `reported`: another detector already reports this step (no
+        episode opens here)."""
+        if not self.config.enabled or not _finite(value):
+            return []
+        assert value is not None
+        limit = self.limit()
+        self.history.append(value)
+        if limit is None:
+            return []
+        level, threshold = limit
+        if self.episode is not None:
+            return self._track(step, value, level, threshold)
+        if value <= threshold or reported:
+            return []
+        self.episode = Episode.begin(step, kind="spike", peak=value, level=level,
+                                     threshold=threshold)  # fmt: skip
+        message = (
+            f"{self.metric} {value:.4g} is {value - level:+.3g} above the median {level:.4g} of "
+            f"the last {self.config.window} steps (outlier threshold {threshold:.4g}: "
+            f"{self.config.z_threshold:g} robust SD, at least {self.config.min_absolute_jump:g})"
+        )
+        return [self._event(step, value, threshold, message, phase="open")]
+
+    def _track(self, step: int, value: float, level: float, threshold: float) -> list[Event]:
+        episode = self.episode
+        assert episode is not None
+        if value > threshold:
+            episode.last_step, episode.kind = step, "bump"
+            if value > episode.peak:
+                episode.peak, episode.peak_step = value, step
+            return []
+        message = (
+            f"{self.metric} back near its median {level:.4g} at step {step}: {episode.kind} from "
+            f"step {episode.start_step} ({episode.duration} steps), peak {episode.peak:.4g}"
+        )
+        event = self._event(step, value, threshold, message, phase="close")
+        self.episode = None
+        return [replace(event, action="log")]
+
+    def _event(
+        self, step: int, value: float, threshold: float, message: str, *, phase: str
+    ) -> Event:
+        assert self.episode is not None
+        return make_event(
+            self.config, step=step, detector=self.name, metric=self.metric, value=value,
+            threshold=threshold, message=message, signals=(self.metric,),
+            **self.episode.fields(phase=phase, end=phase == "close"),
+        )  # fmt: skip
+
+    def state_dict(self) -> dict[str, Any]:
+        """The value history and an open episode."""
+        episode = None if self.episode is None else self.episode.to_dict()
+        return {"history": list(self.history), "episode": episode}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
+        self.history = deque(state.get("history", []), maxlen=self.config.window)
+        episode = state.get("episode")
+        self.episode = None if episode is None else Episode(**episode)
+
+
 class NanInfDetector:
     """Episodes of steps whose NaN/Inf flag (loss, grad norm) is set."""
 
@@ -717,6 +803,7 @@ class DetectorSuite:
         self.update_norm = RobustSpikeDetector(
             "update_norm_spike", "update_norm", config.update_norm_spike, log_scale=True
         )
+        self.loss_outlier = OutlierDetector("loss_outlier", "loss", config.loss_outlier)
         self.nan_or_inf = NanInfDetector(config.nan_or_inf)
         self.massive_activation = LayerThresholdDetector(
             "massive_activation", "max_abs_residual", config.massive_activation
@@ -736,6 +823,7 @@ class DetectorSuite:
     def _named(self) -> dict[str, Any]:
         return {
             "loss_spike": self.loss,
+            "loss_outlier": self.loss_outlier,
             "grad_norm_spike": self.grad_norm,
             "update_norm_spike": self.update_norm,
             "nan_or_inf": self.nan_or_inf,
@@ -765,6 +853,8 @@ class DetectorSuite:
             else:
                 spikes += detector.observe(step, value)
         events += self._corroborate(step, spikes)
+        reported = self.loss.episode is not None or any(e.metric == "loss" for e in spikes)
+        events += self.loss_outlier.observe(step, scalars.get("loss"), reported=reported)
         for detector in (
             self.massive_activation,
             self.attention_sink,

@@ -10,7 +10,8 @@ The rule, per signal s in (loss, grad norm), with x_s its value on this rank thi
   center = median(H_s) (the lower median for an even count, as `torch.nanmedian`),
   scale = max(1.4826 x median(|H_s - center|), `scale_floor`),
   z = (log x_s - center) / scale, jump = x_s / exp(center) - 1.
-  Reject when |H_s| >= `min_history` and z > `z_threshold` and jump > `min_relative_jump`.
+  Reject when |H_s| >= `min_history` and z > `z_threshold` and jump > J_s, the signal's
+  least relative jump (`min_relative_jump` for the loss, `grad_norm_min_relative_jump`).
 - a spike that follows `max_consecutive_skips` spike rejections of the same signal is taken as a
   new level: it is accepted and H_s restarts from it (a warm-up again), so that a genuine level
   shift does not skip every following step.
@@ -95,6 +96,9 @@ class StepGuard:
         self._tested = torch.tensor(
             [config.skip_loss_spikes, config.skip_grad_norm_spikes], **options
         )
+        self._jumps = torch.tensor(
+            [config.relative_jump(signal) for signal in SIGNALS], dtype=torch.float64, **options
+        )
         self._presence: dict[tuple[bool, bool], torch.Tensor] = {}
         self._distributed = (
             dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1
@@ -123,7 +127,7 @@ class StepGuard:
         z = (logs - center) / scale
         jump = torch.expm1(logs - center)
         tested = positive & self._tested & (self.count >= self.config.min_history)
-        spike = tested & (z > self.config.z_threshold) & (jump > self.config.min_relative_jump)
+        spike = tested & (z > self.config.z_threshold) & (jump > self._jumps)
         new_level = spike & (self.streak >= self.config.max_consecutive_skips)
         spike = spike & ~new_level
         if not self.config.skip_non_finite:
@@ -246,7 +250,7 @@ def skip_event(step: int, values: dict[str, float], config: GuardConfig) -> Even
     value, center = values[signal], values[f"{signal}_center"]
     level = math.exp(center)
     threshold = max(math.exp(center + config.z_threshold * values[f"{signal}_scale"]),
-                    level * (1 + config.min_relative_jump))  # fmt: skip
+                    level * (1 + config.relative_jump(signal)))  # fmt: skip
     return Event(
         step=step, detector="guard", severity="warning", metric=signal, value=value,
         threshold=threshold, layer=None, action="skip_step",

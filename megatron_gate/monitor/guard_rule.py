@@ -94,6 +94,7 @@ class GuardRule:
         """Accepted log-values per signal, oldest first."""
         self.streak = [0, 0]
         self._tested = (config.skip_loss_spikes, config.skip_grad_norm_spikes)
+        self._jumps = tuple(config.relative_jump(signal) for signal in SIGNALS)
 
     def evaluate(self, values: Sequence[float | None]) -> Evaluation:
         """Test (loss, grad norm) against the accepted history (no state change)."""
@@ -111,7 +112,7 @@ class GuardRule:
         z = (log - center) / scale
         tested = positive and self._tested[signal] and len(history) >= config.min_history
         jump = math.expm1(log - center)
-        spike = tested and z > config.z_threshold and jump > config.min_relative_jump
+        spike = tested and z > config.z_threshold and jump > self._jumps[signal]
         new_level = spike and self.streak[signal] >= config.max_consecutive_skips
         return SignalTest(
             present=present, value=value, log=log if positive else None, center=center,
