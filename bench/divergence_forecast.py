@@ -209,15 +209,18 @@ def score_real(runs: list[dict[str, Any]], config: Any = None) -> list[dict[str,
 
 
 # ---------------------------------------------------------------------- live lr_backoff reruns
-def backoff_runs(traces: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Train every diverging held-out setting again with the forecast's `lr_backoff` on."""
+def backoff_runs(traces: list[dict[str, Any]], done: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Train every diverging held-out setting again with the forecast's `lr_backoff` on (the
+    runs in `done`, earlier results, are kept)."""
     from forecast_traces import Setting, train  # noqa: PLC0415
 
-    rows = []
+    rows = list(done)
     for trace in traces:
-        if label(trace) is None or trace["setting"]["split"] != "heldout":
-            continue
         setting = Setting(**trace["setting"])
+        if label(trace) is None or setting.split != "heldout":
+            continue
+        if any(row["name"] == setting.name for row in done):
+            continue
         with tempfile.TemporaryDirectory(prefix="forecast-backoff-") as tmp:
             outcome = train(setting, Path(tmp), forecast_action="lr_backoff")
         rows.append({"name": setting.name, "diverged_without": label(trace),
@@ -326,7 +329,7 @@ def main(argv: list[str]) -> int:
         torch.set_num_threads(1)
         enable_cpu_runtime()
         init_process_group(0, 1, free_port())
-        result["backoff"] = backoff_runs(load_traces())
+        result["backoff"] = backoff_runs(load_traces(), previous.get("backoff", []))
     elif "backoff" in previous:
         result["backoff"] = previous["backoff"]
     if "backoff" in result:

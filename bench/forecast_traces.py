@@ -204,6 +204,8 @@ def plan() -> list[Setting]:
         Setting(layers=2, hidden=64, lr=0.2, schedule="jump", jump=5.0, split=held, seed=9),
         Setting(layers=3, hidden=48, lr=0.6, schedule="wd0", split=held, seed=4),
         Setting(layers=2, hidden=32, lr=0.3, variant="gated_headwise", split=tune, seed=3),
+        Setting(layers=3, hidden=48, lr=0.15, schedule="jump", jump=5.0, split=held, seed=10),
+        Setting(layers=2, hidden=64, lr=2.0, schedule="ramp", split=held, seed=11),
         Setting(layers=2, hidden=32, lr=3.0, schedule="ramp", variant="gated_headwise",
                 split=tune, seed=1),
         Setting(layers=3, hidden=48, lr=0.2, variant="gated_headwise", split=held, seed=6),
