@@ -321,14 +321,9 @@ def main(argv: list[str]) -> int:
     result = evaluate(with_tuning=args.tune)
     previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     if args.backoff:
-        import torch
+        from forecast_traces import one_process_world  # noqa: PLC0415
 
-        from megatron_gate.cpu import enable_cpu_runtime
-        from megatron_gate.distributed import free_port, init_process_group
-
-        torch.set_num_threads(1)
-        enable_cpu_runtime()
-        init_process_group(0, 1, free_port())
+        one_process_world()
         result["backoff"] = backoff_runs(load_traces(), previous.get("backoff", []))
     elif "backoff" in previous:
         result["backoff"] = previous["backoff"]

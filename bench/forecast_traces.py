@@ -212,11 +212,8 @@ def plan() -> list[Setting]:
     ]  # fmt: skip
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default=None, help="trace only runs whose name contains this")
-    parser.add_argument("--force", action="store_true", help="regenerate existing traces")
-    args = parser.parse_args()
+def one_process_world() -> None:
+    """This process as a one-rank gloo world on the CPU, one thread (the machine is shared)."""
     import torch
 
     from megatron_gate.cpu import enable_cpu_runtime
@@ -225,6 +222,14 @@ def main() -> int:
     torch.set_num_threads(1)
     enable_cpu_runtime()
     init_process_group(0, 1, free_port())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default=None, help="trace only runs whose name contains this")
+    parser.add_argument("--force", action="store_true", help="regenerate existing traces")
+    args = parser.parse_args()
+    one_process_world()
     TRACES.mkdir(parents=True, exist_ok=True)
     for setting in plan():
         path = TRACES / f"{setting.name}.json"
