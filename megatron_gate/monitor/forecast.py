@@ -308,8 +308,9 @@ class DivergenceForecast:
             "grad": list(self.grad.points), "grad_history": list(self.grad.history),
             "layers": [[signal, layer, list(map(list, series))]
                        for (signal, layer), series in self.layers.series.items()],
-            "average": self.average, "best": self.best, "seen": self.seen,
-            "holding": self.holding, "last_update": self.last_update,
+            "average": self.average, "seen": self.seen, "holding": self.holding,
+            "best": self.best if math.isfinite(self.best) else None,  # JSON has no infinity
+            "last_update": self.last_update,
             "episode": None if self.episode is None else self.episode.to_dict(),
         }  # fmt: skip
 
@@ -322,7 +323,8 @@ class DivergenceForecast:
             self.layers.series[(signal, int(layer))] = deque(
                 (tuple(point) for point in series), maxlen=self.config.window)  # fmt: skip
         self.average = state.get("average")
-        self.best = float(state.get("best", math.inf))
+        best = state.get("best")
+        self.best = math.inf if best is None else float(best)
         self.seen = int(state.get("seen", 0))
         self.holding = int(state.get("holding", 0))
         self.last_update = int(state.get("last_update", 0))
