@@ -62,8 +62,8 @@ def build_layer(shape: Shape, variant: str) -> torch.nn.Module:
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.spec_utils import build_module
 
+    from megatron_gate.demo.tiny_gpt import tiny_config
     from megatron_gate.spec import gated_gpt_layer_spec
-    from megatron_gate.tiny_gpt import tiny_config
 
     config = tiny_config(
         num_layers=1,
@@ -81,7 +81,7 @@ def build_layer(shape: Shape, variant: str) -> torch.nn.Module:
 
 
 def step_fn(layer: torch.nn.Module, shape: Shape) -> Callable[[], None]:
-    from megatron_gate.tiny_gpt import causal_mask
+    from megatron_gate.demo.tiny_gpt import causal_mask
 
     hidden = torch.randn(shape.seq, shape.batch, shape.hidden, requires_grad=True)
     mask = causal_mask(shape.seq)

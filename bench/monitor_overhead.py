@@ -102,8 +102,8 @@ def _overrides(variant: str) -> dict[str, Any] | None:
 
 
 def _model(shape: argparse.Namespace) -> torch.nn.Module:
+    from megatron_gate.demo.tiny_gpt import build_gpt, tiny_config
     from megatron_gate.spec import gated_gpt_layer_spec
-    from megatron_gate.tiny_gpt import build_gpt, tiny_config
 
     torch.manual_seed(0)
     config = tiny_config(
@@ -124,7 +124,7 @@ class Trainer:
     """One model + optimizer (+ monitor); `step(i)` runs training step `i`."""
 
     def __init__(self, shape: argparse.Namespace, variant: str, run_dir: str) -> None:
-        from megatron_gate.tiny_gpt import causal_mask, position_ids
+        from megatron_gate.demo.tiny_gpt import causal_mask, position_ids
 
         self.device = torch.device(shape.device)
         self.model = _model(shape).to(self.device)
@@ -359,8 +359,8 @@ def peak_memory(argv_shape: list[str], size: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------- probe
 def probe_cost(shape: argparse.Namespace, repetitions: int) -> dict[str, Any]:
     """The probe on one layer's (query, key) vs that layer's core attention forward."""
+    from megatron_gate.demo.tiny_gpt import causal_mask
     from megatron_gate.monitor.probe import probe_attention, sample_positions
-    from megatron_gate.tiny_gpt import causal_mask
 
     one_layer = argparse.Namespace(**{**vars(shape), "layers": 1})
     core = _model(one_layer).decoder.layers[0].self_attention.core_attention

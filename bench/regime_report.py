@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from regime_search import SEARCH, VARIANT_ORDER, bootstrap_ci
+from regime_points import SEARCH, VARIANT_ORDER, bootstrap_ci
 
 SINK_THRESHOLD = 0.3
 """A baseline first-token share at or above this in some layer counts as a sink (issue 15)."""

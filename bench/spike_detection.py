@@ -49,6 +49,7 @@ from megatron_gate.monitor.guard_rule import GuardRule  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "spike_detection.json"
 TRACES = ROOT / "bench" / "results" / "traces"
+MEGATRON_LM_TRACES = ROOT / "bench" / "results" / "traces_megatron_lm"
 MATCH_STEPS = 10
 SIGNALS = ("loss", "grad_norm", "update_norm")
 ALARM_KINDS = ("spike", "bump", "divergence", "non_finite", "threshold")
@@ -134,6 +135,10 @@ def synthetic_curve(seed: int, *, steps: int = 4000, faults: bool = True) -> Cur
         step = rng.randrange(steps - 250, steps - 100)
         labels = [label for label in labels if label["step"] < step - 150]
         labels.append({"step": step, "kind": "divergence", "end": steps - 1})
+    taken = [*(label["step"] for label in labels), *shift_steps]
+    bursts = _grad_bursts(seed, taken=taken, steps=steps) if faults else {}
+    labels += [{"step": at + 1, "kind": "spike_after_grad_burst", "end": at + 1, "cause": at}
+               for at in bursts]  # fmt: skip
     bumps = {}
     for label in labels:
         if label["kind"] == "bump":
@@ -157,7 +162,9 @@ def synthetic_curve(seed: int, *, steps: int = 4000, faults: bool = True) -> Cur
         for at, (height, tau) in bumps.items():
             if at <= step:  # rises over 3 steps, then decays with time constant tau
                 excess += height * min(1.0, (step - at + 1) / 3) * math.exp(-(step - at) / tau)
-        grad_factor = 1.0
+        grad_factor = bursts[step][0] if step in bursts else 1.0
+        if step - 1 in bursts:  # the loss reacts one step after the gradient burst
+            excess += math.log1p(bursts[step - 1][1])
         if step in jumps:
             excess += math.log1p(jumps[step])
             grad_factor = (1 + jumps[step]) ** rng.uniform(1.0, 3.0)
@@ -180,6 +187,20 @@ def synthetic_curve(seed: int, *, steps: int = 4000, faults: bool = True) -> Cur
                  first_step=0)  # fmt: skip
 
 
+def _grad_bursts(seed: int, *, taken: list[int], steps: int) -> dict[int, tuple[float, float]]:
+    """0-2 gradient bursts (step -> (grad factor 3-20, loss rise 10-50 % one step later)), away
+    from the other faults; from a stream of their own, so the other faults of a seed stay put."""
+    rng = random.Random(f"grad-burst-{seed}")
+    bursts: dict[int, tuple[float, float]] = {}
+    for _ in range(rng.randint(0, 2)):
+        for _attempt in range(50):
+            at = rng.randrange(400, steps - 300)
+            if all(abs(at - other) >= 150 for other in [*taken, *bursts]):
+                bursts[at] = (rng.uniform(3.0, 20.0), rng.uniform(0.1, 0.5))
+                break
+    return bursts
+
+
 def synthetic_curves(seeds: Iterable[int], *, healthy: Iterable[int] = ()) -> list[Curve]:
     """Faulty curves of `seeds` and healthy (fault-free) ones of `healthy`."""
     curves = [synthetic_curve(seed) for seed in seeds]
@@ -189,10 +210,11 @@ def synthetic_curves(seeds: Iterable[int], *, healthy: Iterable[int] = ()) -> li
     ]
 
 
-def real_curves() -> list[Curve]:
-    """The cached real traces (bench/spike_traces.py writes them)."""
+def real_curves(folder: Path = TRACES) -> list[Curve]:
+    """The cached real traces of `folder` (bench/spike_traces.py writes bench/results/traces,
+    bench/megatron_lm_traces.py bench/results/traces_megatron_lm)."""
     curves = []
-    for path in sorted(TRACES.glob("*.json")):
+    for path in sorted(folder.glob("*.json")):
         data = json.loads(path.read_text())
         curves.append(Curve(name=f"real_{path.stem}", scalars=data["scalars"],
                             labels=data["labels"], benign=data.get("benign", []),
@@ -459,7 +481,7 @@ def score_curve(curve: Curve, openings: list[Opening], tally: Tally) -> None:
     for label in curve.labels:
         kind, step = label["kind"], label["step"]
         end = max(label.get("end", step), step) + MATCH_STEPS
-        spans.append((step, end))
+        spans.append((min(label.get("cause", step), step), end))  # its cause's events are true
         tally.faults[kind] = tally.faults.get(kind, 0) + 1
         hits = [o.step - step for o in openings if step <= o.step <= step + MATCH_STEPS
                 and o.kind != "level_shift"]  # fmt: skip
@@ -605,8 +627,8 @@ def _fmt(value: float | None) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the small subset the test scores")
-    parser.add_argument("--sets", nargs="+", choices=("synthetic", "real", "real_logs"),
-                        default=["synthetic", "real", "real_logs"],
+    parser.add_argument("--sets", nargs="+", choices=("synthetic", "real", "megatron_lm", "real_logs"),
+                        default=["synthetic", "real", "megatron_lm", "real_logs"],
                         help="curve sets to score; the others keep their figures in --output")  # fmt: skip
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -616,6 +638,8 @@ def main() -> int:
         sets["synthetic"] = synthetic_curves(seeds, healthy=healthy)
     if "real" in args.sets and not args.quick:
         sets["real"] = real_curves()
+    if "megatron_lm" in args.sets and not args.quick:
+        sets["megatron_lm"] = real_curves(MEGATRON_LM_TRACES)
     report: dict[str, Any] = {"match_steps": MATCH_STEPS, "sets": {}}
     if args.output.exists() and not args.quick:
         report = json.loads(args.output.read_text())

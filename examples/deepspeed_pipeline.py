@@ -22,8 +22,8 @@ import torch
 
 from megatron_gate.config import GateConfig
 from megatron_gate.deepspeed import gated_gpt_pipeline, monitor_engine
+from megatron_gate.demo.tiny_gpt import tiny_config
 from megatron_gate.distributed import init_model_parallel
-from megatron_gate.tiny_gpt import tiny_config
 
 
 def synthetic_batches(micro_batch: int, seq_length: int, vocab: int, seed: int):

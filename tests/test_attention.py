@@ -11,8 +11,8 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
 from megatron_gate.attention import GatedSelfAttention
 from megatron_gate.config import GateConfig, GateConfigError
+from megatron_gate.demo.tiny_gpt import build_gpt, causal_mask, random_batch, tiny_config
 from megatron_gate.spec import gated_gpt_layer_spec
-from megatron_gate.tiny_gpt import build_gpt, causal_mask, random_batch, tiny_config
 
 pytestmark = pytest.mark.usefixtures("megatron_world")
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
+from megatron_gate.demo.tiny_gpt import build_gpt, random_batch, tiny_config
 from megatron_gate.spec import gated_gpt_layer_spec
-from megatron_gate.tiny_gpt import build_gpt, random_batch, tiny_config
 
 LOGGER = "megatron_gate.frozen_gate_bias"
 

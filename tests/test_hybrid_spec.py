@@ -16,9 +16,9 @@ from megatron.core.models.hybrid.hybrid_model import HybridModel  # noqa: E402
 
 from megatron_gate.attention import GatedSelfAttention  # noqa: E402
 from megatron_gate.config import GateConfig  # noqa: E402
+from megatron_gate.demo.tiny_gpt import random_batch, tiny_config  # noqa: E402
 from megatron_gate.distributed import init_model_parallel, launch  # noqa: E402
 from megatron_gate.hybrid_spec import gate_hybrid_stack_spec, local_hybrid_stack_spec  # noqa: E402
-from megatron_gate.tiny_gpt import random_batch, tiny_config  # noqa: E402
 
 SEQ, BATCH, VOCAB = 16, 2, 128
 PATTERNS = ("*-*-", "**--", "-*-*", "*")

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 import torch
 
+from megatron_gate.demo.tiny_gpt import build_gpt, random_batch, run_pipeline, tiny_config
 from megatron_gate.distributed import init_model_parallel, launch
 from megatron_gate.spec import gated_gpt_layer_spec
-from megatron_gate.tiny_gpt import build_gpt, random_batch, run_pipeline, tiny_config
 
 SEQ, BATCH, VOCAB = 16, 2, 128
 TOL = {"atol": 2e-5, "rtol": 1e-4}

@@ -32,8 +32,8 @@ def cuda_world() -> None:
 def _layer(backend: str, granularity: str, **overrides):  # noqa: ANN003, ANN202
     from megatron.core.transformer.spec_utils import build_module
 
+    from megatron_gate.demo.tiny_gpt import tiny_config
     from megatron_gate.spec import gated_gpt_layer_spec
-    from megatron_gate.tiny_gpt import tiny_config
 
     config = tiny_config(
         num_layers=1,

@@ -8,7 +8,10 @@ Formats on disk:
   keys as `GPTModel.state_dict()` with Megatron's local modules.
 - `megatron`, `--megatron-format torch_dist`: a Megatron-LM checkpoint directory
   (`latest_checkpointed_iteration.txt` = release, `release/` torch_dist) loadable at any TP/PP,
-  plus `megatron_gate_model.json` (see `megatron_gate.checkpoint.reshard`).
+  plus `megatron_gate_model.json` (see `megatron_gate.checkpoint.reshard`, the module below
+  this one).
+
+`reshard` rewrites a Megatron checkpoint between those two Megatron formats.
 
 Every input is validated (config, tensor names and shapes) before anything is written; outputs
 go to a temporary path renamed at the end; an existing output needs `force=True`.
@@ -26,6 +29,15 @@ import torch
 
 from megatron_gate.checkpoint import hf_qwen3_next, paper_qwen3
 from megatron_gate.checkpoint.model import GptShape, check_full_state_dict, read_json_object
+from megatron_gate.checkpoint.reshard import (
+    check_layout_fits,
+    check_layout_request,
+    load_distributed,
+    read_shape,
+    resolve_checkpoint_dir,
+    verify_loadable,
+    write_distributed,
+)
 from megatron_gate.checkpoint.safe_io import (
     CheckpointError,
     atomic_output,
@@ -127,7 +139,6 @@ def read_megatron(
     The shape comes from `model_config` (a `GptShape` JSON) when given, else from the
     checkpoint; `shape_changes` are applied to it before the tensors are checked against it.
     """
-    from megatron_gate.checkpoint.reshard import read_shape, resolve_checkpoint_dir
 
     path = Path(path)
     if not path.exists():
@@ -182,7 +193,6 @@ def _storage_shape(shape: GptShape) -> GptShape:
 
 def _load_full_worker(_rank: int, _world: int, payload: tuple[str, dict]) -> dict[str, Any]:
     from megatron_gate.checkpoint.model import build_gpt_from_shape
-    from megatron_gate.checkpoint.reshard import load_distributed
     from megatron_gate.distributed import init_model_parallel
 
     path, shape_fields = payload
@@ -200,7 +210,6 @@ def _load_full_worker(_rank: int, _world: int, payload: tuple[str, dict]) -> dic
 
 def _save_full_worker(_rank: int, _world: int, payload: tuple) -> None:
     from megatron_gate.checkpoint.model import build_gpt_from_shape
-    from megatron_gate.checkpoint.reshard import write_distributed
     from megatron_gate.distributed import init_model_parallel
 
     partial, shape_fields, state = payload
@@ -315,3 +324,28 @@ def convert(
     shape, state = read_megatron(source, model_config=model_config)
     config, tensors = _from_megatron(to_format, shape, state)
     return write_hf_dir(output, config, tensors, force=force)
+
+
+def reshard(
+    source: str | Path,
+    output: str | Path,
+    *,
+    megatron_format: str = "torch_dist",
+    force: bool = False,
+    model_config: str | Path | None = None,
+    check_layout: tuple[int, int] | None = None,
+) -> Path:
+    """Rewrite a Megatron checkpoint as a torch_dist directory (loadable at any TP/PP) or as one
+    full state-dict file; optionally prove the torch_dist output loads at `check_layout` (tp, pp).
+    """
+    if check_layout is not None:
+        check_layout_request(check_layout, megatron_format=megatron_format)
+    check_not_input(source, output)
+    check_output(output, force=force)
+    shape, state = read_megatron(source, model_config=model_config)
+    if check_layout is not None:
+        check_layout_fits(shape, *check_layout)
+    written = write_megatron(output, shape, state, megatron_format=megatron_format, force=force)
+    if check_layout is not None:
+        verify_loadable(written, shape, tp=check_layout[0], pp=check_layout[1])
+    return written

@@ -188,7 +188,7 @@ ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu}
 
 def transformer_config(shape: GptShape, **overrides: Any) -> TransformerConfig:
     """The fp32, CPU-friendly `TransformerConfig` of `shape`."""
-    from megatron_gate.tiny_gpt import tiny_config
+    from megatron_gate.demo.tiny_gpt import tiny_config
 
     fields: dict[str, Any] = dict(
         num_layers=shape.num_layers,

@@ -30,10 +30,10 @@ import torch.distributed as dist
 from megatron_gate.checkpoint.model import SHAPE_FILE, GptShape
 from megatron_gate.checkpoint.safe_io import (
     CheckpointError,
-    check_not_input,
     check_output,
     commit,
     partial_path,
+    refused_write_error,
 )
 from megatron_gate.checkpoint.torch_dist_files import vet_torch_dist_dir
 
@@ -145,9 +145,12 @@ def save_distributed(
         write_distributed(model, partial, shape=shape)
         if _rank() == 0:
             commit(partial, directory, force=force)
-    except BaseException:
+    except BaseException as error:
         if _rank() == 0 and partial.exists():
             shutil.rmtree(partial, ignore_errors=True)
+        refused = refused_write_error(error, directory)
+        if refused is not None:
+            raise refused from error
         raise
     _barrier()
     return directory
@@ -267,30 +270,3 @@ def check_layout_fits(shape: GptShape, tp: int, pp: int) -> None:
             f"--check-pp {pp}: {shape.num_layers} layers cannot be split into {pp} equal "
             "pipeline stages (--check-pp): pick a divisor of the layer count."
         )
-
-
-def reshard(
-    source: str | Path,
-    output: str | Path,
-    *,
-    megatron_format: str = "torch_dist",
-    force: bool = False,
-    model_config: str | Path | None = None,
-    check_layout: tuple[int, int] | None = None,
-) -> Path:
-    """Rewrite a Megatron checkpoint as a torch_dist directory (loadable at any TP/PP) or as one
-    full state-dict file; optionally prove the torch_dist output loads at `check_layout` (tp, pp).
-    """
-    from megatron_gate.checkpoint.convert import read_megatron, write_megatron
-
-    if check_layout is not None:
-        check_layout_request(check_layout, megatron_format=megatron_format)
-    check_not_input(source, output)
-    check_output(output, force=force)
-    shape, state = read_megatron(source, model_config=model_config)
-    if check_layout is not None:
-        check_layout_fits(shape, *check_layout)
-    written = write_megatron(output, shape, state, megatron_format=megatron_format, force=force)
-    if check_layout is not None:
-        verify_loadable(written, shape, tp=check_layout[0], pp=check_layout[1])
-    return written

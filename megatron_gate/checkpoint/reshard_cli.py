@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from megatron_gate.checkpoint.cli_common import add_io_arguments, report_errors
-from megatron_gate.checkpoint.reshard import reshard
+from megatron_gate.checkpoint.convert import reshard
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,7 +1,8 @@
 """Safe checkpoint file handling: nothing half-written, nothing overwritten by accident.
 
-- Every output is written to a temporary sibling (`.NAME.partial-<pid>`) and renamed into place
-  only when complete; on any error the temporary is removed and the old output (if any) stays.
+- Every output is written to a temporary sibling (`.NAME.partial-<pid>`, as in
+  `megatron_gate.output_files`) and renamed into place only when complete; on any error the
+  temporary is removed and the old output (if any) stays.
 - An existing output is replaced only with `force=True` (`--force` on the command line).
 - `torch.load` is only ever called with `weights_only=True` (no pickled code runs).
 - Leftovers of a killed run (`.NAME.partial-<pid>` of a dead PID) are removed by the next run
@@ -20,7 +21,8 @@ from typing import Any
 
 import torch
 
-from megatron_gate.errors import InputError
+from megatron_gate.errors import InputError, write_failure_message
+from megatron_gate.output_files import partial_path, refused_write, remove
 
 
 class CheckpointError(InputError):
@@ -65,11 +67,6 @@ def _probe_writable(path: Path) -> None:
         ) from error
 
 
-def partial_path(path: Path) -> Path:
-    """The temporary sibling that `path` is written to before the rename."""
-    return path.with_name(f".{path.name}.partial-{os.getpid()}")
-
-
 _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old|probe)-(?P<pid>\d+)$")
 
 
@@ -106,25 +103,18 @@ def remove_stale_partials(directory: Path) -> list[Path]:
             if match["kind"] == "old" and not (target.exists() or target.is_symlink()):
                 entry.rename(target)
             else:
-                _remove(entry)
+                remove(entry)
         except OSError:
             continue  # another run is cleaning up too, or it is not ours to remove
         handled.append(entry)
     return handled
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists() or path.is_symlink():
-        path.unlink(missing_ok=True)
-
-
 def commit(partial: Path, path: Path, *, force: bool) -> None:
     """Move a completed `partial` onto `path` (replacing it only when `force`)."""
     if path.exists():
         if not force:
-            _remove(partial)
+            remove(partial)
             raise CheckpointError(
                 f"output {path} appeared while writing; pass --force to replace it."
             )
@@ -132,9 +122,16 @@ def commit(partial: Path, path: Path, *, force: bool) -> None:
         aside = path.with_name(f".{path.name}.old-{os.getpid()}")
         path.rename(aside)
         partial.rename(path)
-        _remove(aside)
+        remove(aside)
     else:
         partial.rename(path)
+
+
+def refused_write_error(error: BaseException, path: Path) -> CheckpointError | None:
+    """The one-line `CheckpointError` of a write of `path` that the machine refused (a full disk,
+    a read-only folder), or None for any other failure."""
+    refused = refused_write(error, path.parent)
+    return None if refused is None else CheckpointError(write_failure_message(path, refused))
 
 
 @contextlib.contextmanager
@@ -148,35 +145,21 @@ def atomic_output(
     """
     path = check_output(path, force=force)
     partial = partial_path(path)
-    _remove(partial)
+    remove(partial)
     try:
         if directory:
             partial.mkdir()
         yield partial
         commit(partial, path, force=force)
-    except (OSError, RuntimeError) as error:
-        _remove(partial)
-        # torch.save reports a full disk as a RuntimeError of its zip writer.
-        if isinstance(error, OSError) or _disk_nearly_full(path.parent):
-            raise CheckpointError(
-                f"writing the output failed ({path}: {getattr(error, 'strerror', None) or error}): "
-                "free some space or choose another output location (nothing was written)."
-            ) from error
+    except Exception as error:
+        remove(partial)
+        refused = refused_write_error(error, path)
+        if refused is not None:
+            raise refused from error
         raise
     except BaseException:
-        _remove(partial)
+        remove(partial)
         raise
-
-
-DISK_FULL_MARGIN = 1 << 20
-"""Free bytes below which a failed write is reported as a full disk."""
-
-
-def _disk_nearly_full(directory: Path) -> bool:
-    try:
-        return shutil.disk_usage(directory).free < DISK_FULL_MARGIN
-    except OSError:
-        return False
 
 
 def tensor_bytes(obj: Any) -> int:

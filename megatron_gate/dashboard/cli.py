@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from megatron_gate.dashboard.store import STALE_INTERVALS, STALE_MIN_SECONDS
+from megatron_gate.errors import InputError
 from megatron_gate.monitor.schema import JSONL_NAME
 
 if TYPE_CHECKING:
@@ -61,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-class DashboardArgumentError(ValueError):
+class DashboardArgumentError(InputError):
     """A bad command-line value, found before anything is read or served."""
 
 
@@ -135,42 +136,40 @@ def _is_loopback(host: str) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Serve the dashboard until Ctrl-C, or write `--export` and return."""
+    """Serve the dashboard until Ctrl-C, or write `--export` and return. Bad input raises
+    `InputError` (one line, exit 2, by `megatron_gate.cli`)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        run_dirs = _check(args)
-        names = run_names(run_dirs)
-    except DashboardArgumentError as error:
-        print(f"megatron-gate dashboard: error: {error}", file=sys.stderr)
-        return 2
-    from megatron_gate.dashboard.store import RunStore, load_run
-
+    run_dirs = _check(args)
+    names = run_names(run_dirs)
     try:
         from megatron_gate.dashboard import page  # noqa: F401 - finds plotly.js, or says how
     except ModuleNotFoundError as error:
-        print(f"megatron-gate dashboard: error: {error}", file=sys.stderr)
-        return 2
+        raise DashboardArgumentError(str(error)) from None
     if args.export is not None:
-        from megatron_gate.dashboard.export import export_html
+        return _export(args, run_dirs, names)
+    return _serve(args, run_dirs, names)
 
-        stores = [
-            load_run(d, name=n, stale_after=args.stale_after)
-            for d, n in zip(run_dirs, names, strict=True)
-        ]
-        try:
-            path = export_html(stores, args.export)
-        except OSError as error:
-            print(
-                f"megatron-gate dashboard: error: cannot write the export (--export "
-                f"{args.export}): {error.strerror or error}; choose a writable location",
-                file=sys.stderr,
-            )
-            return 2
-        for store in stores:
-            _report_skipped(store)
-        print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, opens without network)")
-        return 0
+
+def _export(args: argparse.Namespace, run_dirs: list[Path], names: list[str]) -> int:
+    """`--export FILE`: the page with every run's data inlined; a refused write is one line."""
+    from megatron_gate.dashboard.export import export_html
+    from megatron_gate.dashboard.store import load_run
+
+    stores = [
+        load_run(d, name=n, stale_after=args.stale_after)
+        for d, n in zip(run_dirs, names, strict=True)
+    ]
+    path = export_html(stores, args.export)  # OutputError: the path and the cause
+    for store in stores:
+        _report_skipped(store)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, opens without network)")
+    return 0
+
+
+def _serve(args: argparse.Namespace, run_dirs: list[Path], names: list[str]) -> int:
+    """The live server on `--host:--port`, polling the runs, until Ctrl-C."""
     from megatron_gate.dashboard.server import Dashboard, DashboardHTTPServer
+    from megatron_gate.dashboard.store import RunStore
 
     dashboard = Dashboard(
         [
@@ -183,12 +182,10 @@ def run(args: argparse.Namespace) -> int:
         server = DashboardHTTPServer(dashboard, host=args.host, port=args.port)
     except OSError as error:
         dashboard.stop_polling()
-        print(
-            f"megatron-gate dashboard: error: cannot bind {args.host}:{args.port} "
-            f"(--host/--port): {error.strerror or error}; pick another --port (0: any free)",
-            file=sys.stderr,
-        )
-        return 2
+        raise DashboardArgumentError(
+            f"cannot bind {args.host}:{args.port} (--host/--port): {error.strerror or error}; "
+            "pick another --port (0: any free)"
+        ) from None
     if not _is_loopback(args.host):
         print(
             f"WARNING: --host {args.host} serves the page (the runs' metrics, not their files) "

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from megatron_gate.dashboard.downsample import bucket_max, minmax_series, rounded
+from megatron_gate.dashboard.episodes import episode_rows
 from megatron_gate.dashboard.reader import JsonlTail
 from megatron_gate.monitor.schema import JSONL_NAME, SCALARS
 
@@ -39,6 +40,8 @@ STALE_INTERVALS = 10
 # Event fields the table has columns for; any other field is shown under "details".
 EVENT_FIELDS = ("step", "time", "detector", "severity", "metric", "value", "threshold", "layer")
 _MAX_TEXT_CHARS = 500
+MAX_SIGNALS = 16
+MAX_RAW_CHARS = 4000  # an event's raw record as the table shows it on a click
 
 
 class _Column:
@@ -304,14 +307,14 @@ class RunStore:
                     "z": [rounded(row, digits=4) for row in z.T],  # [layers][buckets]
                 }
             in_range = [e for e in self.events if _within(e["step"], start, end)]
-            events = [
-                _event_view(e, self._steps.values, self._scalars) for e in in_range[-MAX_EVENTS:]
-            ]
+            shown = in_range[-MAX_EVENTS:]
+            events = [_event_view(e, self._steps.values, self._scalars) for e in shown]
         return {
             "name": self.name,
             "scalars": scalars,
             "heatmaps": heatmaps,
             "events": events,
+            "episodes": episode_rows(events, [_raw_text(e) for e in shown]),
             "events_in_range": len(in_range),
         }
 
@@ -358,6 +361,14 @@ def _event_view(
     return view
 
 
+def _raw_text(event: dict[str, Any]) -> str:
+    """The record as written (indented JSON, cut at MAX_RAW_CHARS): one click away on the page.
+    Non-finite numbers become null, as the monitor's JSONL sink writes them."""
+    strict = json.loads(json.dumps(event, default=str), parse_constant=lambda _constant: None)
+    text = json.dumps(strict, indent=1)
+    return text if len(text) <= MAX_RAW_CHARS else text[: MAX_RAW_CHARS - 3] + "..."
+
+
 def _text(value: Any) -> str | None:
     """A text field as the page shows it: strings (shortened), anything else as compact JSON."""
     if value is None:
@@ -380,11 +391,18 @@ def _layer_numbers(values: Any) -> list[int] | None:
 
 
 def _details(event: dict[str, Any]) -> dict[str, Any]:
-    """The event's fields beyond the table's columns (episode bounds, a newer monitor's extras)."""
-    known = {*EVENT_FIELDS, "schema", "kind", "action", "message"}
-    details = {}
-    for key, value in event.items():
-        if key in known:
+    """The event's fields beyond the table's columns: its episode's fields (kind, phase,
+    start_step, end_step, peak, duration, delay, signals), flattened, and a newer monitor's
+    extras."""
+    known = {*EVENT_FIELDS, "schema", "kind", "action", "message", "episode"}
+    fields = {key: value for key, value in event.items() if key not in known}
+    episode = event.get("episode")
+    if isinstance(episode, dict):
+        fields.update(episode)
+    details: dict[str, Any] = {}
+    for key, value in fields.items():
+        if key == "signals" and isinstance(value, list):
+            details["signals"] = [_text(signal) for signal in value[:MAX_SIGNALS]]
             continue
         if isinstance(value, float):
             value = rounded(np.array([value]))[0]

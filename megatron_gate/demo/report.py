@@ -16,13 +16,13 @@ import html
 import io
 import json
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from megatron_gate.monitor import schema
+from megatron_gate.output_files import atomic_write, atomic_write_text, make_folders
 
 COLORS = {"baseline": "#d62728", "qk_layernorm": "#ff7f0e", "gated_headwise": "#1f77b4",
           "gated_elementwise": "#2ca02c", "gated_qk_layernorm": "#9467bd"}  # fmt: skip
@@ -423,14 +423,6 @@ def _events_section(runs: Sequence[RunLog], limit: int = 30) -> str:
     )
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `path` through a temporary file and a rename (never half-written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_demo_report(
     runs: Sequence[RunLog],
     path: Path,
@@ -443,10 +435,10 @@ def write_demo_report(
     figures = demo_figures(runs)
     written = []
     if figures_dir is not None:
-        figures_dir.mkdir(parents=True, exist_ok=True)
+        make_folders(figures_dir)
         for stem, _caption, png in figures:
             target = figures_dir / f"demo_{stem}.png"
-            target.write_bytes(png)
+            atomic_write(target, lambda partial, png=png: partial.write_bytes(png))
             written.append(target)
     sections = [
         "<h2>Summary</h2>",
@@ -460,7 +452,7 @@ def write_demo_report(
         + "".join(f"<li><code>{html.escape(str(run.run_dir))}</code></li>" for run in runs)
         + "</ul>",
     ]
-    write_text_atomic(path, html_page(title, sections))
+    atomic_write_text(path, html_page(title, sections), make_folder=True)
     return [path, *written]
 
 
@@ -517,8 +509,8 @@ def write_sweep_report(
     if runs:
         png = figure_png(sweep_figure(runs, summaries))
         if figure_path is not None:
-            figure_path.parent.mkdir(parents=True, exist_ok=True)
-            figure_path.write_bytes(png)
+            make_folders(figure_path.parent)
+            atomic_write(figure_path, lambda partial: partial.write_bytes(png))
         caption = "Seed means (lines) and single runs (dots) against the peak learning rate."
         sections.append(html_figure(png, caption))
     sections += [
@@ -527,4 +519,5 @@ def write_sweep_report(
         "<h2>Settings</h2>",
         html_settings(settings),
     ]
-    write_text_atomic(path, html_page("megatron-gate sweep: learning-rate sensitivity", sections))
+    page = html_page("megatron-gate sweep: learning-rate sensitivity", sections)
+    atomic_write_text(path, page, make_folder=True)

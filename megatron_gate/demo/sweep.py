@@ -286,7 +286,8 @@ def run(args: argparse.Namespace) -> int:
 
 def write_results(args: argparse.Namespace, runs: Sequence[SweepRun]) -> None:
     """`sweep.json` (every run), `sweep.md` (tables) and `sweep.html` (tables and plot)."""
-    from megatron_gate.demo.report import markdown_table, write_sweep_report, write_text_atomic
+    from megatron_gate.demo.report import markdown_table, write_sweep_report
+    from megatron_gate.output_files import atomic_write_text
 
     compared = complete_groups(runs)
     summaries = summarise(compared) if compared else []
@@ -294,12 +295,12 @@ def write_results(args: argparse.Namespace, runs: Sequence[SweepRun]) -> None:
     command = "megatron-gate sweep " + " ".join(sys.argv[2:])
     payload = {"command": command, "runs": [asdict(r) for r in runs],
                "summaries": [asdict(s) for s in summaries]}  # fmt: skip
-    write_text_atomic(args.out / "sweep.json", json.dumps(payload, indent=1, default=str))
+    atomic_write_text(args.out / "sweep.json", json.dumps(payload, indent=1, default=str))
     markdown = (
         f"LR sensitivity (lower is better):\n\n{markdown_table(sensitivity)}\n\n"
         f"Runs:\n\n{markdown_table(per_run)}\n"
     )
-    write_text_atomic(args.out / "sweep.md", markdown)
+    atomic_write_text(args.out / "sweep.md", markdown)
     write_sweep_report(runs, summaries, args.out / "sweep.html", sensitivity, per_run,
                        settings=vars(args), figure_path=args.out / "sweep.png")  # fmt: skip
     print("\n" + markdown)

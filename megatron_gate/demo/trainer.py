@@ -16,6 +16,7 @@ command exits 3); `rollback` reloads the last checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -36,6 +37,13 @@ from megatron_gate.demo.data import (
     DataSource,
     load_corpus,
     validation_batches,
+)
+from megatron_gate.errors import OutputError, output_error
+from megatron_gate.output_files import (
+    append_whole,
+    atomic_write,
+    atomic_write_text,
+    open_for_append,
 )
 
 FINAL_LOSS_WINDOW = 10  # final train loss = mean of the last this-many steps
@@ -156,8 +164,8 @@ def build_model(
 ) -> torch.nn.Module:
     """The variant's GPT, initialised from `config.seed` (same data order for every variant)."""
     from megatron_gate.backends import resolve_backend
+    from megatron_gate.demo.tiny_gpt import build_gpt, tiny_config
     from megatron_gate.distributed import init_model_parallel
-    from megatron_gate.tiny_gpt import build_gpt, tiny_config
 
     backend = resolve_backend("auto") if device.type == "cuda" else "local"
     init_model_parallel(tp=config.tp, seed=config.seed)
@@ -230,7 +238,7 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
 
 def token_loss(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of a `[b, s]` batch."""
-    from megatron_gate.tiny_gpt import causal_mask, position_ids
+    from megatron_gate.demo.tiny_gpt import causal_mask, position_ids
 
     batch, seq_len = tokens.shape
     device = next(model.parameters()).device
@@ -277,15 +285,24 @@ def save_checkpoint(
 
     root = run_dir / "checkpoint"
     folder = root / f"step_{step:06d}"
-    folder.mkdir(parents=True, exist_ok=True)
     state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict()}
     state.update(extra or {})
-    _atomic_write(folder / f"tp_rank_{rank:02d}.pt", lambda tmp: torch.save(state, tmp))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(folder / f"tp_rank_{rank:02d}.pt", lambda tmp: torch.save(state, tmp))
+    except OSError as error:
+        raise output_error(folder, error) from error
+    except OutputError:
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # left empty by this failed save (another rank's file keeps it)
+        raise
     if parallel_state.get_tensor_model_parallel_world_size() > 1:
         dist.barrier(group=parallel_state.get_tensor_model_parallel_group())
     if rank == 0:
-        text = json.dumps({**meta, "step": step, "folder": folder.name}, indent=2)
-        _atomic_write(root / LATEST_CHECKPOINT, lambda tmp: tmp.write_text(text))
+        atomic_write_text(
+            root / LATEST_CHECKPOINT,
+            json.dumps({**meta, "step": step, "folder": folder.name}, indent=2),
+        )
         for old in root.glob("step_*"):
             if old != folder:
                 shutil.rmtree(old, ignore_errors=True)
@@ -299,12 +316,6 @@ def latest_checkpoint(run_dir: Path) -> tuple[dict[str, Any], Path] | None:
         return None
     meta = json.loads(path.read_text())
     return meta, path.parent / meta["folder"]
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------- progress
@@ -375,8 +386,12 @@ def demo_monitor_config(
 def append_validation(run_dir: Path, step: int, loss: float) -> None:
     """One `{"step", "validation_loss"}` line in `validation.jsonl` (a single append)."""
     line = json.dumps({"step": step, "validation_loss": loss, "time": time.time()}) + "\n"
-    with open(run_dir / VALIDATION_JSONL, "a", encoding="utf-8") as file:
-        file.write(line)
+    path = run_dir / VALIDATION_JSONL
+    fd = open_for_append(path)
+    try:
+        append_whole(fd, line.encode(), path=path)
+    finally:
+        os.close(fd)
 
 
 class DemoRun:
@@ -442,6 +457,7 @@ class DemoRun:
         decision = self.monitor.end_step(
             step, loss=loss.detach(), grad_norm=norm, learning_rate=lr, tokens=tokens.numel()
         )
+        self._stop_if_record_refused()
         result.spikes = _count_spikes(result.spikes, decision.events)
         loss_value = float(loss.detach())
         self.losses.append(loss_value)
@@ -453,6 +469,14 @@ class DemoRun:
             self.monitor.step_optimizer(self.optimizer, decision)
             self.applied += 1
         return {"loss": loss_value, "grad_norm": norm}
+
+    def _stop_if_record_refused(self) -> None:
+        """The demo's report is read from its JSONL: a record the machine refused to write (the
+        monitor disabled the sink, saying why) ends the demo with that one line (exit 2)."""
+        sinks = getattr(self.monitor, "sinks", None)  # none when the monitor is off
+        refused = sinks.disabled.get("jsonl") if sinks is not None else None
+        if refused is not None:
+            raise OutputError(refused.removeprefix(f"{OutputError.__name__}: "))
 
     def evaluate(self, step: int, result: RunResult) -> None:
         """Validation loss every `eval_interval` steps and at the end."""

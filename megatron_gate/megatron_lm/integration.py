@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +48,7 @@ class RunState:
     gate: GateConfig | None = None
     model_built: bool = False
     startup_line: str | None = None
+    nan_check_notice_shown: bool = False
 
 
 RUN = RunState()
@@ -76,13 +78,23 @@ def _hand_nan_checks_to_guard(args: argparse.Namespace, config: MonitorConfig) -
     if not wants_guard or not getattr(args, "check_for_nan_in_loss_and_grad", False):
         return
     args.check_for_nan_in_loss_and_grad = False
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    # Said once per run: Megatron parses the command line again (ft_integration.setup and
+    # inprocess_restart re-read it), and before init_process_group every rank gets here.
+    if not RUN.nan_check_notice_shown and _first_rank():
+        RUN.nan_check_notice_shown = True
         print(
             "megatron-gate: the stability guard skips NaN/Inf steps, so Megatron's "
             "--check-for-nan-in-loss-and-grad (which stops the run) is off; set "
             "guard.skip_non_finite: false in --stability-config to keep Megatron's check.",
             flush=True,
         )
+
+
+def _first_rank() -> bool:
+    """Global rank 0, also before torch.distributed is initialized (torchrun's RANK)."""
+    if dist.is_initialized():
+        return dist.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _gate_model_classes(gate: GateConfig) -> None:

@@ -60,6 +60,11 @@ LEVEL_SHIFT_RETAINED = 0.8
 # Steps within which events of two signals corroborate each other (an LR jump shows in the update
 # at step t and in the loss at t + 1).
 CORROBORATION_STEPS = 2
+# A loss value within this many steps after a grad-norm event opened is "primed": a loss reaction to
+# a gradient burst is likely, so its threshold is the quantile of a PRIMED_RATE_FACTOR x higher
+# false-alarm rate, floored at half the usual jump.
+PRIMED_STEPS = 1
+PRIMED_RATE_FACTOR = 100.0
 # Steps of consecutive NaN/Inf after which the non-finite episode is a divergence.
 NON_FINITE_DIVERGENCE_STEPS = 3
 # A per-layer condition whose action is one of these asks for it on every step it lasts (log and
@@ -246,18 +251,20 @@ class RobustSpikeDetector:
         return f"{residual:+.4g} from"
 
     # ------------------------------------------------------------------ thresholds
-    def residual_threshold(self, level: float) -> float | None:
-        """The residual above which an event opens now (None: not enough history)."""
+    def residual_threshold(self, level: float, *, primed: bool = False) -> float | None:
+        """The residual above which an event opens now (None: not enough history); `primed`:
+        right after a grad-norm event (see `PRIMED_RATE_FACTOR`)."""
         if len(self.tail) + len(self.pending) < self.config.min_history:
             return None
-        quantile = self.tail.quantile(self.config.false_alarm_rate)
+        rate = min(0.5, self.config.false_alarm_rate * (PRIMED_RATE_FACTOR if primed else 1.0))
+        quantile = self.tail.quantile(rate)
         if quantile is None:  # too few residuals for a tail fit: a conservative robust z-score
             center, sigma = robust_center_scale([*self.tail.history, *self.pending])
             quantile = center + self.config.z_threshold * sigma
         else:  # a sub-threshold level shift or bump in the history must not inflate the tail
             center, sigma = self.tail.robust_sigma()
             quantile = min(quantile, center + MAX_ROBUST_SIGMAS * sigma)
-        return max(quantile, self._floor(level))
+        return max(quantile, self._floor(level) / (2.0 if primed else 1.0))
 
     def _floor(self, level: float) -> float:
         if self.log_scale:
@@ -272,8 +279,9 @@ class RobustSpikeDetector:
         return min(quantile, 0.5 * threshold)
 
     # ------------------------------------------------------------------ stepping
-    def observe(self, step: int, value: float | None) -> list[Event]:
-        """Check `value` of `step` (steps in order); returns the records this step produced."""
+    def observe(self, step: int, value: float | None, *, primed: bool = False) -> list[Event]:
+        """Check `value` of `step` (steps in order); returns the records this step produced.
+        `primed`: a lower threshold (`residual_threshold`)."""
         if not self.config.enabled or value is None:
             return []
         if not math.isfinite(value):
@@ -288,9 +296,10 @@ class RobustSpikeDetector:
             return []
         level = statistics.median(self.recent)
         residual = transformed - level
-        threshold = self.residual_threshold(level)
+        threshold = self.residual_threshold(level, primed=primed)
         if threshold is not None and residual > threshold:
-            return [self._open(step, value, transformed, level, residual, threshold)]
+            rate = self.config.false_alarm_rate * (PRIMED_RATE_FACTOR if primed else 1.0)
+            return [self._open(step, value, transformed, level, residual, threshold, rate)]
         self._accept(transformed, residual)
         return []
 
@@ -302,7 +311,7 @@ class RobustSpikeDetector:
 
     def _open(
         self, step: int, value: float, transformed: float, level: float, residual: float,
-        threshold: float,
+        threshold: float, rate: float,
     ) -> Event:  # fmt: skip
         release = self._release(threshold)
         # Onset: the steps just before that were already above the release level belong to it.
@@ -325,7 +334,8 @@ class RobustSpikeDetector:
         message = (
             f"{self.metric} {value:.4g} is {self._jump(residual, level)} its recent level "
             f"{self._inverse(level):.4g}, above the threshold {self._inverse(level + threshold):.4g}"
-            f" (false-alarm rate {self.config.false_alarm_rate:g} per step, "
+            f" (false-alarm rate {rate:g} per step"
+            f"{', right after a grad-norm event' if rate > self.config.false_alarm_rate else ''}, "
             f"{len(self.tail) + len(self.pending)} steps of history)"
         )
         return self._event(step, value, level + threshold, message, phase="open")
@@ -542,11 +552,11 @@ class LossSpikeDetector(RobustSpikeDetector):
         self.early: list[float] = []
         self.megatron = ThresholdEpisodes("loss_spike", "loss", config)
 
-    def observe(self, step: int, value: float | None) -> list[Event]:
-        """Check the loss of `step`."""
+    def observe(self, step: int, value: float | None, *, primed: bool = False) -> list[Event]:
+        """Check the loss of `step` (`primed`: right after a grad-norm event)."""
         if not self.config.enabled or value is None:
             return []
-        events = super().observe(step, value)
+        events = super().observe(step, value, primed=primed)
         if not math.isfinite(value):
             return events
         ratio = self.config.ratio
@@ -846,10 +856,13 @@ class DetectorSuite:
         flag = scalars.get("nan_or_inf")
         events = self.nan_or_inf.observe(step, flag)
         spikes: list[Event] = []
-        for signal, detector in self._scalar().items():
-            value = scalars.get(signal)
+        # The grad norm first: a burst at this step primes this step's loss test.
+        for signal in ("grad_norm", "loss", "update_norm"):
+            detector, value = self._scalar()[signal], scalars.get(signal)
             if value is None and flag is not None and (flag > 0 or math.isnan(flag)):
                 spikes += detector.non_finite(step)  # the value is null because it was NaN/Inf
+            elif signal == "loss":
+                spikes += detector.observe(step, value, primed=self._primed(step, spikes))
             else:
                 spikes += detector.observe(step, value)
         events += self._corroborate(step, spikes)
@@ -873,6 +886,12 @@ class DetectorSuite:
         for step, scalars, layers in records:
             events += self.check(step, scalars, layers)
         return events
+
+    def _primed(self, step: int, events: list[Event]) -> bool:
+        """Whether a grad-norm event opened at this step or within `PRIMED_STEPS` before it."""
+        opened = [e.step for e in events if e.metric == "grad_norm" and e.phase == "open"]
+        last = max(opened, default=self.last_open.get("grad_norm", -(10**9)))
+        return step - last <= PRIMED_STEPS
 
     def _corroborate(self, step: int, events: list[Event]) -> list[Event]:
         """Opened events seen in another signal too: severity up, `confirmed_action`."""

@@ -252,7 +252,7 @@ def skip_event(step: int, values: dict[str, float], config: GuardConfig) -> Even
     threshold = max(math.exp(center + config.z_threshold * values[f"{signal}_scale"]),
                     level * (1 + config.relative_jump(signal)))  # fmt: skip
     return Event(
-        step=step, detector="guard", severity="warning", metric=signal, value=value,
+        step=step, detector="guard", severity="critical", metric=signal, value=value,
         threshold=threshold, layer=None, action="skip_step",
         kind="spike", start_step=step, end_step=step, peak=value, signals=(signal,),
         message=f"step {step}: the {_LABELS[signal]} {value:.4g} is {value / level:.3g}x its "

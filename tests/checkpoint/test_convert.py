@@ -16,8 +16,8 @@ import torch
 from megatron_gate.checkpoint import hf_qwen3_next, paper_qwen3
 from megatron_gate.checkpoint.convert import convert, read_hf_dir, read_megatron
 from megatron_gate.checkpoint.model import GptShape, build_gpt_from_shape
+from megatron_gate.demo.tiny_gpt import causal_mask, position_ids
 from megatron_gate.distributed import init_model_parallel, launch
-from megatron_gate.tiny_gpt import causal_mask, position_ids
 
 transformers = pytest.importorskip("transformers")
 

@@ -19,8 +19,8 @@ import torch
 
 from megatron_gate.checkpoint.model import GptShape, build_gpt_from_shape
 from megatron_gate.checkpoint.reshard import load_distributed, save_distributed
+from megatron_gate.demo.tiny_gpt import random_batch, run_pipeline
 from megatron_gate.distributed import init_model_parallel, launch
-from megatron_gate.tiny_gpt import random_batch, run_pipeline
 
 SEQ, BATCH = 16, 2
 BASE = GptShape(

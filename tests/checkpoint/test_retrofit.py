@@ -17,8 +17,8 @@ from megatron_gate.checkpoint.convert import read_megatron, write_megatron
 from megatron_gate.checkpoint.model import GptShape, build_gpt_from_shape
 from megatron_gate.checkpoint.retrofit import retrofit, retrofit_state_dict
 from megatron_gate.checkpoint.safe_io import CheckpointError
+from megatron_gate.demo.tiny_gpt import causal_mask, position_ids
 from megatron_gate.distributed import init_model_parallel, launch
-from megatron_gate.tiny_gpt import causal_mask, position_ids
 
 SEQ, BATCH = 16, 2
 PLAIN = GptShape(

@@ -8,10 +8,10 @@ from typing import Any
 
 import torch
 
+from megatron_gate.demo.tiny_gpt import build_gpt, causal_mask, position_ids, tiny_config
 from megatron_gate.monitor import MonitorConfig, StabilityMonitor
 from megatron_gate.monitor.loops import train_with_monitor
 from megatron_gate.spec import gated_gpt_layer_spec
-from megatron_gate.tiny_gpt import build_gpt, causal_mask, position_ids, tiny_config
 
 SEQ, BATCH, VOCAB = 16, 2, 128
 

@@ -366,7 +366,42 @@ def test_episodes_and_unknown_fields(browser, serve, tmp_path: Path) -> None:
         "const d = document.getElementById('chart-loss').data[1]; return [d.x, d.error_x.array];"
     )
     assert loss_bars == [[60], [10]]
-    rows = [r.text for r in browser.find_elements("css selector", "#events tbody tr")]
-    assert "start_step=100 end_step=150 peak=90000 duration=50 delay=2" in rows[0]
-    assert "guard" in rows[1] and 'novel_field={"nested":[1,2]}' in rows[1]
+    rows = browser.find_elements("css selector", "#events tbody tr.episode")
+    texts = [r.text for r in rows]
+    # One row per episode, in words, most severe first.
+    for fragment in ("critical", "max_abs_residual", "in layer 3", "step 100, seen at 120",
+                     "50 steps", "90000 vs 10000 (9×)", "alerted"):  # fmt: skip
+        assert fragment in texts[0], (fragment, texts[0])
+    for fragment in ("warning", "guard", "step 55, seen at 60", "16 steps", "skipped the update"):
+        assert fragment in texts[1], (fragment, texts[1])
+    # The raw record, field for field, is one click away (and a second click hides it).
+    rows[1].find_element("css selector", "button.raw-toggle").click()
+    raw = browser.find_element("css selector", "#events tbody tr.raw pre").text
+    assert json.loads(raw)["novel_field"] == {"nested": [1, 2]}
+    rows[1].find_element("css selector", "button.raw-toggle").click()
+    assert browser.find_elements("css selector", "#events tbody tr.raw") == []
     assert browser.execute_script("return document.getElementById('error-banner').hidden")
+
+
+def test_events_table_reads_as_words_on_a_real_run(browser, serve, real_run: Path) -> None:
+    """One row per episode the real monitor opened, severity first, no `key=value` dumps."""
+    from megatron_gate.monitor.schema import SEVERITIES, opens_episode
+    from megatron_gate.monitor.sinks.jsonl import read_records
+
+    events = [r for r in read_records(real_run) if r["kind"] == "event"]
+    server = serve([real_run])
+    _load(browser, server)
+    rows = browser.find_elements("css selector", "#events tbody tr.episode")
+    assert len(rows) == sum(map(opens_episode, events)) > 0
+    headers = [h.text for h in browser.find_elements("css selector", "#events thead th")]
+    assert headers[:1] == ["severity"] and "peak vs threshold" in headers
+    severities = [r.find_element("css selector", ".badge").text for r in rows]
+    assert sorted(severities, key=SEVERITIES.index, reverse=True) == severities
+    for row in rows:
+        cells = [c.text for c in row.find_elements("css selector", "td")]
+        assert "=" not in row.text and cells[3].startswith("step ")
+        assert cells[4].endswith(("step", "steps", "so far)")) and cells[6], cells
+    rows[0].find_element("css selector", "button.raw-toggle").click()
+    raw = browser.find_element("css selector", "#events tbody tr.raw pre").text
+    first, _end = json.JSONDecoder().raw_decode(raw)  # the episode's records, one after another
+    assert first["kind"] == "event" and "episode" in first

@@ -17,6 +17,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from megatron_gate import safe_yaml
 from megatron_gate.dashboard.synthetic import SyntheticRun
 from megatron_gate.monitor.config import DetectorsConfig
 from megatron_gate.monitor.detectors import DetectorSuite
@@ -163,7 +164,7 @@ def test_grafana_dashboard_queries_exported_metrics(exposition) -> None:
 
 
 def test_alert_rules_query_exported_metrics(exposition) -> None:
-    rules = yaml.safe_load((MONITORING / "prometheus_alerts.yml").read_text())
+    rules = safe_yaml.load((MONITORING / "prometheus_alerts.yml").read_text())
     alerts = [rule for group in rules["groups"] for rule in group["rules"]]
     assert len({a["alert"] for a in alerts}) == len(alerts)
     for alert in alerts:
@@ -233,7 +234,7 @@ def test_every_query_answers_in_prometheus(exposition_text: str, tmp_path: Path)
     what the real exporter serves: each must return at least one series."""
     promtool = _promtool()
     dashboard = json.loads((MONITORING / "grafana_dashboard.json").read_text())
-    rules = yaml.safe_load((MONITORING / "prometheus_alerts.yml").read_text())
+    rules = safe_yaml.load((MONITORING / "prometheus_alerts.yml").read_text())
     exprs = [e for e in _grafana_expressions(dashboard) if not e.startswith("label_values")]
     exprs += [rule["expr"] for group in rules["groups"] for rule in group["rules"]]
     tests = [

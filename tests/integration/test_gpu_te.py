@@ -40,8 +40,8 @@ def cuda_world() -> None:
 def _layer(backend: str, granularity: str, **overrides):  # noqa: ANN003, ANN202
     from megatron.core.transformer.spec_utils import build_module
 
+    from megatron_gate.demo.tiny_gpt import tiny_config
     from megatron_gate.spec import gated_gpt_layer_spec
-    from megatron_gate.tiny_gpt import tiny_config
 
     fields = dict(num_layers=1, hidden_size=HIDDEN, num_attention_heads=8, num_query_groups=4,
                   use_cpu_initialization=True)  # fmt: skip

@@ -28,16 +28,29 @@ def test_wrong_spec_stops_before_training_and_lists_only_spec_names() -> None:
     assert _MODEL_BUILT not in run.output and not run.losses()
 
 
-def test_bad_stability_config_stops_at_argument_parsing(tmp_path: Path) -> None:
+BAD_CONFIGS = {
+    "interval": ("log_interval: 10\nlayer_interval: 5\n", "monitor config key 'layer_interval'"),
+    "repeated key": ("log_interval: 10\nlog_interval: 1\n", "monitor config "),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CONFIGS))
+def test_bad_stability_config_stops_at_argument_parsing(tmp_path: Path, case: str) -> None:
     """Checked before the model, the optimizer and the `--load` checkpoint are built."""
+    text, start = BAD_CONFIGS[case]
     monitor_yaml = tmp_path / "monitor.yaml"
-    monitor_yaml.write_text("log_interval: 10\nlayer_interval: 5\n")
+    monitor_yaml.write_text(text)
     run = run_pretrain(
         MIN_SCRIPT, "--train-iters", "2", "--gated-attention", "headwise",
         "--stability-config", str(monitor_yaml), "--load", str(tmp_path / "no-checkpoint"),
     )  # fmt: skip
     assert run.returncode == ERROR_EXIT_CODE, run.output[-3000:]
-    assert run.lines("megatron-gate run: error: monitor config key 'layer_interval'")
+    assert run.lines(f"megatron-gate run: error: {start}")
+    if case == "repeated key":
+        assert run.lines("megatron-gate run: error: monitor config")[0].endswith(
+            "'log_interval' is given twice, on lines 1 and 2 (monitor config): keep one of them "
+            "(a repeated key is usually a merge or copy mistake)"
+        )
     assert _MODEL_BUILT not in run.output and not run.losses()
 
 

@@ -5,6 +5,7 @@ Each test is one or two real training runs (mock data, a 2-layer GPT, a few iter
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,9 @@ from megatron_gate.monitor import schema
 from megatron_gate.monitor.sinks import read_records
 
 pytestmark = pytest.mark.slow
+
+
+NAN_CHECK_NOTICE = "--check-for-nan-in-loss-and-grad (which stops the run) is off"
 
 
 def _write_monitor_yaml(path: Path, extra: str = "") -> Path:
@@ -93,6 +97,17 @@ def test_cpu_smoke_example_gated_monitored_checkpointed_and_resumed(tmp_path: Pa
     assert len(history) == 8  # 6 losses from before the restart + 2 after it
 
 
+def test_bf16_run_says_once_that_megatrons_nan_check_is_off(tmp_path: Path) -> None:
+    """Megatron parses the command line twice (its fault-tolerance set-up re-reads it): the
+    notice that the guard replaces Megatron's NaN check is printed once, and the check is off."""
+    run = run_pretrain(MIN_SCRIPT, "--train-iters", "2", "--bf16", "--gated-attention", "headwise",
+                       "--stability-dir", str(tmp_path / "stability"))  # fmt: skip
+    assert run.returncode == 0, run.output[-3000:]
+    assert run.output.count(NAN_CHECK_NOTICE) == 1, run.output[-3000:]
+    assert re.search(r"check_for_nan_in_loss_and_grad \.+ False", run.output)
+    assert sorted(run.losses()) == [1, 2]
+
+
 def test_tensor_parallel_2_with_spec_callable(tmp_path: Path) -> None:
     run = run_pretrain(
         MIN_SCRIPT, "--train-iters", "5", "--tensor-model-parallel-size", "2",
@@ -104,6 +119,7 @@ def test_tensor_parallel_2_with_spec_callable(tmp_path: Path) -> None:
     assert run.returncode == 0, run.output[-3000:]
     assert run.lines("megatron-gate: gated attention on layers 1-2 of 2 | granularity "
                      "elementwise | backend local | TP=2 PP=1 DP=1 CP=1")  # fmt: skip
+    assert run.output.count(NAN_CHECK_NOTICE) == 1  # rank 0 only, before init_process_group too
     _assert_loss_falls(run.losses())
     steps = _steps(read_records(tmp_path / "ckpt" / "stability"))
     assert sorted(steps) == [1, 2, 3, 4, 5]

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from megatron_gate.demo.tiny_gpt import build_gpt, causal_mask, position_ids, tiny_config
 from megatron_gate.spec import gated_gpt_layer_spec
-from megatron_gate.tiny_gpt import build_gpt, causal_mask, position_ids, tiny_config
 
 SEQ, BATCH, VOCAB = 16, 2, 128
 

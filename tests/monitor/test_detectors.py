@@ -15,6 +15,7 @@ from megatron_gate.monitor.detectors import (
     LayerThresholdDetector,
     LossSpikeDetector,
     NanInfDetector,
+    OutlierDetector,
     RobustSpikeDetector,
     openings,
     series_events,
@@ -266,3 +267,64 @@ def test_tail_quantile_refits_whenever_the_tail_moves() -> None:
         fresh.extend(rolling.state_dict())
         for rate in (1e-4, 0.05):
             assert rolling.quantile(rate) == fresh.quantile(rate), (step, rate)
+
+
+def _micro_losses(steps: int, *, seed: int = 5) -> list[float]:
+    """A micro-batch-like loss: 3 nats, +-0.06 noise."""
+    rng = random.Random(seed)
+    return [3.0 + rng.gauss(0, 0.06) for _ in range(steps)]
+
+
+def test_one_step_outlier_is_an_info_episode_and_a_lasting_rise_is_one_episode() -> None:
+    losses = _micro_losses(400)
+    losses[200] += 0.9  # ~15 SD and > 0.5 nats: a person sees a spike
+    losses[260] += 0.35  # 6 SD: inside the noise of a micro-batch loss, not an outlier
+    for step in range(320, 330):
+        losses[step] += 1.0  # a 10-step rise: one episode, not ten
+    suite = DetectorSuite(DetectorsConfig(loss_spike=DetectorConfig(enabled=False)))
+    events = [e for s, v in enumerate(losses) for e in suite.check(s, {"loss": v})]
+    outliers = [e for e in openings(events) if e.detector == "loss_outlier"]
+    assert [(e.step, e.severity, e.action) for e in outliers] == [
+        (200, "info", "log"),
+        (320, "info", "log"),
+    ]
+    closes = [e for e in events if e.detector == "loss_outlier" and e.phase == "close"]
+    assert [(e.step, e.kind, e.duration) for e in closes] == [(201, "spike", 1), (330, "bump", 10)]
+
+
+def test_outlier_already_reported_by_the_spike_test_is_not_repeated() -> None:
+    losses = _micro_losses(1200)
+    losses[1100] *= 3.0  # the spike test opens (a warning): no info event beside it
+    suite = DetectorSuite(DetectorsConfig())
+    events = [e for s, v in enumerate(losses) for e in suite.check(s, {"loss": v})]
+    opened = [(e.step, e.detector) for e in openings(events) if e.step == 1100]
+    assert opened == [(1100, "loss_spike")]
+
+
+def test_loss_reaction_right_after_a_grad_norm_burst_is_found() -> None:
+    losses, norms = healthy_losses(1500), healthy_norms(1500)
+    for step in (900, 1200):
+        losses[step + 1] *= 1.10  # +10%: below the usual threshold here, above the primed one
+    norms[1200] *= 20.0  # a gradient burst one step before the second rise only
+
+    def loss_openings() -> list[int]:
+        suite = DetectorSuite(DetectorsConfig())
+        events = [e for s in range(1500)
+                  for e in suite.check(s, {"loss": losses[s], "grad_norm": norms[s]})]  # fmt: skip
+        return [e.step for e in openings(events) if e.detector == "loss_spike"]
+
+    assert loss_openings() == [1201]
+
+
+def test_outlier_state_resumes_mid_episode() -> None:
+    losses = _micro_losses(120)
+    losses[100] += 2.0
+    losses[101] += 2.0
+    config = DetectorsConfig().loss_outlier
+    whole = series_events(OutlierDetector("o", "loss", config), losses)
+    first = OutlierDetector("o", "loss", config)
+    events = series_events(first, losses[:101])
+    second = OutlierDetector("o", "loss", config)
+    second.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    events += series_events(second, losses[101:], start=101)
+    assert events == whole and [e.phase for e in whole] == ["open", "close"]

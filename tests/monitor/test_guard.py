@@ -129,6 +129,24 @@ def test_default_guard_skips_non_finite_and_1000x_spike_only() -> None:
 
 
 @pytest.mark.parametrize("on_host", [False, True], ids=["device", "host"])
+def test_default_grad_norm_bar_is_4x_its_level(on_host: bool) -> None:
+    # Healthy grad norms reach 1.5-3.5x their median (real llm.c run): reported, never skipped.
+    rng = random.Random(7)
+    values: list[tuple[float | None, float | None]] = [
+        (3.0, 0.3 * math.exp(rng.gauss(0, 0.03))) for _ in range(200)
+    ]
+    for step, ratio in ((60, 1.6), (80, 2.8), (100, 3.9), (120, 4.3), (140, 15.0)):
+        values[step] = (3.0, 0.3 * ratio)
+    config = GuardConfig()
+    decisions = _device_decisions(values, config, as_tensors=True, on_host=on_host)
+    assert [i for i, d in enumerate(decisions) if not d] == [120, 140]
+    assert decisions == reference_decisions(values, config)
+    lower = dataclasses.replace(config, grad_norm_min_relative_jump=0.5)
+    lowered = _device_decisions(values, lower, as_tensors=True, on_host=on_host)
+    assert [i for i, d in enumerate(lowered) if not d] == [60, 80, 100, 120, 140]
+
+
+@pytest.mark.parametrize("on_host", [False, True], ids=["device", "host"])
 def test_rejected_values_never_enter_the_statistics(on_host: bool) -> None:
     guard = StepGuard(_on(GuardConfig(min_history=4), on_host), device=torch.device("cpu"))
     for value in [1.0, 1.01, 0.99, 1.0, math.nan, 1000.0, 1.02]:

@@ -40,7 +40,7 @@ def test_pack_layout_combines_max_and_sum() -> None:
 
 
 def _batch() -> dict[str, torch.Tensor]:
-    from megatron_gate.tiny_gpt import random_batch
+    from megatron_gate.demo.tiny_gpt import random_batch
 
     return random_batch(batch=BATCH, seq_len=SEQ, vocab_size=VOCAB, seed=5)
 
@@ -120,9 +120,9 @@ def _layer_grad_norms(model: torch.nn.Module) -> list[float]:
 def _run_case(tp: int, pp: int, run_dir: str) -> dict[str, Any]:
     from megatron.core import parallel_state
 
+    from megatron_gate.demo.tiny_gpt import build_gpt, run_pipeline, tiny_config
     from megatron_gate.monitor import MonitorConfig, StabilityMonitor
     from megatron_gate.spec import gated_gpt_layer_spec
-    from megatron_gate.tiny_gpt import build_gpt, run_pipeline, tiny_config
 
     init_model_parallel(tp=tp, pp=pp, seed=21)
     config = tiny_config(

@@ -39,7 +39,7 @@ def test_targets_on_the_fixed_subset(bench: ModuleType, curves: list) -> None:
 
 
 def test_scoring_tells_a_noisy_rule_apart(bench: ModuleType, curves: list) -> None:
-    rule = bench.reference_detectors()["mean_std_6sigma_128 (OLMo-core)"]
+    rule = bench.reference_detectors()["mean_std_6sigma_128 (OLMo-core SkipStep)"]
     results = bench.evaluate({"mean_std": rule}, curves)["mean_std"]
     assert results["false_per_10k_healthy_steps"] > 1.0 and results["precision"] < 0.95
 

@@ -331,11 +331,21 @@
     });
   }
 
-  // ---- events table: severity badge, filters, click a row to zoom to its step ----
-  function eventRows(data) {
+  // ---- events table: one row per episode, in words; filters; click a row to zoom ----
+  const SEVERITY_ORDER = { critical: 0, warning: 1, info: 2 };
+  const KIND_WORDS = { spike: "spike", bump: "bump (several steps)",
+    level_shift: "level shift (benign)", divergence: "divergence", non_finite: "NaN/Inf",
+    threshold: "over its limit" };
+  const ACTION_WORDS = { log: "logged only", alert: "alerted", skip_step: "skipped the update",
+    lr_backoff: "lowered the learning rate", rollback: "rolled back to the last checkpoint",
+    abort: "stopped the run" };
+  const TABLE_COLUMNS = 9;
+
+  function episodeRows(data) {
     const rows = [];
-    data.runs.forEach((run) => run.events.forEach((e) => rows.push([run.name, e])));
-    rows.sort((a, b) => b[1].step - a[1].step);
+    data.runs.forEach((run) => (run.episodes || []).forEach((e) => rows.push([run.name, e])));
+    rows.sort((a, b) => (SEVERITY_ORDER[a[1].severity] ?? 3) - (SEVERITY_ORDER[b[1].severity] ?? 3) ||
+      b[1].start_step - a[1].start_step);
     return rows;
   }
 
@@ -351,7 +361,7 @@
   }
 
   function renderEvents(data) {
-    const rows = eventRows(data);
+    const rows = episodeRows(data);
     fillFilter("filter-run", rows.map(([name]) => name));
     fillFilter("filter-severity", rows.map(([, e]) => String(e.severity)));
     fillFilter("filter-detector", rows.map(([, e]) => String(e.detector)));
@@ -360,31 +370,71 @@
       (!f.severity || String(e.severity) === f.severity) &&
       (!f.detector || String(e.detector) === f.detector));
     const total = data.runs.reduce((n, run) => n + run.events_in_range, 0);
-    document.getElementById("events-count").textContent = `${total} in view` +
+    document.getElementById("events-count").textContent =
+      `${rows.length} episodes (${total} records) in view` +
       (shown.length !== rows.length ? `, ${shown.length} match the filters` : "") +
-      (shown.length > MAX_TABLE_ROWS ? `, newest ${MAX_TABLE_ROWS} shown` : "");
+      (shown.length > MAX_TABLE_ROWS ? `, ${MAX_TABLE_ROWS} shown` : "");
     const body = document.querySelector("#events tbody");
-    body.replaceChildren(...shown.slice(0, MAX_TABLE_ROWS).map(([name, e]) => eventRow(name, e)));
+    body.replaceChildren(...shown.slice(0, MAX_TABLE_ROWS).map(([name, e]) => episodeRow(name, e)));
   }
 
-  function eventRow(name, e) {
-    const tr = el("tr", { "data-step": e.step, title: "click: zoom every chart to this step" });
-    const cell = (v, numeric) => tr.append(el("td", numeric ? { class: "num" } : {}, fmt(v)));
-    cell(name);
-    cell(e.step, true);
+  function episodeWhat(e) {
+    const kind = KIND_WORDS[e.kind] || (e.kind ? String(e.kind) : "event");
+    const where = Number.isInteger(e.layer) ? ` in layer ${e.layer}` : "";
+    return `${e.metric} ${kind}${where}`;
+  }
+
+  function episodeStarted(e) {
+    const seen = e.detected_step !== e.start_step ? `, seen at ${e.detected_step}` : "";
+    return `step ${e.start_step}${seen}`;
+  }
+
+  function episodeLasted(e) {
+    const steps = `${e.duration} step${e.duration === 1 ? "" : "s"}`;
+    return e.finished ? steps : `ongoing (${steps} so far)`;
+  }
+
+  function peakVsThreshold(e) {
+    if (e.peak === null || e.peak === undefined) return e.kind === "non_finite" ? "NaN/Inf" : "";
+    if (e.threshold === null || e.threshold === undefined) return fmt(e.peak);
+    const ratio = e.threshold > 0 ? ` (${Number((e.peak / e.threshold).toPrecision(2))}×)` : "";
+    return `${fmt(e.peak)} vs ${fmt(e.threshold)}${ratio}`;
+  }
+
+  function episodeRow(name, e) {
+    const tr = el("tr", { class: "episode", "data-step": e.detected_step,
+      title: `${e.message}\nclick: zoom every chart to this step` });
     const severity = el("td");
     severity.append(el("span", { class: "badge sev-" + e.severity }, e.severity));
     tr.append(severity);
-    cell(e.kind ? `${e.detector} · ${e.kind}` : e.detector);
-    cell(e.metric);
-    cell(e.layer, true);
-    cell(e.value, true);
-    cell(e.threshold, true);
-    cell(e.action);
-    cell(e.message);
-    cell(fmtDetails(e.details));
-    tr.addEventListener("click", () => zoomTo(e.step));
+    const cell = (v, cls) => tr.append(el("td", cls ? { class: cls } : {}, v));
+    cell(name);
+    const what = el("td", { class: "what" }, episodeWhat(e));
+    what.append(el("span", { class: "muted" }, ` · ${e.detector}`));
+    tr.append(what);
+    cell(episodeStarted(e), "num");
+    cell(episodeLasted(e), "num");
+    cell(peakVsThreshold(e), "num");
+    cell(e.actions.map((a) => ACTION_WORDS[a] || a).join(", then "));
+    cell(e.signals.join(", "));
+    const rawCell = el("td");
+    const button = el("button", { class: "raw-toggle", type: "button",
+      title: "the monitor's records of this episode, as written" }, `record${e.records.length > 1 ? "s" : ""}`);
+    button.addEventListener("click", (event) => { event.stopPropagation(); toggleRaw(tr, e); });
+    rawCell.append(button);
+    tr.append(rawCell);
+    tr.addEventListener("click", () => zoomTo(e.detected_step));
     return tr;
+  }
+
+  function toggleRaw(tr, e) {
+    const next = tr.nextElementSibling;
+    if (next && next.classList.contains("raw")) { next.remove(); return; }
+    const row = el("tr", { class: "raw" });
+    const td = el("td", { colspan: TABLE_COLUMNS });
+    td.append(el("pre", {}, e.records.join("\n")));
+    row.append(td);
+    tr.after(row);
   }
 
   function render(data) {

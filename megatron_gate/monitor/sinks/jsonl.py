@@ -1,7 +1,10 @@
 """JSONL sink: `<run_dir>/stability.jsonl`, one schema record per line.
 
 The lines of one log step are written with a single `os.write` on an `O_APPEND` descriptor, so
-a crash leaves whole lines only (readers skip at most a torn last line, see `read_records`).
+a crash leaves whole lines only (readers skip at most a torn last line, see `read_records`). A
+write the machine refuses (a full disk, a read-only folder) raises `OutputError` naming the file
+and the cause, after cutting a short write back to the last whole line
+(`output_files.append_whole`); the monitor then disables the sink with one warning.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Any
 
 from megatron_gate.monitor import schema
 from megatron_gate.monitor.sinks.base import Sink
+from megatron_gate.output_files import append_whole, open_for_append
 
 
 def _clean(value: Any) -> Any:
@@ -46,8 +50,7 @@ class JsonlSink(Sink):
 
     def __init__(self, run_dir: str | Path) -> None:
         self.path = Path(run_dir) / schema.JSONL_NAME
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._fd: int | None = open_for_append(self.path)
 
     def write(self, record: dict[str, Any]) -> None:
         """Append one line (a single write)."""
@@ -56,14 +59,16 @@ class JsonlSink(Sink):
     def write_many(self, records: list[dict[str, Any]]) -> None:
         """Append the lines of one log step with a single write."""
         if self._fd is not None:
-            os.write(self._fd, b"".join(encode(record) for record in records))
+            append_whole(self._fd, b"".join(encode(record) for record in records), path=self.path)
 
     def close(self) -> None:
         """fsync and close."""
         if self._fd is not None:
-            os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = None
+            fd, self._fd = self._fd, None
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
