@@ -300,7 +300,7 @@ def evaluate(*, with_tuning: bool) -> dict[str, Any]:
     directory = real_trace_dir()
     if directory is not None:
         real = score_real(read_real(directory))
-        result["real_traces_dir"] = str(directory)
+        result["real_traces_dir"] = str(directory).replace(str(HERE.parent) + "/", "")
         result["real"] = real
         summaries["real logs: nan (loss only)"] = summarise([r for r in real if r["kind"] == "nan"])
         healthy = [r for r in real if r["kind"] != "nan"]
