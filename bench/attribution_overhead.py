@@ -36,8 +36,8 @@ class Bench:
     """A model, its optimizer, one fixed batch, and a monitor per arm."""
 
     def __init__(self, layers: int, run_dir: str) -> None:
+        from megatron_gate.demo.tiny_gpt import build_gpt, causal_mask, position_ids, tiny_config
         from megatron_gate.spec import gated_gpt_layer_spec
-        from megatron_gate.tiny_gpt import build_gpt, causal_mask, position_ids, tiny_config
 
         torch.manual_seed(0)
         config = tiny_config(num_layers=layers, hidden_size=HIDDEN, num_attention_heads=HEADS,

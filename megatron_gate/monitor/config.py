@@ -72,6 +72,41 @@ class DetectorConfig:
     """Steps whose maximum the Megatron loss rule compares with."""
 
 
+@dataclass(frozen=True, kw_only=True)
+class ForecastConfig(DetectorConfig):
+    """The divergence forecast (`monitor/forecast.py`): a warning episode while the run is
+    heading towards divergence. Of the inherited fields it uses `enabled`, `action`, `severity`,
+    `window` (history of the per-layer medians and of the grad-norm level) and `min_history`
+    (values before it may fire)."""
+
+    action: str = "alert"
+    """`lr_backoff` lowers the learning rate on a forecast (off by default: alert only)."""
+    min_history: int = 50
+    smoothing: int = 10
+    """Span (values) of the exponential average of log(loss) whose minimum is the best loss."""
+    trend_steps: int = 20
+    """Values in the least-squares trend fit of log(loss) and log(grad norm)."""
+    min_t: float = 3.0
+    """t-statistic of the fitted slope above which a signal is rising."""
+    loss_rise: float = 0.1
+    """The smoothed loss must be this fraction above its best."""
+    grad_rise: float = 1.0
+    """The grad norm must be this fraction above its median of the last `window` values."""
+    layer_points: int = 4
+    """Per-layer steps in the growth fit of each per-layer statistic."""
+    layer_growth: float = 0.01
+    """Per-layer growth (log units per step) above which a layer's statistic is growing."""
+    layer_ratio: float = 2.0
+    """... and it must be this many times its own median (of the values before the fit)."""
+    min_layer_signals: int = 2
+    """Growing per-layer statistics (different ones) that, with the loss above its best, are
+    evidence enough while the loss is not (yet) rising."""
+    confirm: int = 3
+    """Consecutive values the rule must hold before the episode opens."""
+    release: int = 20
+    """Consecutive values without the rule (and the loss no longer rising) that close it."""
+
+
 def _detector(**kwargs: Any) -> Any:
     return field(default_factory=lambda: DetectorConfig(**kwargs))
 
@@ -113,6 +148,8 @@ class DetectorsConfig:
     bos_massive_activation: DetectorConfig = _detector(
         action="log", severity="info", threshold=3.0, ratio=2.0, min_history=2
     )
+    divergence_forecast: ForecastConfig = field(default_factory=ForecastConfig)
+    """Warning before a divergence (monitor/forecast.py); `action: lr_backoff` acts on it."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -393,7 +430,14 @@ MAX_INT = 10**9
 """Largest magnitude of any integer key (counts and intervals; tighter limits below)."""
 UPPER_BOUNDS = {"log_interval": 10_000, "probe_queries": 4096, "window": 100_000}
 """Keys whose memory grows with their value: buffered steps, probe rows, history windows."""
-_SECTIONS = (DetectorConfig, DetectorsConfig, GuardConfig, SinksConfig, MonitorConfig)
+_SECTIONS = (
+    DetectorConfig,
+    ForecastConfig,
+    DetectorsConfig,
+    GuardConfig,
+    SinksConfig,
+    MonitorConfig,
+)
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -501,6 +545,17 @@ def _validate_detector(name: str, detector: DetectorConfig) -> None:
     _require(detector.warmup_steps >= 1, f"{key}.warmup_steps", "must be >= 1.")
 
 
+def _validate_forecast(forecast: ForecastConfig) -> None:
+    key = "detectors.divergence_forecast"
+    for name in ("smoothing", "confirm", "release", "min_layer_signals"):
+        _require(getattr(forecast, name) >= 1, f"{key}.{name}", "must be >= 1.")
+    for name in ("trend_steps", "layer_points"):
+        _require(getattr(forecast, name) >= 3, f"{key}.{name}", "must be >= 3.")
+    for name in ("min_t", "loss_rise", "grad_rise", "layer_growth"):
+        _require(getattr(forecast, name) > 0, f"{key}.{name}", "must be > 0.")
+    _require(forecast.layer_ratio > 1, f"{key}.layer_ratio", "must be > 1.")
+
+
 SKIP_MODES = ("auto", "device", "host")
 
 
@@ -546,6 +601,7 @@ def _validate(config: MonitorConfig) -> None:
     _validate_guard(config.guard)
     for detector in dataclasses.fields(DetectorsConfig):
         _validate_detector(detector.name, getattr(config.detectors, detector.name))
+    _validate_forecast(config.detectors.divergence_forecast)
     _require(
         0 <= config.sinks.prometheus_port < 65536, "sinks.prometheus_port", "must be in [0, 65535]."
     )

@@ -833,6 +833,9 @@ class DetectorSuite:
         self.attention_logit_growth = LayerThresholdDetector(
             "attention_logit_growth", "max_attention_logit", config.attention_logit_growth
         )
+        from megatron_gate.monitor.forecast import DivergenceForecast  # imports this module
+
+        self.divergence_forecast = DivergenceForecast(config.divergence_forecast)
         self.last_open: dict[str, int] = {}
         """Scalar signal -> step of its latest opened event (for corroboration)."""
 
@@ -846,6 +849,7 @@ class DetectorSuite:
             "massive_activation": self.massive_activation,
             "attention_sink": self.attention_sink,
             "attention_logit_growth": self.attention_logit_growth,
+            "divergence_forecast": self.divergence_forecast,
         }
 
     def _scalar(self) -> dict[str, RobustSpikeDetector]:
@@ -880,6 +884,7 @@ class DetectorSuite:
         ):
             if layers and detector.metric in layers:
                 events += detector.observe(step, layers[detector.metric])
+        events += self.divergence_forecast.observe(step, scalars, layers)
         return events
 
     def check_steps(

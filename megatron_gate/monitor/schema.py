@@ -82,7 +82,7 @@ GATE_HISTOGRAM_BINS = 10  # equal bins over [0, 1] of sigmoid(gate)
 
 SEVERITIES: tuple[str, ...] = ("info", "warning", "critical")
 EVENT_KINDS: tuple[str, ...] = (
-    "spike", "bump", "level_shift", "divergence", "non_finite", "threshold",
+    "spike", "bump", "level_shift", "divergence", "non_finite", "threshold", "forecast",
 )  # fmt: skip
 EVENT_PHASES: tuple[str, ...] = ("open", "update", "close")
 
