@@ -66,6 +66,10 @@ class TraceRun:
     fault_factor: float = 1.0
     layer_interval: int = 1
 
+    def __post_init__(self) -> None:
+        if self.fault_length != 1 and self.fault != "lr_jump":
+            raise ValueError(f"{self.name}: only an lr_jump lasts more than one step")
+
 
 def plan() -> list[TraceRun]:
     """Each fault once (lr 1e-3, the fault after warm-up, 150 steps to recover), then healthy
@@ -147,7 +151,8 @@ def run_megatron(run: TraceRun, workdir: Path, *, timeout: float) -> list[dict[s
     from megatron_gate.monitor.sinks import read_records
     from megatron_gate.worker_lifetime import children_die_with_me
 
-    (workdir / "monitor.yaml").write_text(json.dumps(monitor_config(layer_interval=run.layer_interval)))  # JSON is YAML
+    config = monitor_config(layer_interval=run.layer_interval)
+    (workdir / "monitor.yaml").write_text(json.dumps(config))  # JSON is YAML
     command = [sys.executable, "-m", "megatron_gate.run", str(SCRIPT), *megatron_flags(run),
                "--stability-config", str(workdir / "monitor.yaml"),
                "--stability-dir", str(workdir / "stability")]  # fmt: skip
@@ -191,6 +196,14 @@ def layers_from_records(records: list[dict[str, Any]]) -> dict[str, Any]:
             "layers": {m: [r["layers"].get(m) for r in rows] for m in metrics}}  # fmt: skip
 
 
+def labels(run: TraceRun) -> list[dict[str, Any]]:
+    """The ground truth: the fault's first and last step (none for a healthy run)."""
+    if run.fault is None:
+        return []
+    end = run.fault_step + run.fault_length - 1
+    return [{"step": run.fault_step, "kind": run.fault, "end": end}]
+
+
 def trace(run: TraceRun, *, timeout: float = 1800) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train `run`; return its trace (the bench/results/traces format) and per-layer data."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -198,12 +211,8 @@ def trace(run: TraceRun, *, timeout: float = 1800) -> tuple[dict[str, Any], dict
         records = run_megatron(run, Path(folder), timeout=timeout)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
-    labels = []
-    if run.fault is not None:
-        labels.append({"step": run.fault_step, "kind": run.fault,
-                       "end": run.fault_step + run.fault_length - 1})  # fmt: skip
     data = {"run": asdict(run), "first_step": 1, "scalars": scalars_from_records(records, run.steps),
-            "labels": labels, "benign": [], "cpu_seconds": round(cpu, 1)}  # fmt: skip
+            "labels": labels(run), "benign": [], "cpu_seconds": round(cpu, 1)}  # fmt: skip
     return data, layers_from_records(records)
 
 
