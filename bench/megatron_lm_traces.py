@@ -93,7 +93,11 @@ def plan() -> list[TraceRun]:
         TraceRun(name=f"mlm_healthy_lr{label}", lr=lr, seed=seed)
         for seed, (label, lr) in enumerate((("3e-3", 3e-3), ("3e-4", 3e-4), ("1e-3", 1e-3)))
     ]
-    return [*faults, *healthy]
+    longer = [  # recorded last, when the machine had time left: the 4-layer model, 800 steps
+        TraceRun(name=f"mlm_l4_healthy_lr{label}", layers=4, lr=lr, steps=800, seed=seed)
+        for seed, (label, lr) in ((20, ("1e-3", 1e-3)), (21, ("3e-3", 3e-3)))
+    ]
+    return [*faults, *healthy, *longer]
 
 
 def megatron_flags(run: TraceRun) -> list[str]:
