@@ -235,7 +235,7 @@ def _median(values: list[float | None]) -> float:
 def _peak(values: list[float | None], start: int, stop: int, *, ratio: bool) -> tuple[float, int]:
     """Largest jump above the median of the `BEFORE` values before each index in [start, stop):
     value - median (ratio False) or value / median; and the 1-based step it is at."""
-    best, where = -math.inf, start
+    best, where = -math.inf, start + 1
     for index in range(max(start, BEFORE), min(stop, len(values))):
         value, level = values[index], _median(values[index - BEFORE : index])
         if value is None or not math.isfinite(level):
@@ -298,6 +298,33 @@ def summary(folder: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _cell(peak: list | None, unit: str) -> str:
+    if peak is None:
+        return "-"
+    value, step = peak
+    return f"{'non-finite' if value is None else f'{value:+.2f}' if unit == 'nats' else f'{value:.2f}x'} @{step}"
+
+
+def summary_table(rows: list[dict[str, Any]]) -> str:
+    """`summary` as a Markdown table: the fault's peaks, then the largest elsewhere (noise)."""
+    lines = [
+        "| run | fault step | loss - median of 50 before (nats) | grad norm / median | "
+        "update norm / median | per-layer peak / median | largest elsewhere: loss, grad, "
+        "update | non-finite steps |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        layer = row.get("layers")
+        noise = ", ".join(str(row[f"{n}_elsewhere"]) for n in ("loss", "grad_norm", "update_norm"))
+        lines.append(
+            f"| {row['run']} | {row['fault_step'] or '-'} | {_cell(row['loss'], 'nats')} | "
+            f"{_cell(row['grad_norm'], 'x')} | {_cell(row['update_norm'], 'x')} | "
+            f"{f'{layer[0]} {layer[1]:.3g}x' if layer else '-'} | {noise} | "
+            f"{row['non_finite_steps']} |"
+        )
+    return "\n".join(lines)
+
+
 def write_atomic(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".json.partial")
@@ -314,8 +341,7 @@ def main() -> int:
                         help="print what each recorded fault did, then exit")  # fmt: skip
     args = parser.parse_args()
     if args.summary:
-        for row in summary(args.out):
-            print(json.dumps(row))
+        print(summary_table(summary(args.out)))
         return 0
     names = [run.name for run in plan()]
     if args.only is not None and args.only not in names:
