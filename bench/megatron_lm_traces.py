@@ -110,7 +110,8 @@ def megatron_flags(run: TraceRun) -> list[str]:
         "--train-iters", run.steps, "--lr", run.lr, "--min-lr", run.lr / 10,
         "--lr-decay-style", "cosine", "--lr-warmup-iters", run.warmup,
         "--lr-decay-iters", run.steps, "--clip-grad", "1.0", "--weight-decay", "0.1",
-        "--adam-beta2", "0.95", "--init-method-std", "0.02", "--seed", 1000 + run.seed,  # Megatron wants a positive seed
+        "--adam-beta2", "0.95", "--init-method-std", "0.02",
+        "--seed", 1000 + run.seed,  # Megatron wants a positive seed
         "--attention-dropout", "0", "--hidden-dropout", "0",
         "--tokenizer-type", "NullTokenizer", "--vocab-size", "256", "--num-workers", "0",
         "--eval-iters", "0", "--eval-interval", run.steps + 1, "--log-interval", "50",
@@ -217,8 +218,9 @@ def trace(run: TraceRun, *, timeout: float = 1800) -> tuple[dict[str, Any], dict
         records = run_megatron(run, Path(folder), timeout=timeout)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
-    data = {"run": asdict(run), "first_step": 1, "scalars": scalars_from_records(records, run.steps),
-            "labels": labels(run), "benign": [], "cpu_seconds": round(cpu, 1)}  # fmt: skip
+    scalars = scalars_from_records(records, run.steps)
+    data = {"run": asdict(run), "first_step": 1, "scalars": scalars, "labels": labels(run),
+            "benign": [], "cpu_seconds": round(cpu, 1)}  # fmt: skip
     return data, layers_from_records(records)
 
 
@@ -298,11 +300,14 @@ def summary(folder: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _cell(peak: list | None, unit: str) -> str:
+def _cell(peak: list | None, *, ratio: bool) -> str:
+    """'+0.54 @211' (nats) or '3.07x @210'; '-' for a healthy run."""
     if peak is None:
         return "-"
     value, step = peak
-    return f"{'non-finite' if value is None else f'{value:+.2f}' if unit == 'nats' else f'{value:.2f}x'} @{step}"
+    if value is None:
+        return f"non-finite @{step}"
+    return f"{value:.2f}x @{step}" if ratio else f"{value:+.2f} @{step}"
 
 
 def summary_table(rows: list[dict[str, Any]]) -> str:
@@ -317,8 +322,8 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
         layer = row.get("layers")
         noise = ", ".join(str(row[f"{n}_elsewhere"]) for n in ("loss", "grad_norm", "update_norm"))
         lines.append(
-            f"| {row['run']} | {row['fault_step'] or '-'} | {_cell(row['loss'], 'nats')} | "
-            f"{_cell(row['grad_norm'], 'x')} | {_cell(row['update_norm'], 'x')} | "
+            f"| {row['run']} | {row['fault_step'] or '-'} | {_cell(row['loss'], ratio=False)} | "
+            f"{_cell(row['grad_norm'], ratio=True)} | {_cell(row['update_norm'], ratio=True)} | "
             f"{f'{layer[0]} {layer[1]:.3g}x' if layer else '-'} | {noise} | "
             f"{row['non_finite_steps']} |"
         )

@@ -1,6 +1,6 @@
-"""bench/megatron_lm_traces.py: the plan and its labels, the watch-only monitor config, the committed
-traces' format (that of bench/results/traces), and a real 5-step run of Megatron-LM's loop with a
-NaN batch whose update is skipped."""
+"""bench/megatron_lm_traces.py: the plan and its labels, the watch-only monitor config, the
+committed traces' format (that of bench/results/traces), and a real 5-step run of Megatron-LM's
+loop with a NaN batch whose update is skipped."""
 
 from __future__ import annotations
 
@@ -79,7 +79,8 @@ def test_committed_traces_have_the_benchmark_format(traces: ModuleType) -> None:
 @pytest.mark.slow
 def test_five_steps_of_megatron_lm_with_a_nan_batch(traces: ModuleType) -> None:
     run = traces.TraceRun(name="tiny", layers=2, hidden=64, seq_len=32, global_batch=4,
-                          micro_batch=2, warmup=2, steps=5, fault="nan_batch", fault_step=3)  # fmt: skip
+                          micro_batch=2, warmup=2, steps=5, fault="nan_batch",
+                          fault_step=3)  # fmt: skip
     data, layers = traces.trace(run, timeout=300)
     scalars = data["scalars"]
     assert data["labels"] == [{"step": 3, "kind": "nan_batch", "end": 3}]
