@@ -93,8 +93,10 @@ def plan() -> list[TraceRun]:
         TraceRun(name=f"mlm_healthy_lr{label}", lr=lr, seed=seed)
         for seed, (label, lr) in enumerate((("3e-3", 3e-3), ("3e-4", 3e-4), ("1e-3", 1e-3)))
     ]
-    # recorded last, as the machine had time left: the 4-layer model, 600 steps
-    longer = [TraceRun(name="mlm_l4_healthy_lr3e-3", layers=4, lr=3e-3, steps=600, seed=21)]
+    longer = [  # recorded last, as the machine had time left: the 4-layer model
+        TraceRun(name="mlm_l4_healthy_lr3e-3", layers=4, lr=3e-3, steps=600, seed=21),
+        TraceRun(name="mlm_l4_healthy_lr1e-3", layers=4, lr=1e-3, steps=500, seed=22),
+    ]
     return [*faults, *healthy, *longer]
 
 
