@@ -96,7 +96,9 @@ def plan() -> list[TraceRun]:
     longer = [  # recorded last, as the machine had time left: the 4-layer model
         TraceRun(name="mlm_l4_healthy_lr3e-3", layers=4, lr=3e-3, steps=600, seed=21),
         TraceRun(name="mlm_l4_healthy_lr1e-3", layers=4, lr=1e-3, steps=500, seed=22),
-    ]
+        TraceRun(name="mlm_l4_scaled_weight", layers=4, steps=400, fault="scaled_weight",
+                 fault_step=250, fault_factor=8.0, seed=23),
+    ]  # fmt: skip
     return [*faults, *healthy, *longer]
 
 
