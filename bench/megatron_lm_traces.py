@@ -72,12 +72,13 @@ class TraceRun:
 
 
 def plan() -> list[TraceRun]:
-    """Each fault once (lr 1e-3, after warm-up, 100+ steps to recover), then healthy runs at
-    three learning rates, in the order they are recorded.
+    """Each fault once (lr 1e-3, after warm-up, 100+ steps to recover), healthy runs at
+    three learning rates, then 4-layer runs (two healthy, the scaled weight again), in the order
+    they were recorded.
 
     Sized for the shared 2-core build machine under load (6 engineers; this job got ~16% of a
-    core): 1,024 tokens a step (8x the demo's), 2 layers of hidden 128 (the first run: 4), about
-    0.3-0.5 CPU s a step with per-layer statistics every step.
+    core at times): 1,024 tokens a step (8x the demo's), 2 layers of hidden 128 (4 for the first
+    and the last runs), about 0.2-0.5 CPU s a step with per-layer statistics every step.
     """
     faults = [
         TraceRun(name="mlm_nan_batch", fault="nan_batch", layers=4, steps=400, fault_step=250,
