@@ -1,6 +1,8 @@
 """Cost of the stability monitor on a Megatron-Core GPT: wall-clock A/B and peak memory (not a test).
 
     nice -n 5 .venv/bin/python bench/monitor_overhead.py   # writes bench/results/monitor_overhead.json
+    .venv/bin/python bench/monitor_overhead.py --breakdown-production \
+        --output bench/results/monitor_overhead_breakdown_production.json
 
 Variants, each with its own model and optimizer built from the same seed (hooks registered by
 one monitor must not run in another variant's steps):
@@ -21,10 +23,26 @@ noise hits every variant alike; per round the ratio `variant / plain` of the per
 max), plus `robust_wall_time_ratio` (sums of per-step medians over rounds). On CUDA steps are
 timed with CUDA events.
 
-The production-like shape (hidden 1024, sequence 1024, 4 layers, 16 heads, 4 query groups)
-takes seconds per step on this CPU: a 100-step period per variant and round is out of reach, so
-its blocks are single steps: the fully logged ratio is measured A/B the same way, and the
-default cadence is *estimated* from it (`method: estimate`, see `_estimated_default`).
+The production-like shape (hidden 1024, sequence 1024, 4 layers, 16 heads, 4 query groups;
+`--production-hidden`, `--production-seq` and the like change it) takes seconds per step on this
+CPU: a 100-step period per variant and round is out of reach, so each STEP KIND of the default
+cadence is measured instead (`step_kinds_ab`): the unlogged step, the scalar log step
+(`log_interval`), the step before a per-layer step (its update norm measured) and the per-layer
+step, each taken from the monitor's own `is_log_step` / `measures_update` / `is_layer_step`.
+Round r runs, kind after kind in cadence order, that kind's step of cadence period r + 1 in
+every variant, the variants' order rotated by one per round and kind (period 0 is an untimed
+warm-up); `--production-rounds` rounds (default 6). A cadence's ratio is then composed from the
+measured times with that variant's steps of each kind per period (`cadence_counts`, from its
+`MonitorConfig`; the default: 89 unlogged, 9 log, 1 update-norm, 1 per-layer):
+`sum_k n_k * t_variant,k / sum_k n_k * t_plain,k`, per round (median and spread over rounds) and
+from per-kind medians (`robust_wall_time_ratio`); `method: composed_from_step_kinds`. The fully
+logged variant makes every step a per-layer step (`counts_per_period: per_layer 100`): its ratio
+is its per-layer kind against plain's. The raw per-kind times (`step_s`) and every per-kind ratio
+(`per_kind`) are kept. One bias: the measured log step flushes the 2 rows buffered since the
+last flush instead of 10 (the per-row host work, detectors and records, does not grow with the
+model's width; the toy-shape A/B has it in full). `--breakdown-production`: the `--breakdown`
+variants (`BREAKDOWN`: a fully logged step with its parts switched off one after the other) at
+that shape, single-step interleaved rounds (`--production-rounds`).
 
 Peak memory: each (size, variant) runs in a fresh subprocess (`--memory-child`), so that the
 peak is that variant's alone: warm-up steps, then the peak is reset and the cadence's step kinds
