@@ -227,6 +227,14 @@ def _spread(values: list[float]) -> dict[str, float]:
     }
 
 
+# (wall, process CPU) seconds: `[variant][round][i]`, i the round's i-th step
+Times = tuple[dict[str, list[list[float]]], dict[str, list[list[float]]]]
+
+
+def _no_times(names: list[str]) -> Times:
+    return {name: [] for name in names}, {name: [] for name in names}
+
+
 def _order(names: list[str], *, shift: int, reverse: bool) -> list[str]:
     """`names` rotated left by `shift`, reversed when asked."""
     shift %= len(names)
@@ -242,7 +250,7 @@ def _run_round(
     trainers: dict[str, Trainer],
     steps: list[int],
     orders: list[list[str]],
-    times: tuple[dict[str, list[list[float]]], dict[str, list[list[float]]]],
+    times: Times,
 ) -> None:
     """One round: step `steps[i]` of every variant in `orders[i]`, then step i + 1.
 
@@ -279,10 +287,7 @@ def interleaved(
     trainers = _trainers(shape, run_dir, names)
     for trainer in trainers.values():  # warm-up: lazy optimizer state, allocator, first hooks
         trainer.block(steps[:2])
-    times: tuple[dict[str, list[list[float]]], ...] = (
-        {n: [] for n in names},
-        {n: [] for n in names},
-    )
+    times = _no_times(names)
     for round_index in range(rounds):
         orders = [
             _order(
@@ -518,7 +523,7 @@ def _composed(
 
 
 def _composed_entry(
-    times: tuple[dict[str, list[list[float]]], dict[str, list[list[float]]]],
+    times: Times,
     counts: dict[str, int],
     kinds: list[str],
     pair: tuple[str, str],
@@ -553,15 +558,12 @@ def step_kinds_ab(
     offsets, period = kind_offsets(cadence), cadence.config.layer_interval
     for trainer in trainers.values():
         trainer.block(list(offsets.values()))
-    times: tuple[dict[str, list[list[float]]], ...] = (
-        {n: [] for n in names},
-        {n: [] for n in names},
-    )
+    times = _no_times(names)
     for round_index in range(rounds):
         steps = [(round_index + 1) * period + offset for offset in offsets.values()]
         orders = [_order(names, shift=round_index + i, reverse=False) for i in range(len(steps))]
         _run_round(trainers, steps, orders, times)
-        print(f"  round {round_index + 1}/{rounds} done", flush=True)
+        print(f"  round {round_index + 1}/{rounds}: {_kinds_line(times[0], offsets)}", flush=True)
     counts = {
         name: cadence_counts(trainer.monitor or cadence, period)
         for name, trainer in trainers.items()
@@ -571,8 +573,19 @@ def step_kinds_ab(
     return _kinds_result(times, counts, offsets, period)
 
 
+def _kinds_line(wall: dict[str, list[list[float]]], offsets: dict[str, int]) -> str:
+    """This round's per-kind ratios to plain, e.g. `fully_logged 1.050/1.048/1.051/1.049`."""
+    plain = wall["plain"][-1]
+    ratios = {
+        name: "/".join(f"{t / p:.3f}" for t, p in zip(times[-1], plain, strict=True))
+        for name, times in wall.items()
+        if name != "plain"
+    }
+    return ", ".join(f"{name} {line}" for name, line in ratios.items()) + f" ({'/'.join(offsets)})"
+
+
 def _kinds_result(
-    times: tuple[dict[str, list[list[float]]], dict[str, list[list[float]]]],
+    times: Times,
     counts: dict[str, dict[str, int]],
     offsets: dict[str, int],
     period: int,
