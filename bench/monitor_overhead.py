@@ -1,8 +1,10 @@
 """Cost of the stability monitor on a Megatron-Core GPT: wall-clock A/B and peak memory (not a test).
 
-    nice -n 5 .venv/bin/python bench/monitor_overhead.py   # writes bench/results/monitor_overhead.json
+    .venv/bin/python bench/monitor_overhead.py --production-rounds 8   # results/monitor_overhead.json
     .venv/bin/python bench/monitor_overhead.py --breakdown-production \
         --output bench/results/monitor_overhead_breakdown_production.json
+    .venv/bin/python bench/monitor_overhead.py --no-small --no-memory --production-hidden 64 \
+        --production-seq 32 --production-rounds 1 --output /tmp/smoke.json     # smoke: seconds
 
 Variants, each with its own model and optimizer built from the same seed (hooks registered by
 one monitor must not run in another variant's steps):

@@ -16,6 +16,8 @@ import pytest
 
 from megatron_gate.monitor import MonitorConfig
 
+pytestmark = pytest.mark.slow  # the bench in its own processes, as a user runs it
+
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "monitor_overhead.py"
 TINY = {"hidden": 64, "seq": 32, "layers": 2, "heads": 4, "groups": 2, "batch": 1}
 COMPARISONS = {
