@@ -1,6 +1,6 @@
 """Cost of the stability monitor on a Megatron-Core GPT: wall-clock A/B and peak memory (not a test).
 
-    .venv/bin/python bench/monitor_overhead.py --production-rounds 8   # results/monitor_overhead.json
+    .venv/bin/python bench/monitor_overhead.py --production-rounds 8 # results/monitor_overhead.json
     .venv/bin/python bench/monitor_overhead.py --breakdown-production \
         --output bench/results/monitor_overhead_breakdown_production.json
     .venv/bin/python bench/monitor_overhead.py --no-small --no-memory --production-hidden 64 \
