@@ -1,6 +1,10 @@
 """Cost of the stability monitor on a Megatron-Core GPT: wall-clock A/B and peak memory (not a test).
 
-    nice -n 5 .venv/bin/python bench/monitor_overhead.py   # writes bench/results/monitor_overhead.json
+    .venv/bin/python bench/monitor_overhead.py --production-rounds 8 # results/monitor_overhead.json
+    .venv/bin/python bench/monitor_overhead.py --breakdown-production \
+        --output bench/results/monitor_overhead_breakdown_production.json
+    .venv/bin/python bench/monitor_overhead.py --no-small --no-memory --production-hidden 64 \
+        --production-seq 32 --production-rounds 1 --output /tmp/smoke.json     # smoke: seconds
 
 Variants, each with its own model and optimizer built from the same seed (hooks registered by
 one monitor must not run in another variant's steps):
@@ -21,10 +25,26 @@ noise hits every variant alike; per round the ratio `variant / plain` of the per
 max), plus `robust_wall_time_ratio` (sums of per-step medians over rounds). On CUDA steps are
 timed with CUDA events.
 
-The production-like shape (hidden 1024, sequence 1024, 4 layers, 16 heads, 4 query groups)
-takes seconds per step on this CPU: a 100-step period per variant and round is out of reach, so
-its blocks are single steps: the fully logged ratio is measured A/B the same way, and the
-default cadence is *estimated* from it (`method: estimate`, see `_estimated_default`).
+The production-like shape (hidden 1024, sequence 1024, 4 layers, 16 heads, 4 query groups;
+`--production-hidden`, `--production-seq` and the like change it) takes seconds per step on this
+CPU: a 100-step period per variant and round is out of reach, so each STEP KIND of the default
+cadence is measured instead (`step_kinds_ab`): the unlogged step, the scalar log step
+(`log_interval`), the step before a per-layer step (its update norm measured) and the per-layer
+step, each taken from the monitor's own `is_log_step` / `measures_update` / `is_layer_step`.
+Round r runs, kind after kind in cadence order, that kind's step of cadence period r + 1 in
+every variant, the variants' order rotated by one per round and kind (period 0 is an untimed
+warm-up); `--production-rounds` rounds (default 6). A cadence's ratio is then composed from the
+measured times with that variant's steps of each kind per period (`cadence_counts`, from its
+`MonitorConfig`; the default: 89 unlogged, 9 log, 1 update-norm, 1 per-layer):
+`sum_k n_k * t_variant,k / sum_k n_k * t_plain,k`, per round (median and spread over rounds) and
+from per-kind medians (`robust_wall_time_ratio`); `method: composed_from_step_kinds`. The fully
+logged variant makes every step a per-layer step (`counts_per_period: per_layer 100`): its ratio
+is its per-layer kind against plain's. The raw per-kind times (`step_s`) and every per-kind ratio
+(`per_kind`) are kept. One bias: the measured log step flushes the 2 rows buffered since the
+last flush instead of 10 (the per-row host work, detectors and records, does not grow with the
+model's width; the toy-shape A/B has it in full). `--breakdown-production`: the `--breakdown`
+variants (`BREAKDOWN`: a fully logged step with its parts switched off one after the other) at
+that shape, single-step interleaved rounds (`--production-rounds`).
 
 Peak memory: each (size, variant) runs in a fresh subprocess (`--memory-child`), so that the
 peak is that variant's alone: warm-up steps, then the peak is reset and the cadence's step kinds
@@ -209,6 +229,46 @@ def _spread(values: list[float]) -> dict[str, float]:
     }
 
 
+# (wall, process CPU) seconds: `[variant][round][i]`, i the round's i-th step
+Times = tuple[dict[str, list[list[float]]], dict[str, list[list[float]]]]
+
+
+def _no_times(names: list[str]) -> Times:
+    return {name: [] for name in names}, {name: [] for name in names}
+
+
+def _order(names: list[str], *, shift: int, reverse: bool) -> list[str]:
+    """`names` rotated left by `shift`, reversed when asked."""
+    shift %= len(names)
+    order = names[shift:] + names[:shift]
+    return order[::-1] if reverse else order
+
+
+def _trainers(shape: argparse.Namespace, run_dir: str, names: list[str]) -> dict[str, Trainer]:
+    return {name: Trainer(shape, name, f"{run_dir}/{name}") for name in names}
+
+
+def _run_round(
+    trainers: dict[str, Trainer],
+    steps: list[int],
+    orders: list[list[str]],
+    times: Times,
+) -> None:
+    """One round: step `steps[i]` of every variant in `orders[i]`, then step i + 1.
+
+    Appends this round's per-step (wall, process CPU) seconds to `times` (`[name][round][i]`).
+    """
+    wall, cpu = times
+    for name in trainers:
+        wall[name].append([])
+        cpu[name].append([])
+    for step, order in zip(steps, orders, strict=True):
+        for name in order:
+            seconds, cpu_seconds = trainers[name].block([step])
+            wall[name][-1].append(seconds)
+            cpu[name][-1].append(cpu_seconds)
+
+
 def interleaved(
     shape: argparse.Namespace,
     run_dir: str,
@@ -223,28 +283,24 @@ def interleaved(
     load from other jobs hits every variant within milliseconds. Per round: the ratio of the
     period's summed step times (wall, and process CPU); also the ratio of the sums of per-step
     median wall times over rounds (`robust_wall_time_ratio`, insensitive to single preempted
-    steps).
+    steps). Single-step periods rotate the order by one variant per round.
     """
     names = names or variants()
-    trainers = {name: Trainer(shape, name, f"{run_dir}/{name}") for name in names}
+    trainers = _trainers(shape, run_dir, names)
     for trainer in trainers.values():  # warm-up: lazy optimizer state, allocator, first hooks
         trainer.block(steps[:2])
-    # wall[name][round][i], cpu[name][round]
-    wall: dict[str, list[list[float]]] = {name: [] for name in names}
-    cpu: dict[str, list[float]] = {name: [] for name in names}
+    times = _no_times(names)
     for round_index in range(rounds):
-        for name in names:
-            wall[name].append([])
-            cpu[name].append(0.0)
-        for position, step in enumerate(steps):
-            shift = (round_index * len(steps) + position) % len(names)
-            order = names[shift:] + names[:shift]
-            if (round_index + position) % 2:
-                order.reverse()
-            for name in order:
-                seconds, cpu_seconds = trainers[name].block([step])
-                wall[name][-1].append(seconds)
-                cpu[name][-1] += cpu_seconds
+        orders = [
+            _order(
+                names,
+                shift=round_index * len(steps) + position,
+                reverse=len(steps) > 1 and bool((round_index + position) % 2),
+            )
+            for position in range(len(steps))
+        ]
+        _run_round(trainers, steps, orders, times)
+        wall = times[0]
         print(
             f"  round {round_index + 1}/{rounds}: "
             + ", ".join(f"{n} {sum(wall[n][-1]) / sum(wall['plain'][-1]):.4f}" for n in names[1:]),
@@ -252,26 +308,42 @@ def interleaved(
         )
     for trainer in trainers.values():
         trainer.close()
+    return _period_result(*times, steps=len(steps))
+
+
+def _comparisons(names: list[str]) -> list[tuple[str, str, str]]:
+    """(reported name, measured variant, baseline): every variant vs plain, the guard alone."""
+    pairs = [(name, name, "plain") for name in names[1:]]
+    return pairs + ([("guard", "default_cadence", "no_guard")] if "no_guard" in names else [])
+
+
+def _period_result(
+    wall: dict[str, list[list[float]]], cpu: dict[str, list[list[float]]], *, steps: int
+) -> dict[str, Any]:
+    """Per-round ratios of the periods' summed times, and the per-step-median robust ratio."""
+    names = list(wall)
     period = {name: [sum(times) for times in wall[name]] for name in names}
+    period_cpu = {name: [sum(times) for times in cpu[name]] for name in names}
     per_step_median = {
         name: sum(statistics.median(column) for column in zip(*wall[name], strict=True))
         for name in names
     }
     result: dict[str, Any] = {
-        "block_steps": len(steps),
-        "rounds": rounds,
-        "median_step_s_plain": statistics.median(period["plain"]) / len(steps),
+        "block_steps": steps,
+        "rounds": len(period["plain"]),
+        "median_step_s_plain": statistics.median(period["plain"]) / steps,
     }
-    for name, baseline in [(n, "plain") for n in names[1:]] + (
-        [("guard", "no_guard")] if "no_guard" in names else []
-    ):
-        measured = "default_cadence" if name == "guard" else name
+    for name, measured, baseline in _comparisons(names):
         result[name] = _ratios(
-            [t / p for t, p in zip(period[measured], period[baseline], strict=True)],
-            [t / p for t, p in zip(cpu[measured], cpu[baseline], strict=True)],
+            _divide(period[measured], period[baseline]),
+            _divide(period_cpu[measured], period_cpu[baseline]),
             per_step_median[measured] / per_step_median[baseline],
         )
     return result
+
+
+def _divide(numerators: list[float], denominators: list[float]) -> list[float]:
+    return [n / d for n, d in zip(numerators, denominators, strict=True)]
 
 
 def _ratios(wall: list[float], cpu: list[float], robust: float) -> dict[str, Any]:
@@ -404,17 +476,150 @@ def probe_cost(shape: argparse.Namespace, repetitions: int) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- production shape
-def _estimated_default(logged: dict[str, Any], small: dict[str, Any], step_s: float) -> float:
-    """Default-cadence ratio of the production shape from measured parts (not an A/B).
+STEP_KINDS = ("unlogged", "log", "update_norm", "per_layer")
 
-    A default period holds one fully logged step and 99 steps whose monitor work does not
-    depend on the model's width (scalar copies, 9 small log reductions, sinks): that work is
-    taken from the 4-layer small model's measured default-cadence A/B (its whole extra time per
-    period, an upper bound: it includes that model's own per-layer step).
+
+def step_kind(monitor: Any, step: int) -> str:
+    """The kind of `step` under `monitor`'s cadence (its own `is_*` answers, no copy of them)."""
+    if monitor.is_layer_step(step):
+        return "per_layer"
+    if monitor.measures_update(step):
+        return "update_norm"
+    return "log" if monitor.is_log_step(step) else "unlogged"
+
+
+def cadence_counts(monitor: Any, period: int) -> dict[str, int]:
+    """How many steps of each kind steps 1..`period` hold under `monitor`'s cadence."""
+    kinds = [step_kind(monitor, step) for step in range(1, period + 1)]
+    return {kind: kinds.count(kind) for kind in STEP_KINDS}
+
+
+def kind_offsets(monitor: Any) -> dict[str, int]:
+    """The first step of each kind in a cadence period (1..layer_interval), in cadence order."""
+    offsets: dict[str, int] = {}
+    for step in range(1, monitor.config.layer_interval + 1):
+        offsets.setdefault(step_kind(monitor, step), step)
+    return dict(sorted(offsets.items(), key=lambda item: item[1]))
+
+
+def _composed(
+    times: dict[str, list[list[float]]], weights: list[int], measured: str, baseline: str
+) -> tuple[list[float], float]:
+    """Per-round ratios of the weighted sums of step-kind times, and that of per-kind medians.
+
+    `times[name][round][i]`: the time of step kind i; `weights[i]`: its steps per period.
     """
-    logged_extra = (logged["median_wall_time_ratio"] - 1.0) * step_s
-    small_extra = (small["median_wall_time_ratio"] - 1.0) * small["step_s"] * PERIOD
-    return 1.0 + (logged_extra + max(small_extra, 0.0)) / (PERIOD * step_s)
+
+    def period(per_kind: list[float]) -> float:
+        return sum(weight * seconds for weight, seconds in zip(weights, per_kind, strict=True))
+
+    rounds = [
+        period(ours) / period(theirs)
+        for ours, theirs in zip(times[measured], times[baseline], strict=True)
+    ]
+    medians = {
+        name: [statistics.median(kind) for kind in zip(*times[name], strict=True)]
+        for name in (measured, baseline)
+    }
+    return rounds, period(medians[measured]) / period(medians[baseline])
+
+
+def _composed_entry(
+    times: Times,
+    counts: dict[str, int],
+    kinds: list[str],
+    pair: tuple[str, str],
+) -> dict[str, Any]:
+    """`pair[0]` vs `pair[1]` composed with `counts` (per period), and the ratio per kind."""
+    missing = [kind for kind, count in counts.items() if count and kind not in kinds]
+    if missing:
+        raise ValueError(f"{pair[0]}: step kinds {missing} are not in the measured cadence")
+    wall, cpu = times
+    weights = [counts[kind] for kind in kinds]
+    wall_ratios, robust = _composed(wall, weights, *pair)
+    entry = {"method": "composed_from_step_kinds", "counts_per_period": counts}
+    entry |= _ratios(wall_ratios, _composed(cpu, weights, *pair)[0], robust)
+    entry["per_kind"] = {}
+    for index, kind in enumerate(kinds):
+        one_hot = [int(i == index) for i in range(len(kinds))]
+        kind_wall, kind_robust = _composed(wall, one_hot, *pair)
+        entry["per_kind"][kind] = _ratios(kind_wall, _composed(cpu, one_hot, *pair)[0], kind_robust)
+    return entry
+
+
+def step_kinds_ab(
+    shape: argparse.Namespace, run_dir: str, *, rounds: int, names: list[str]
+) -> dict[str, Any]:
+    """Every step kind of the default cadence for every variant, interleaved, `rounds` rounds.
+
+    Round r runs, for each kind in cadence order, that kind's step of period r + 1 in every
+    variant (rotating order, one place per round and kind); period 0 is the untimed warm-up.
+    """
+    trainers = _trainers(shape, run_dir, names)
+    cadence = trainers["default_cadence"].monitor
+    offsets, period = kind_offsets(cadence), cadence.config.layer_interval
+    for trainer in trainers.values():
+        trainer.block(list(offsets.values()))
+    times = _no_times(names)
+    for round_index in range(rounds):
+        steps = [(round_index + 1) * period + offset for offset in offsets.values()]
+        orders = [_order(names, shift=round_index + i, reverse=False) for i in range(len(steps))]
+        _run_round(trainers, steps, orders, times)
+        print(f"  round {round_index + 1}/{rounds}: {_kinds_line(times[0], offsets)}", flush=True)
+    counts = {
+        name: cadence_counts(trainer.monitor or cadence, period)
+        for name, trainer in trainers.items()
+    }
+    for trainer in trainers.values():
+        trainer.close()
+    return _kinds_result(times, counts, offsets, period)
+
+
+def _kinds_line(wall: dict[str, list[list[float]]], offsets: dict[str, int]) -> str:
+    """This round's per-kind ratios to plain, e.g. `fully_logged 1.050/1.048/1.051/1.049`."""
+    plain = wall["plain"][-1]
+    ratios = {
+        name: "/".join(f"{t / p:.3f}" for t, p in zip(times[-1], plain, strict=True))
+        for name, times in wall.items()
+        if name != "plain"
+    }
+    return ", ".join(f"{name} {line}" for name, line in ratios.items()) + f" ({'/'.join(offsets)})"
+
+
+def _kinds_result(
+    times: Times,
+    counts: dict[str, dict[str, int]],
+    offsets: dict[str, int],
+    period: int,
+) -> dict[str, Any]:
+    """Raw per-kind times, and every comparison composed with the measured variant's counts."""
+    wall, cpu = times
+    kinds = list(offsets)
+    result: dict[str, Any] = {
+        "method": "composed_from_step_kinds",
+        "rounds": len(wall["plain"]),
+        "period_steps": period,
+        "step_kinds": offsets,
+        "median_step_s_plain": statistics.median(s for r in wall["plain"] for s in r),
+        "step_s": {
+            name: {
+                kind: {
+                    "wall": [r[i] for r in wall[name]],
+                    "cpu": [r[i] for r in cpu[name]],
+                }
+                for i, kind in enumerate(kinds)
+            }
+            for name in wall
+        },
+    }
+    for name, measured, baseline in _comparisons(list(wall)):
+        result[name] = _composed_entry(times, counts[measured], kinds, (measured, baseline))
+    return result
+
+
+def production_shape(args: argparse.Namespace) -> dict[str, int]:
+    """The production-like shape of this run (`--production-hidden` and the like)."""
+    return {name: getattr(args, f"production_{name}") for name in PRODUCTION}
 
 
 def _shape(args: argparse.Namespace, **fields: Any) -> argparse.Namespace:
@@ -434,47 +639,38 @@ def measure_small(args: argparse.Namespace, run_dir: str) -> dict[str, Any]:
         timing = interleaved(
             shape, f"{run_dir}/small{layers}", steps=list(range(PERIOD)), rounds=args.rounds
         )
-        memory = peak_memory(_shape_argv(shape), "small")
         entry: dict[str, Any] = {"median_step_s_plain": timing["median_step_s_plain"]}
         for variant in variants()[1:]:
-            entry[variant] = {**timing[variant], **memory[variant]}
+            entry[variant] = timing[variant]
         if "guard" in timing:
             entry["guard"] = timing["guard"]
-        entry["memory"] = memory["by_variant"]
+        _add_memory(entry, args, shape, "small")
         by_layers[str(layers)] = entry
         _print_size(f"{layers} layers", entry)
     return by_layers
 
 
-def measure_production(args: argparse.Namespace, run_dir: str, small: Any) -> dict[str, Any]:
-    """The production-like shape: single-step blocks, interleaved; default cadence estimated."""
-    shape = _shape(args, **PRODUCTION)
-    timing = interleaved(shape, f"{run_dir}/production", steps=[1], rounds=args.production_rounds)
-    memory = peak_memory(_shape_argv(shape), "production")
-    entry: dict[str, Any] = {
-        "shape": PRODUCTION,
-        "median_step_s_plain": timing["median_step_s_plain"],
-    }
+def _add_memory(
+    entry: dict[str, Any], args: argparse.Namespace, shape: argparse.Namespace, size: str
+) -> None:
+    """Every variant's peak memory (own subprocesses) into `entry`, unless `--no-memory`."""
+    if args.no_memory:
+        return
+    memory = peak_memory(_shape_argv(shape), size)
     for variant in variants()[1:]:
-        entry[variant] = {**timing[variant], **memory[variant]}
-    reference = small.get("4") or next(iter(small.values()))
-    entry["default_cadence"] = {
-        "method": "estimate",
-        "note": "single steps measured A/B are not periods: see _estimated_default",
-        "median_wall_time_ratio": _estimated_default(
-            timing["fully_logged"],
-            {
-                "median_wall_time_ratio": reference["default_cadence"]["median_wall_time_ratio"],
-                "step_s": reference["median_step_s_plain"],
-            },
-            timing["median_step_s_plain"],
-        ),
-        "single_step_ab": timing["default_cadence"],
-        **memory["default_cadence"],
-    }
-    if "guard" in timing:
-        entry["guard"] = timing["guard"]
+        entry[variant] = {**entry[variant], **memory[variant]}
     entry["memory"] = memory["by_variant"]
+
+
+def measure_production(args: argparse.Namespace, run_dir: str) -> dict[str, Any]:
+    """The production-like shape: each step kind A/B, interleaved; the cadences composed."""
+    fields = production_shape(args)
+    shape = _shape(args, **fields)
+    timing = step_kinds_ab(
+        shape, f"{run_dir}/production", rounds=args.production_rounds, names=variants()
+    )
+    entry: dict[str, Any] = {"shape": fields, **timing}
+    _add_memory(entry, args, shape, "production")
     _print_size("production shape", entry)
     return entry
 
@@ -487,6 +683,23 @@ def breakdown(args: argparse.Namespace, run_dir: str) -> dict[str, Any]:
         shape, f"{run_dir}/breakdown", steps=list(range(1, 21)), rounds=args.rounds, names=names
     )
     return {"layers": args.breakdown, "variants": BREAKDOWN, **timing}
+
+
+def breakdown_production(args: argparse.Namespace, run_dir: str) -> dict[str, Any]:
+    """The breakdown at the production-like shape: single-step interleaved A/B rounds."""
+    fields = production_shape(args)
+    names = ["plain", *BREAKDOWN]
+    timing = interleaved(
+        _shape(args, **fields),
+        f"{run_dir}/breakdown_production",
+        steps=[1],
+        rounds=args.production_rounds,
+        names=names,
+    )
+    for name in names[1:]:
+        ratio = timing[name]["median_wall_time_ratio"]
+        print(f"production shape, {name}: {ratio:.4f}x wall", flush=True)
+    return {"shape": fields, "variants": BREAKDOWN, **timing}
 
 
 def _print_size(name: str, entry: dict[str, Any]) -> None:
@@ -514,15 +727,22 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--probe-queries", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=10, help="rounds per small model size")
-    parser.add_argument("--production-rounds", type=int, default=6)
-    parser.add_argument("--no-production", action="store_true", help="skip the 1024 shape")
+    parser.add_argument("--no-small", action="store_true", help="skip the small model sizes")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     parser.add_argument("--probe-repetitions", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a busy CPU)")
-    parser.add_argument(
+    _add_production_flags(parser)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
         "--breakdown",
         type=int,
         metavar="LAYERS",
         help="only the breakdown of a fully logged step at LAYERS layers (its own output file)",
+    )
+    mode.add_argument(
+        "--breakdown-production",
+        action="store_true",
+        help="only the breakdown at the production-like shape (its own output file)",
     )
     parser.add_argument("--memory-child", metavar="VARIANT", help=argparse.SUPPRESS)
     parser.add_argument("--size", default="small", help=argparse.SUPPRESS)
@@ -530,6 +750,20 @@ def _parser() -> argparse.ArgumentParser:
         "--output", default=str(Path(__file__).parent / "results" / "monitor_overhead.json")
     )
     return parser
+
+
+def _add_production_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--production-rounds", type=int, default=6, help="rounds at the production-like shape"
+    )
+    parser.add_argument("--no-production", action="store_true", help="skip the 1024 shape")
+    for name, value in PRODUCTION.items():
+        parser.add_argument(
+            f"--production-{name}",
+            type=int,
+            default=value,
+            help=f"{name} of the production-like shape (default {value})",
+        )
 
 
 def _fast_checksum() -> bool:
@@ -546,13 +780,8 @@ def _setup(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    _setup(args)
-    if args.memory_child:
-        print(json.dumps(memory_child(args, args.memory_child, args.size)))
-        return 0
-    results: dict[str, Any] = {
+def _header(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
+    return {
         "command": " ".join(["python", sys.argv[0], *(argv or sys.argv[1:])]),
         "device": args.device if args.device != "cpu" else f"cpu ({os.cpu_count()} cores)",
         "torch": torch.__version__,
@@ -563,20 +792,35 @@ def main(argv: list[str] | None = None) -> int:
         "variants": variants(),
         "model": {k: getattr(args, k) for k in ("hidden", "heads", "groups", "seq", "batch")},
     }
-    if args.breakdown:
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _setup(args)
+    if args.memory_child:
+        print(json.dumps(memory_child(args, args.memory_child, args.size)))
+        return 0
+    results = _header(args, argv)
+    if args.breakdown or args.breakdown_production:
         with tempfile.TemporaryDirectory() as run_dir:
-            results["breakdown"] = breakdown(args, run_dir)
+            if args.breakdown:
+                results["breakdown"] = breakdown(args, run_dir)
+            else:
+                results["breakdown_production"] = breakdown_production(args, run_dir)
         return _write(results, args.output)
     results["probe"] = {
         "training_model": probe_cost(args, args.probe_repetitions),
-        "production_shape": probe_cost(_shape(args, **PRODUCTION), args.probe_repetitions),
+        "production_shape": probe_cost(
+            _shape(args, **production_shape(args)), args.probe_repetitions
+        ),
     }
     for name, probe in results["probe"].items():
         print(f"probe / attention forward ({name}): {probe['ratio']:.4f}", flush=True)
     with tempfile.TemporaryDirectory() as run_dir:
-        results["by_layers"] = measure_small(args, run_dir)
+        if not args.no_small:
+            results["by_layers"] = measure_small(args, run_dir)
         if not args.no_production:
-            results["production_shape"] = measure_production(args, run_dir, results["by_layers"])
+            results["production_shape"] = measure_production(args, run_dir)
     return _write(results, args.output)
 
 
