@@ -446,8 +446,6 @@ def _field_types(cls: type) -> dict[str, Any]:
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """Check `value` against a field annotation (bool, int, float, str, optional, section)."""
-    if annotation in _SECTIONS:
-        return _build(annotation, value, key + ".")
     options = typing.get_args(annotation)
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         if value is None and type(None) in options:
@@ -471,7 +469,10 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     raise MonitorConfigError(f"monitor config key {key!r}: expected {name}, got {shown}.")
 
 
-def _build(cls: type, data: Any, prefix: str) -> Any:
+def _build(cls: type, data: Any, prefix: str, base: Any = None) -> Any:
+    """`cls` from a mapping: the keys it gives over `base` (default `cls()`), so that a section
+    given in part keeps ITS OWN defaults for the rest (e.g. `loss_spike`'s window 1024, not the
+    generic `DetectorConfig`'s)."""
     if isinstance(data, cls):
         return data
     if not isinstance(data, dict):
@@ -487,9 +488,15 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
             f"unknown monitor config key {(prefix + unknown[0])[:100]!r}; allowed keys here: "
             f"{', '.join(sorted(hints))}."
         )
-    values = {key: _coerce(value, hints[key], prefix + key) for key, value in data.items()}
+    base = cls() if base is None else base
+    values = {
+        key: _build(hints[key], value, f"{prefix}{key}.", getattr(base, key))
+        if hints[key] in _SECTIONS
+        else _coerce(value, hints[key], prefix + key)
+        for key, value in data.items()
+    }
     try:
-        return cls(**values)
+        return dataclasses.replace(base, **values)
     except MonitorConfigError:
         raise
     except (TypeError, ValueError) as error:

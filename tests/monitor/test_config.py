@@ -89,3 +89,29 @@ def test_cli_flags(tmp_path: Path) -> None:
         )
     with pytest.raises(MonitorConfigError, match="KEY=VALUE"):
         MonitorConfig.from_cli_args(parser.parse_args(["--monitor-set", "log_interval"]))
+
+
+def test_a_section_given_in_part_keeps_its_own_defaults(tmp_path: Path) -> None:
+    # Each detector has defaults of its own (loss_spike: window 1024, min_history 64); a file that
+    # sets only its action must not fall back to the generic DetectorConfig's (128, 16).
+    path = tmp_path / "monitor.yaml"
+    path.write_text(
+        "detectors:\n"
+        "  loss_spike: {action: alert}\n"
+        "  attention_logit_growth: {action: log}\n"
+        "guard: {z_threshold: 9.0}\n"
+    )
+    config, defaults = MonitorConfig.from_yaml(path), MonitorConfig()
+    loss = config.detectors.loss_spike
+    assert (loss.window, loss.min_history, loss.confirmed_action) == (1024, 64, "skip_step")
+    logit = config.detectors.attention_logit_growth
+    assert (
+        logit.action == "log"
+        and logit.threshold == defaults.detectors.attention_logit_growth.threshold
+    )
+    assert config.detectors.grad_norm_spike == defaults.detectors.grad_norm_spike
+    assert config.guard.z_threshold == 9.0
+    assert config.guard.grad_norm_min_relative_jump == defaults.guard.grad_norm_min_relative_jump
+    shipped = MonitorConfig.from_yaml(Path(__file__).parents[2] / "examples" / "monitor.yaml")
+    assert shipped.detectors.loss_spike.window == defaults.detectors.loss_spike.window
+    assert shipped.detectors.massive_activation.ratio == defaults.detectors.massive_activation.ratio
