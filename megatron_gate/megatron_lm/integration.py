@@ -26,6 +26,7 @@ import torch.distributed as dist
 from megatron_gate.config import GateConfig, GateConfigError
 from megatron_gate.megatron_lm import arguments as gate_args
 from megatron_gate.megatron_lm import monitor_hooks, monitor_lifetime
+from megatron_gate.megatron_lm.flops import GatedLayers, wrap_num_floating_point_operations
 from megatron_gate.megatron_lm.patching import wrap
 from megatron_gate.megatron_lm.pretrain_api import (
     bridge_legacy_call,
@@ -47,6 +48,8 @@ class RunState:
     gate: GateConfig | None = None
     model_built: bool = False
     startup_line: str | None = None
+    gated_layers: GatedLayers | None = None
+    """The built model's gated layers, all ranks together (for the FLOPs count)."""
 
 
 RUN = RunState()
@@ -143,6 +146,10 @@ def check_model(model_chunks: list[Any], optimizer: Any = None, scheduler: Any =
         message = missing_gate_message(report, requested=gate_args.describe_request(args))
         if message is not None:
             raise GateConfigError(message)
+    if report.gated_layers and len(report.granularities) == 1:  # the runner gates with one
+        RUN.gated_layers = GatedLayers(
+            granularity=report.granularities[0], count=len(report.gated_layers)
+        )
     backend = "/".join(report.backends) or None
     sinks = monitor_hooks.attach(args, model_chunks, optimizer, scheduler, backend=backend)
     monitor_lifetime.close_at_exit()
@@ -172,4 +179,9 @@ def enable_megatron_gate() -> None:
     wrap([megatron_training, training], "pretrain", _wrap_pretrain)
     wrap([training], "setup_model_and_optimizer", _wrap_setup_model_and_optimizer)
     wrap([training], "train", monitor_lifetime.wrap_train)
+    wrap(
+        [training],
+        "num_floating_point_operations",
+        lambda original: wrap_num_floating_point_operations(original, lambda: RUN.gated_layers),
+    )
     monitor_hooks.install(training)
