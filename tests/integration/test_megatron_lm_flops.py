@@ -4,6 +4,8 @@ wheel, wrapped as `megatron_gate.run` wraps it), checked against a count by hand
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 
 import pytest
 
@@ -85,8 +87,14 @@ def test_packed_sequences_count_real_tokens() -> None:
 
 
 def test_the_runner_wraps_megatrons_count() -> None:
-    from megatron_gate.megatron_lm.integration import enable_megatron_gate
-    from megatron_gate.megatron_lm.patching import is_wrapped
-
-    enable_megatron_gate()
-    assert is_wrapped(training.num_floating_point_operations)
+    # In a child: the wrapping changes megatron.training for the whole process.
+    code = (
+        "from megatron_gate.megatron_lm import enable_megatron_gate\n"
+        "from megatron_gate.megatron_lm.patching import is_wrapped\n"
+        "from megatron.training import training\n"
+        "enable_megatron_gate()\n"
+        "assert is_wrapped(training.num_floating_point_operations)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
