@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from megatron_gate.config import GateConfig, GateConfigError
 from megatron_gate.megatron_lm import arguments as gate_args
-from megatron_gate.megatron_lm import monitor_hooks, monitor_lifetime
+from megatron_gate.megatron_lm import monitor_hooks, monitor_lifetime, skips
 from megatron_gate.megatron_lm.flops import GatedLayers, wrap_num_floating_point_operations
 from megatron_gate.megatron_lm.patching import wrap
 from megatron_gate.megatron_lm.pretrain_api import (
@@ -157,7 +157,17 @@ def check_model(model_chunks: list[Any], optimizer: Any = None, scheduler: Any =
     RUN.model_built, RUN.startup_line = True, line
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(line, flush=True)
+        print(_skip_line(args, optimizer), flush=True)
     return line
+
+
+def _skip_line(args: argparse.Namespace | None, optimizer: Any) -> str:
+    active = monitor_hooks.ACTIVE
+    return skips.in_charge_line(
+        guard_on=active is not None and active.monitor.guard is not None,
+        threshold=skips.grad_norm_skip_threshold(optimizer),
+        args=args,
+    )
 
 
 def _wrap_setup_model_and_optimizer(original: Any) -> Any:

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_gate.megatron_lm import skips
 from megatron_gate.megatron_lm.patching import wrap
 from megatron_gate.monitor import Decision, MonitorConfig, RollbackRequest, StabilityMonitor
 from megatron_gate.monitor.guarded_step import guarded_inner_step
@@ -362,7 +363,11 @@ def _wrap_train_step(original: Any) -> Any:
             )
         result = original(*args, **kwargs)
         # An fp16 overflow returns before the update; the monitor still sees the step.
-        loop.end()
+        decision = loop.end()
+        # (loss dict, skipped_iter, should_checkpoint, should_exit, ...): a step Megatron did not
+        # apply counts once (`skips.py`); one that exits for a rerun elsewhere is replayed there.
+        if isinstance(result, tuple) and len(result) > 3 and not result[3]:
+            skips.count_once(loop.monitor, decision, megatron_skipped=bool(result[1]))
         return result
 
     return train_step
