@@ -250,7 +250,8 @@ class GatedSelfAttention(SelfAttention):
     def clip_qk(self) -> None:
         """Megatron's qk-clip. With `ng < tp` Megatron expects one max logit per head of the
         rank's whole group, but a rank attends over its own heads only: gather them first."""
-        logits = self.core_attention.current_max_attn_logits
+        # Only Transformer Engine's attention measures them (TE >= 2.9); tests set them.
+        logits = getattr(self.core_attention, "current_max_attn_logits", None)
         if logits is not None and self._groups_shared_by_ranks() > 1:
             self.core_attention.current_max_attn_logits = self._group_max_logits(logits)
         super().clip_qk()

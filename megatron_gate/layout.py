@@ -92,8 +92,8 @@ class QkvLayout:
     def row_factors(self, factors: dict[str, torch.Tensor]) -> torch.Tensor:
         """Per-group factors `{segment: [g]}` -> per-row factors `[g * group_rows]` in fused row
         order; rows of segments not given (gate, padding, ...) get 1."""
-        groups = next(iter(factors.values())).numel()
         reference = next(iter(factors.values()))
+        groups = reference.numel()
         columns = []
         for name, size in self.segment_sizes.items():
             factor = factors.get(name, reference.new_ones(groups))

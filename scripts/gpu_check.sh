@@ -50,12 +50,15 @@ cuda=$("$py" -c "import torch; print(int(torch.cuda.is_available()))")
 "$py" scripts/gpu_check_wheels.py check --list "$list" --wheels "$wheels" \
     $([ "$dry_run" -eq 1 ] || echo --require) || exit 2
 
+# Only the files with gpu-marked tests: the rest of tests/ imports packages the machine lacks.
+mapfile -t gpu_files < <(grep -rl --include='test_*.py' 'mark.gpu' tests | sort)
+[ "${#gpu_files[@]}" -gt 0 ] || fail "no test file has the gpu marker (tests/): check pytest.mark.gpu"
 site=$(mktemp -d "${TMPDIR:-/tmp}/megatron-gate-gpu-check.XXXXXX")
 trap 'rm -rf "$site"' EXIT
 cuda_py="$py scripts/gpu_check_cuda.py"
 steps=(
     "wheels|45|$py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $site $wheels/*.whl"
-    "gpu_tests|75|$py -m pytest -q -p no:cacheprovider -m gpu tests --junitxml $out/gpu_tests.xml -rs"
+    "gpu_tests|75|$py -m pytest -q -p no:cacheprovider -m gpu ${gpu_files[*]} --junitxml $out/gpu_tests.xml -rs"
     "correctness|60|$cuda_py correctness --out $out"
     "guard|60|$cuda_py guard --out $out"
     "gate_bench|120|$cuda_py gate-bench --out $out --repeats 10"
@@ -90,8 +93,6 @@ PY
 "$py" scripts/gpu_check_wheels.py check --list "$list" --wheels "$wheels" --json >"$out/wheels.json"
 # The gpu-marked tests must exist and collect (on a CPU too): a renamed file would otherwise
 # make the GPU run pass with nothing tested.
-mapfile -t gpu_files < <(grep -rl --include='test_*.py' 'mark.gpu' tests | sort)
-[ "${#gpu_files[@]}" -gt 0 ] || fail "no test file has the gpu marker (tests/): check pytest.mark.gpu"
 collected=$("$py" -m pytest -q -p no:cacheprovider --collect-only -m gpu "${gpu_files[@]}" \
     2>/dev/null | grep -c '::' || true)
 [ "$collected" -gt 0 ] || fail "no gpu-marked tests collect (tests/ -m gpu): check the gpu marker"

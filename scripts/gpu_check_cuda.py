@@ -33,12 +33,17 @@ GRANULARITIES = ("headwise", "elementwise")
 
 
 def _setup(device: str) -> None:
-    from megatron_gate.cpu import enable_cpu_runtime
+    """One rank: gloo on a CPU, NCCL on a GPU (no collective then touches the host)."""
+    import torch.distributed as dist
+
     from megatron_gate.distributed import free_port, init_model_parallel, init_process_group
 
     if device == "cpu":
-        enable_cpu_runtime(training_loop=False)
-    init_process_group(0, 1, free_port())
+        init_process_group(0, 1, free_port())
+    else:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        torch.cuda.set_device(0)
+        dist.init_process_group("nccl", rank=0, world_size=1)
     init_model_parallel(tp=1, pp=1)
 
 
