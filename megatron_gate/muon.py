@@ -91,12 +91,13 @@ def _wrap_setup(original: Any) -> Any:
 def install() -> None:
     """Tag gated `linear_qkv` weights with their own segments in Megatron's emerging-optimizer
     set-up (megatron-core >= 0.19; nothing to do on older versions). Idempotent."""
-    from megatron.core import optimizer as megatron_optimizer
-
+    try:
+        from megatron.core import optimizer as megatron_optimizer
+    except ImportError:  # an install without Megatron-Core's optimizers: nothing to tag
+        return
+    needed = ("_get_megatron_emerging_optimizer", "_get_qkv_split_shapes")
+    if not all(hasattr(megatron_optimizer, name) for name in needed):
+        return
     from megatron_gate.megatron_lm.patching import wrap
 
-    if not hasattr(megatron_optimizer, "_get_megatron_emerging_optimizer"):
-        return
-    if not hasattr(megatron_optimizer, "_get_qkv_split_shapes"):
-        return
     wrap([megatron_optimizer], "_get_megatron_emerging_optimizer", _wrap_setup)
