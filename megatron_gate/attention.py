@@ -3,10 +3,13 @@
     q, gate, k, v = split(linear_qkv(norm(x)))       # gate rows fused per query group
     out = linear_proj(attention(q, k, v) * sigmoid(gate))
 
-Only two hooks of `SelfAttention` are overridden: `get_query_key_value_tensors` (derive the gate
-from the fused rows, for either granularity and any TP layout) and `_apply_output_gate` (the fused
-multiply). Megatron's own `forward` calls both because the module's config has
-`attention_output_gate=True`.
+Only two hooks of `SelfAttention` are overridden for the forward: `get_query_key_value_tensors`
+(derive the gate from the fused rows, for either granularity and any TP layout) and
+`_apply_output_gate` (the fused multiply). Megatron's own `forward` calls both because the
+module's config has `attention_output_gate=True`. Two more keep Megatron's weight surgery off the
+gate rows: `_clip_linear_qkv` (qk-clip scales only q and k rows) and, with `ng < tp`, `clip_qk`
+(one max logit per head of the rank's whole group). `linear_qkv.weight.qkv_split_shapes` tells
+Muon the segments (see `megatron_gate.muon`).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import get_pg_rank, get_pg_size
 
-from megatron_gate import frozen_gate_bias
+from megatron_gate import frozen_gate_bias, muon
 from megatron_gate.config import GateConfig, GateConfigError
 from megatron_gate.gate_op import apply_output_gate
 from megatron_gate.layout import build_layout
@@ -115,6 +118,8 @@ class GatedSelfAttention(SelfAttention):
         self.linear_qkv_out_dim = self.qkv_layout.total_rows
         self.gate_observers: list[GateObserver] = []
         self._init_gate_rows()
+        self.linear_qkv.weight.qkv_split_shapes = self.qkv_split_shapes
+        muon.install()
         self.register_load_state_dict_post_hook(frozen_gate_bias.note_loaded_frozen_gate_bias)
 
     # ---------------------------------------------------------------- construction
@@ -165,6 +170,13 @@ class GatedSelfAttention(SelfAttention):
         if not bool(mask.all()):
             self.register_buffer("_bias_grad_mask", mask.to(bias.dtype), persistent=False)
             bias.register_hook(lambda grad: grad * self._bias_grad_mask)
+
+    @property
+    def qkv_split_shapes(self) -> list[int]:
+        """Segments of this rank's `linear_qkv` rows per query group, for Muon's split."""
+        return self.qkv_layout.rank_split_shapes(
+            tp_rank=get_pg_rank(self.pg_collection.tp), tp_size=self.world_size
+        )
 
     # ---------------------------------------------------------------- forward hooks
     def get_query_key_value_tensors(
@@ -233,3 +245,40 @@ class GatedSelfAttention(SelfAttention):
         for observe in self.gate_observers:
             observe(self, gate.detach())
         return apply_output_gate(x, gate, sigmoid_in_fp32=self.gate_config.sigmoid_in_fp32)
+
+    # ---------------------------------------------------------------- qk-clip (MuonClip)
+    def clip_qk(self) -> None:
+        """Megatron's qk-clip. With `ng < tp` Megatron expects one max logit per head of the
+        rank's whole group, but a rank attends over its own heads only: gather them first."""
+        # Only Transformer Engine's attention measures them (TE >= 2.9); tests set them.
+        logits = getattr(self.core_attention, "current_max_attn_logits", None)
+        if logits is not None and self._groups_shared_by_ranks() > 1:
+            self.core_attention.current_max_attn_logits = self._group_max_logits(logits)
+        super().clip_qk()
+
+    def _group_max_logits(self, own: torch.Tensor) -> torch.Tensor:
+        """`[np / tp]` max logits of this rank's heads -> `[hpg]` of its whole query group."""
+        group = self.pg_collection.tp
+        gathered = [torch.empty_like(own) for _ in range(get_pg_size(group))]
+        torch.distributed.all_gather(gathered, own.contiguous(), group=group)
+        # TP ranks hold consecutive heads: [tp, np / tp] -> [np] -> this group's [hpg]
+        heads = torch.cat(gathered)
+        hpg = self.qkv_layout.heads_per_group
+        first = (get_pg_rank(group) // self._groups_shared_by_ranks()) * hpg
+        return heads[first : first + hpg]
+
+    def _clip_linear_qkv(self, weight: torch.Tensor) -> torch.Tensor:
+        """This rank's `linear_qkv` rows with q rows scaled by `eta ** alpha` and k rows by
+        `eta ** (1 - alpha)` of their group; gate, padding and v rows unchanged."""
+        # Megatron's clip_qk sets eta [ng_local, 1, 1] (ng_local = 1 when ng < tp)
+        eta = self.qk_clip_balancing_eta.reshape(-1).float()
+        alpha = self.config.qk_clip_alpha
+        # [ng_local * group_rows]
+        factors = self.qkv_layout.row_factors({"query": eta**alpha, "key": eta ** (1 - alpha)})
+        ranks_per_group = self._groups_shared_by_ranks()
+        if ranks_per_group > 1:  # a rank holds one contiguous share of its group's rows
+            share = factors.numel() // ranks_per_group
+            start = (get_pg_rank(self.pg_collection.tp) % ranks_per_group) * share
+            factors = factors[start : start + share]
+        # [rows, h] * [rows, 1], in fp32 like Megatron's in-place multiply by an fp32 eta
+        return (weight * factors.to(weight.device).unsqueeze(-1)).to(weight.dtype)

@@ -61,6 +61,47 @@ class QkvLayout:
         """Rows of the whole fused weight (all ranks together)."""
         return self.num_query_groups * self.group_rows
 
+    @property
+    def qkv_split_shapes(self) -> list[int]:
+        """Rows of each non-empty segment of one query group, in order: `[q, gate, (padding,) k,
+        v]`. Megatron's emerging optimizers (Muon) read this as a parameter's `qkv_split_shapes`
+        and orthogonalize every segment on its own, so gate rows never mix with query rows and
+        FP8 padding (all zero) stays a zero segment of its own."""
+        return [size for size in self.segment_sizes.values() if size]
+
+    def rank_split_shapes(self, *, tp_rank: int, tp_size: int) -> list[int]:
+        """`qkv_split_shapes` of one TP rank's rows (a plain row split of the fused weight).
+
+        With `ng >= tp` a rank holds whole groups: the per-group shapes. With `ng < tp` a rank
+        holds one contiguous share of one group, which cuts segments: the pieces of each
+        segment that fall into that share (so ranks of one group differ).
+        """
+        ranks_per_group = max(1, tp_size // self.num_query_groups)
+        if ranks_per_group == 1:
+            return self.qkv_split_shapes
+        share = self.group_rows // ranks_per_group
+        start = (tp_rank % ranks_per_group) * share
+        shapes, offset = [], 0
+        for size in self.segment_sizes.values():
+            overlap = min(offset + size, start + share) - max(offset, start)
+            if overlap > 0:
+                shapes.append(overlap)
+            offset += size
+        return shapes
+
+    def row_factors(self, factors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-group factors `{segment: [g]}` -> per-row factors `[g * group_rows]` in fused row
+        order; rows of segments not given (gate, padding, ...) get 1."""
+        reference = next(iter(factors.values()))
+        groups = reference.numel()
+        columns = []
+        for name, size in self.segment_sizes.items():
+            factor = factors.get(name, reference.new_ones(groups))
+            # [g] -> [g, rows of this segment]
+            columns.append(factor.reshape(groups, 1).expand(groups, size))
+        # [g, group_rows] -> [g * group_rows]
+        return torch.cat(columns, dim=1).reshape(-1)
+
     def split_groups(self, mixed: torch.Tensor, dim: int = -1) -> dict[str, torch.Tensor]:
         """Split `[..., g * group_rows, ...]` (along `dim`) into per-segment views `[..., g, rows]`.
 

@@ -5,6 +5,8 @@
     --stability-config monitor.yaml            stability monitor config (= --monitor-config)
     --stability-dir DIR                        where stability.jsonl goes (<--save>/stability)
     --monitor-set KEY=VALUE, --no-monitor      the monitor's own flags
+    --grad-norm-skip-threshold X               Megatron-Core's OptimizerConfig field, which
+                                               Megatron-LM 0.19 has no flag for
 
 `add_megatron_gate_args(parser)` is an `extra_args_provider` (Megatron passes the parser and
 uses what it returns); `chain_args_providers` puts it in front of a script's own provider.
@@ -66,6 +68,16 @@ def add_megatron_gate_args(parser: argparse.ArgumentParser) -> argparse.Argument
         help="Give the gate rows a trainable bias (off by default).",
     )
     _add_monitor_args(parser)
+    if "--grad-norm-skip-threshold" not in parser._option_string_actions:
+        # Megatron-LM builds its OptimizerConfig from the args of the same names.
+        group.add_argument(
+            "--grad-norm-skip-threshold",
+            type=float,
+            default=float("inf"),
+            metavar="X",
+            help="Megatron-Core skips the step when the global grad norm exceeds X (default: "
+            "off). Counted once with the stability guard's skips (docs/megatron-lm.md).",
+        )
     return parser
 
 

@@ -26,7 +26,8 @@ import torch.distributed as dist
 
 from megatron_gate.config import GateConfig, GateConfigError
 from megatron_gate.megatron_lm import arguments as gate_args
-from megatron_gate.megatron_lm import monitor_hooks, monitor_lifetime
+from megatron_gate.megatron_lm import monitor_hooks, monitor_lifetime, skips
+from megatron_gate.megatron_lm.flops import GatedLayers, wrap_num_floating_point_operations
 from megatron_gate.megatron_lm.patching import wrap
 from megatron_gate.megatron_lm.pretrain_api import (
     bridge_legacy_call,
@@ -49,6 +50,8 @@ class RunState:
     model_built: bool = False
     startup_line: str | None = None
     nan_check_notice_shown: bool = False
+    gated_layers: GatedLayers | None = None
+    """The built model's gated layers, all ranks together (for the FLOPs count)."""
 
 
 RUN = RunState()
@@ -167,6 +170,10 @@ def check_model(model_chunks: list[Any], optimizer: Any = None, scheduler: Any =
         message = missing_gate_message(report, requested=gate_args.describe_request(args))
         if message is not None:
             raise GateConfigError(message)
+    if report.gated_layers and len(report.granularities) == 1:  # the runner gates with one
+        RUN.gated_layers = GatedLayers(
+            granularity=report.granularities[0], count=len(report.gated_layers)
+        )
     backend = "/".join(report.backends) or None
     sinks = monitor_hooks.attach(args, model_chunks, optimizer, scheduler, backend=backend)
     monitor_lifetime.close_at_exit()
@@ -174,7 +181,17 @@ def check_model(model_chunks: list[Any], optimizer: Any = None, scheduler: Any =
     RUN.model_built, RUN.startup_line = True, line
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(line, flush=True)
+        print(_skip_line(args, optimizer), flush=True)
     return line
+
+
+def _skip_line(args: argparse.Namespace | None, optimizer: Any) -> str:
+    active = monitor_hooks.ACTIVE
+    return skips.in_charge_line(
+        guard_on=active is not None and active.monitor.guard is not None,
+        threshold=skips.grad_norm_skip_threshold(optimizer),
+        args=args,
+    )
 
 
 def _wrap_setup_model_and_optimizer(original: Any) -> Any:
@@ -196,4 +213,9 @@ def enable_megatron_gate() -> None:
     wrap([megatron_training, training], "pretrain", _wrap_pretrain)
     wrap([training], "setup_model_and_optimizer", _wrap_setup_model_and_optimizer)
     wrap([training], "train", monitor_lifetime.wrap_train)
+    wrap(
+        [training],
+        "num_floating_point_operations",
+        lambda original: wrap_num_floating_point_operations(original, lambda: RUN.gated_layers),
+    )
     monitor_hooks.install(training)

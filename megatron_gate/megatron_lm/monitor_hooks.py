@@ -37,6 +37,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_gate.megatron_lm import skips
 from megatron_gate.megatron_lm.patching import wrap
 from megatron_gate.megatron_lm.step_recompute import StepReplay, values
 from megatron_gate.monitor import Decision, MonitorConfig, RollbackRequest, StabilityMonitor
@@ -405,7 +406,11 @@ def _wrap_train_step(original: Any) -> Any:
         if decision is not None and decision.recompute:  # rejected, nothing applied: again
             loop.start_recompute()
             result = original(*args, **kwargs)
-            loop.end()
+            decision = loop.end()
+        # (loss dict, skipped_iter, should_checkpoint, should_exit, ...): a step Megatron did not
+        # apply counts once (`skips.py`); one that exits for a rerun elsewhere is replayed there.
+        if isinstance(result, tuple) and len(result) > 3 and not result[3]:
+            skips.count_once(loop.monitor, decision, megatron_skipped=bool(result[1]))
         return result
 
     return train_step
