@@ -33,7 +33,7 @@ HIDDEN, HEADS, GROUPS, SEQ, BATCH, VOCAB = 64, 4, 2, 128, 2, 256
 
 
 class Bench:
-    """A model, its optimizer, one fixed batch, and a monitor per arm."""
+    """A model, its optimizer, random batches, and a monitor per arm."""
 
     def __init__(self, layers: int, run_dir: str) -> None:
         from megatron_gate.demo.tiny_gpt import build_gpt, causal_mask, position_ids, tiny_config
@@ -45,9 +45,9 @@ class Bench:
         spec = gated_gpt_layer_spec(granularity="headwise", backend="local")
         self.model = build_gpt(config, spec, vocab_size=VOCAB, max_sequence_length=SEQ)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
-        generator = torch.Generator().manual_seed(1)
-        self.tokens = torch.randint(0, VOCAB, (BATCH, SEQ), generator=generator)
-        self.labels = torch.roll(self.tokens, -1, dims=1)
+        # A fresh random batch every step: a run that memorises one fixed batch is not healthy
+        # (its grad norm leaps as the loss collapses, and the guard rightly rejects steps).
+        self.generator = torch.Generator().manual_seed(1)
         self.positions, self.mask = position_ids(BATCH, SEQ), causal_mask(SEQ)
         self.monitors = {arm: self._monitor(f"{run_dir}/{arm}_{layers}", arm == "on")
                          for arm in ("off", "on")}  # fmt: skip
@@ -70,7 +70,9 @@ class Bench:
         monitor.start_step(step)
         if on:
             RandomState.take()  # what the plain loop keeps for a recompute
-        loss = self.model(self.tokens, self.positions, self.mask, labels=self.labels).mean()
+        tokens = torch.randint(0, VOCAB, (BATCH, SEQ), generator=self.generator)
+        labels = torch.roll(tokens, -1, dims=1)
+        loss = self.model(tokens, self.positions, self.mask, labels=labels).mean()
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1e9)
         decision = monitor.end_step(step, loss=loss.detach(), grad_norm=grad_norm, recompute=on)
