@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from regime_search import bootstrap_ci
+from regime_points import bootstrap_ci
 
 from megatron_gate.demo.report import RunLog, load_run, markdown_table
 
