@@ -316,9 +316,12 @@ class DivergenceForecast:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict` returned."""
-        for trend, key in ((self.loss, "loss"), (self.grad, "grad")):
+        for trend, key in ((self.loss, "loss"), (self.grad, "grad")):  # replace, never append
+            trend.points.clear()
             trend.points.extend(tuple(point) for point in state.get(key, []))
+            trend.history.clear()
             trend.history.extend(state.get(f"{key}_history", []))
+        self.layers.series.clear()
         for signal, layer, series in state.get("layers", []):
             self.layers.series[(signal, int(layer))] = deque(
                 (tuple(point) for point in series), maxlen=self.config.window)  # fmt: skip

@@ -168,3 +168,19 @@ def test_forecast_lr_backoff_in_a_real_loop(one_rank_world: None, tmp_path: Path
     events = [r for r in read_records(tmp_path) if r["kind"] == "event"
               and r["detector"] == "divergence_forecast"]  # fmt: skip
     assert events[0]["action"] == "lr_backoff" and events[0]["episode"]["kind"] == "forecast"
+
+
+def test_loading_a_state_replaces_what_the_detector_saw_since() -> None:
+    # A rollback loads an older state into a detector that has run on: the windows are the saved
+    # ones, not the saved ones appended to the newer ones.
+    from megatron_gate.monitor.config import DetectorsConfig
+    from megatron_gate.monitor.forecast import DivergenceForecast
+
+    detector = DivergenceForecast(DetectorsConfig().divergence_forecast)
+    for step in range(1, 5):
+        detector.observe(step, {"loss": 3.0 - 0.1 * step, "grad_norm": 1.0}, None)
+    saved = detector.state_dict()
+    for step in range(5, 9):
+        detector.observe(step, {"loss": 3.0 - 0.1 * step, "grad_norm": 1.0}, None)
+    detector.load_state_dict(saved)
+    assert detector.state_dict() == saved
