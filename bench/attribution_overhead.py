@@ -2,9 +2,9 @@
 
     .venv/bin/python bench/attribution_overhead.py    # writes bench/results/attribution_overhead.json
 
-Run it on a quiet machine. One process, one headwise-gated GPT (hidden 64, 4 heads, seq 128,
-batch 2) and AdamW, the monitor's default cadence with the host guard (the CPU default, the
-path where a recompute is offered). Both arms run the plain loop's step (`monitor/loops.py`):
+Run it on a quiet machine. One process; each arm has its own headwise-gated GPT (hidden 64,
+4 heads, seq 128, batch 2), AdamW and batches, built from the same seed; the monitor's default
+cadence with the host guard (the CPU default, the path where a recompute is offered). Both arms run the plain loop's step (`monitor/loops.py`):
 forward, backward, `end_step`, `step_optimizer`; the "on" arm also keeps the host's random state
 and offers the recompute (`end_step(recompute=True)`: a reference snapshot of the guard's
 state). No step is rejected (asserted), so nothing is ever recomputed. Blocks of whole cadence
@@ -32,10 +32,11 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 HIDDEN, HEADS, GROUPS, SEQ, BATCH, VOCAB = 64, 4, 2, 128, 2, 256
 
 
-class Bench:
-    """A model, its optimizer, random batches, and a monitor per arm."""
+class Arm:
+    """One arm of the A/B: its own model, optimizer, batches and monitor. The two arms start
+    from the same seed, so they run the same computation; only the monitor's option differs."""
 
-    def __init__(self, layers: int, run_dir: str) -> None:
+    def __init__(self, layers: int, run_dir: str, *, recompute: bool) -> None:
         from megatron_gate.demo.tiny_gpt import build_gpt, causal_mask, position_ids, tiny_config
         from megatron_gate.spec import gated_gpt_layer_spec
 
@@ -49,62 +50,64 @@ class Bench:
         # (its grad norm leaps as the loss collapses, and the guard rightly rejects steps).
         self.generator = torch.Generator().manual_seed(1)
         self.positions, self.mask = position_ids(BATCH, SEQ), causal_mask(SEQ)
-        self.monitors = {arm: self._monitor(f"{run_dir}/{arm}_{layers}", arm == "on")
-                         for arm in ("off", "on")}  # fmt: skip
+        self.recompute = recompute
+        self.monitor = self._monitor(run_dir)
         self.step_index = 0
 
-    def _monitor(self, run_dir: str, recompute: bool) -> Any:
+    def _monitor(self, run_dir: str) -> Any:
         from megatron_gate.monitor import MonitorConfig, StabilityMonitor
 
         config = MonitorConfig.from_dict({
             "sinks": {"console": False, "tensorboard": False},
-            "guard": {"skip_mode": "host", "recompute_rejected": recompute},
+            "guard": {"skip_mode": "host", "recompute_rejected": self.recompute},
         })  # fmt: skip
         return StabilityMonitor(config, models=[self.model], run_dir=run_dir,
                                 optimizer=self.optimizer)  # fmt: skip
 
-    def step(self, arm: str) -> None:
+    def step(self) -> None:
         from megatron_gate.monitor.attribution import RandomState
 
-        monitor, step, on = self.monitors[arm], self.step_index, arm == "on"
+        monitor, step = self.monitor, self.step_index
         monitor.start_step(step)
-        if on:
+        if self.recompute:
             RandomState.take()  # what the plain loop keeps for a recompute
         tokens = torch.randint(0, VOCAB, (BATCH, SEQ), generator=self.generator)
         labels = torch.roll(tokens, -1, dims=1)
         loss = self.model(tokens, self.positions, self.mask, labels=labels).mean()
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1e9)
-        decision = monitor.end_step(step, loss=loss.detach(), grad_norm=grad_norm, recompute=on)
+        decision = monitor.end_step(step, loss=loss.detach(), grad_norm=grad_norm,
+                                    recompute=self.recompute)  # fmt: skip
         assert not decision.recompute, "a healthy run rejected a step"
         monitor.step_optimizer(self.optimizer, decision)
         self.optimizer.zero_grad(set_to_none=True)
         self.step_index += 1
 
-    def block(self, arm: str, steps: int) -> tuple[float, float]:
-        self.step_index = 0
+    def block(self, steps: int) -> tuple[float, float]:
+        """`steps` steps from where this arm stopped; wall and process CPU seconds."""
         wall, cpu = time.perf_counter(), time.process_time()
         for _ in range(steps):
-            self.step(arm)
-        self.monitors[arm].sinks.wait()
+            self.step()
+        self.monitor.sinks.wait()
         return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def whole_steps(layers: int, repetitions: int, run_dir: str) -> dict[str, Any]:
-    """Recompute offered vs not, whole cadence periods, ABBA."""
-    bench = Bench(layers, run_dir)
-    steps = bench.monitors["on"].config.layer_interval
-    for arm in ("off", "on"):
-        bench.block(arm, 3)  # warm-up
+    """Recompute offered vs not, one model per arm, whole cadence periods, ABBA."""
+    arms = {arm: Arm(layers, f"{run_dir}/{arm}_{layers}", recompute=arm == "on")
+            for arm in ("off", "on")}  # fmt: skip
+    steps = arms["on"].monitor.config.layer_interval
+    for arm in arms.values():
+        arm.block(steps)  # warm-up: one whole period, so both arms stay on the same step kinds
     wall, cpu = [], []
     for repetition in range(repetitions):
         order = ("off", "on") if repetition % 2 else ("on", "off")
-        times = {arm: bench.block(arm, steps) for arm in order}
+        times = {name: arms[name].block(steps) for name in order}
         wall.append(times["on"][0] / times["off"][0])
         cpu.append(times["on"][1] / times["off"][1])
-    for monitor in bench.monitors.values():
-        monitor.close()
-    return {"block_steps": steps, "repetitions": repetitions,
+    for arm in arms.values():
+        arm.monitor.close()
+    return {"block_steps": steps, "repetitions": repetitions, "models": "one per arm",
             "median_wall_time_ratio": statistics.median(wall),
             "median_cpu_time_ratio": statistics.median(cpu), "wall_time_ratios": wall}  # fmt: skip
 
