@@ -136,9 +136,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--repetitions", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a busy CPU)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results"
                         / "attribution_overhead.json")  # fmt: skip
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     from megatron_gate.distributed import free_port, init_model_parallel, init_process_group
 
     init_process_group(0, 1, free_port())
