@@ -213,6 +213,7 @@ def plan() -> list[Setting]:
                 split=tune, seed=1),
         Setting(layers=3, hidden=48, lr=0.2, variant="gated_headwise", split=held, seed=6),
         *second_plan(),
+        *grid_plan(),
     ]  # fmt: skip
 
 
@@ -242,6 +243,32 @@ def second_plan() -> list[Setting]:
         Setting(layers=2, hidden=96, lr=0.2, schedule="jump", jump=6.0, split=held, seed=27),
         Setting(layers=2, hidden=48, lr=0.5, schedule="wd0", split=held, seed=33),
     ]  # fmt: skip
+
+
+GRID_SCHEDULES: tuple[dict[str, Any], ...] = (
+    {"schedule": "ramp", "lr": 1.0, "steps": 200}, {"schedule": "ramp", "lr": 2.0, "steps": 200},
+    {"schedule": "jump", "lr": 0.2, "jump": 4.0, "steps": 200},
+    {"schedule": "constant", "lr": 0.5}, {"schedule": "constant", "lr": 1.0},
+    {"schedule": "cosine", "lr": 0.8}, {"schedule": "short_warmup", "lr": 0.8},
+    {"schedule": "wd0", "lr": 0.6},
+)  # fmt: skip
+"""The grid's settings, from below to past the edge: every one on every size of both splits."""
+GRID_SIZES = {"tune": ((2, 32), (2, 32)), "heldout": ((2, 48), (2, 96), (4, 32))}
+"""Tune: 2 x 32 twice (two seeds); held out: other sizes."""
+
+
+def grid_plan() -> list[Setting]:
+    """Every `GRID_SCHEDULES` setting on every `GRID_SIZES` size, 300 steps unless given (more
+    healthy steps near the edge for the false-warning rate); baseline and headwise-gated
+    alternate, so each setting gets both variants across sizes. Seeds 100 on, one per run."""
+    runs = []
+    for index, changes in enumerate(GRID_SCHEDULES):
+        for split, sizes in GRID_SIZES.items():
+            for offset, (layers, hidden) in enumerate(sizes):
+                variant = ("baseline", "gated_headwise")[(index + offset) % 2]
+                runs.append(Setting(layers=layers, hidden=hidden, variant=variant, split=split,
+                                    seed=100 + len(runs), **{"steps": 300, **changes}))  # fmt: skip
+    return runs
 
 
 def one_process_world() -> None:
