@@ -90,6 +90,9 @@ class ForecastConfig(DetectorConfig):
     """t-statistic of the fitted slope above which a signal is rising."""
     loss_rise: float = 0.1
     """The smoothed loss must be this fraction above its best."""
+    update_per_lr: bool = True
+    """Per-layer update norms divided by the step's learning rate (when the step has one): a
+    schedule's warm-up, ramp or jump alone is not growth."""
     grad_rise: float = 1.0
     """The grad norm must be this fraction above its median of the last `window` values."""
     layer_points: int = 4
