@@ -267,8 +267,10 @@ def backoff_runs(traces: list[dict[str, Any]], done: list[dict[str, Any]]) -> li
 # ---------------------------------------------------------------------- tuning (tune split only)
 TUNE_GRID: dict[str, tuple] = {
     "loss_rise": (0.05, 0.1, 0.2),
-    "min_t": (2.0, 3.0, 4.0),
-    "confirm": (2, 3, 5),
+    "confirm": (3, 5),
+    "layer_ratio": (2.0, 4.0),
+    "min_layer_signals": (2, 3),
+    "update_per_lr": (False, True),
 }
 
 
