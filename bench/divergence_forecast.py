@@ -269,8 +269,8 @@ TUNE_GRID: dict[str, tuple] = {
     "loss_rise": (0.05, 0.1, 0.2),
     "confirm": (3, 5),
     "layer_ratio": (2.0, 4.0),
-    "min_layer_signals": (2, 3),
-    "update_per_lr": (False, True),
+    "min_layer_signals": (2, 3, 4),
+    "layer_points": (4, 6),
 }
 
 

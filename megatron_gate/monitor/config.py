@@ -90,9 +90,6 @@ class ForecastConfig(DetectorConfig):
     """t-statistic of the fitted slope above which a signal is rising."""
     loss_rise: float = 0.1
     """The smoothed loss must be this fraction above its best."""
-    update_per_lr: bool = True
-    """Per-layer update norms divided by the step's learning rate (when the step has one): a
-    schedule's warm-up, ramp or jump alone is not growth."""
     grad_rise: float = 1.0
     """The grad norm must be this fraction above its median of the last `window` values."""
     layer_points: int = 4
@@ -101,9 +98,11 @@ class ForecastConfig(DetectorConfig):
     """Per-layer growth (log units per step) above which a layer's statistic is growing."""
     layer_ratio: float = 2.0
     """... and it must be this many times its own median (of the values before the fit)."""
-    min_layer_signals: int = 2
+    min_layer_signals: int = 3
     """Growing per-layer statistics (different ones) that, with the loss above its best, are
-    evidence enough while the loss is not (yet) rising."""
+    evidence enough while the loss is not (yet) rising. 3: max attention logit and max |h| grow
+    together whenever the weights grow (the logit is a product of projections of h), so two of
+    them are one piece of evidence; healthy runs at high learning rates show that pair."""
     confirm: int = 3
     """Consecutive values the rule must hold before the episode opens."""
     release: int = 20

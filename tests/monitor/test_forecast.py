@@ -106,33 +106,26 @@ def test_growing_layer_statistic_is_evidence_and_named() -> None:
     assert "layer 2 max_attention_logit" in opened.message and "grad_norm" not in opened.message
 
 
-def _update_norms_with_lr(*, per_lr_growth: float) -> tuple[list, dict]:
-    """A rising loss with a flat grad norm; from ONSET the learning rate grows by 3%/step and the
-    layers' update norms grow with it, times `per_lr_growth` per step on top."""
-    rows, layers_at = [], {}
-    for step, scalars in curve(400, seed=7, onset=ONSET):
-        after = max(0, step - ONSET)
-        rate = 1e-3 * math.exp(0.03 * after)
-        rows.append((step, {**scalars, "grad_norm": 0.5, "learning_rate": rate}))
-        if step % 10 == 0:
-            update = 100 * rate * math.exp(per_lr_growth * after)
-            layers_at[step] = {"update_norm": [update, update]}
-    return rows, layers_at
-
-
-def test_update_norm_growing_with_the_learning_rate_is_no_evidence() -> None:
-    rows, layers_at = _update_norms_with_lr(per_lr_growth=0.0)
-    assert feed(DivergenceForecast(ForecastConfig()), rows, layers_at) == []
-    raw = feed(DivergenceForecast(ForecastConfig(update_per_lr=False)), rows, layers_at)
-    [opened] = [e for e in raw if e.phase == "open"]
-    assert "layer 1,2 update_norm " in opened.message
-
-
-def test_update_norm_per_lr_growing_is_evidence_and_named() -> None:
-    rows, layers_at = _update_norms_with_lr(per_lr_growth=0.03)
+@pytest.mark.parametrize("growing", [2, 3])
+def test_layers_alone_need_three_growing_statistics(growing: int) -> None:
+    """The loss settles 20% above its best (high, not rising) and from step 250 `growing` layer
+    statistics run away: the max attention logit and max |h| together (one piece of evidence)
+    are not enough, a third (the layers' update norm) is."""
+    rng = random.Random(8)
+    rows = [(step, {"loss": (2.0 if step < 150 else 2.4) * math.exp(rng.gauss(0, 0.03)),
+                    "grad_norm": 0.5}) for step in range(1, 401)]  # fmt: skip
+    names = ("max_attention_logit", "max_abs_residual", "update_norm")[:growing]
+    layers_at = {
+        step: {name: [10.0, 10.0 * math.exp(0.03 * max(0, step - 250))] for name in names}
+        for step in range(10, 401, 10)
+    }
     events = feed(DivergenceForecast(ForecastConfig()), rows, layers_at)
-    [opened] = [e for e in events if e.phase == "open"]
-    assert "layer 1,2 update_norm/lr " in opened.message
+    opened = [e for e in events if e.phase == "open"]
+    if growing == 2:
+        assert opened == []
+    else:
+        assert len(opened) == 1 and 250 < opened[0].step < 320
+        assert all(f"layer 2 {name}" in opened[0].message for name in names)
 
 
 def test_state_dict_resumes_mid_episode() -> None:
