@@ -38,8 +38,8 @@ sys.path.insert(0, str(HERE))
 RESULTS = HERE / "results" / "divergence_forecast.json"
 REAL_TRACE_DIRS = (HERE / "data" / "real_traces", Path("/work/shared/real_traces"))
 MAX_LEAD = 250
-EVIDENCE = re.compile(r"([a-z_/]+) [0-9.]+x")
-"""An evidence item of a forecast's message: `<signal> <ratio>x`."""
+EVIDENCE = re.compile(r"([a-z_]+) [0-9]+\.[0-9]+x, ")
+"""An evidence item of a forecast's message: `<signal> <ratio>x, <growth>%/step`."""
 
 
 # ---------------------------------------------------------------------- running the detector
@@ -326,7 +326,13 @@ def run_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+PREVIOUS_DEFAULTS = {"min_layer_signals": 2}
+"""The constants before the enlarged benchmark (for the before/after rows)."""
+
+
 def evaluate(*, with_tuning: bool) -> dict[str, Any]:
+    from megatron_gate.monitor.config import ForecastConfig
+
     traces = load_traces()
     rows = score_traces(traces)
     loss_grad = score_traces(traces, with_layers=False)
@@ -335,6 +341,10 @@ def evaluate(*, with_tuning: bool) -> dict[str, Any]:
         summaries[f"{split} (all signals)"] = summarise([r for r in rows if r["split"] == split])
         summaries[f"{split} (loss + grad norm only)"] = summarise(
             [r for r in loss_grad if r["split"] == split])  # fmt: skip
+    previous = score_traces(traces, ForecastConfig(**PREVIOUS_DEFAULTS))
+    for split in ("heldout", "tune"):
+        summaries[f"{split} (all signals), previous defaults"] = summarise(
+            [r for r in previous if r["split"] == split])  # fmt: skip
     result: dict[str, Any] = {"summaries": summaries, "runs": rows, "by_schedule": {
                                   split: by_schedule([r for r in rows if r["split"] == split])
                                   for split in ("heldout", "tune")},
