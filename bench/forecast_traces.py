@@ -189,9 +189,9 @@ def trace(setting: Setting) -> dict[str, Any]:
 def plan() -> list[Setting]:
     """The traced runs, tune and held-out interleaved (an interrupted generation keeps both).
 
-    Tune: 2 layers x hidden 32. Held out: 3 x 48 and 2 x 64, other learning rates. The edge of
-    stability of 2 x 32 (a geometric LR ramp diverged at lr ~0.7) placed the learning rates.
-    160 steps each (the first ramp: 300): a step costs ~0.5 CPU s on the shared machine.
+    Tune: 2 layers x hidden 32. Held out: 3 x 48, 2 x 64, 2 x 48, 2 x 96 and 4 x 32, other
+    seeds. The edge of stability of 2 x 32 (a geometric LR ramp diverged at lr ~0.7) placed the
+    learning rates. 160-300 steps each: a step costs 0.05-0.5 CPU s on the shared machine.
     """
     tune, held = "tune", "heldout"
     return [
