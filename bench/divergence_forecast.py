@@ -244,22 +244,27 @@ def score_real(runs: list[dict[str, Any]], config: Any = None) -> list[dict[str,
 # ---------------------------------------------------------------------- live lr_backoff reruns
 def backoff_runs(traces: list[dict[str, Any]], done: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Train every diverging held-out setting again with the forecast's `lr_backoff` on (the
-    runs in `done`, earlier results, are kept)."""
+    runs in `done`, earlier results, are kept when the forecast's defaults are the same)."""
+    import dataclasses
+
     from forecast_traces import Setting, train  # noqa: PLC0415
 
-    rows = list(done)
+    from megatron_gate.monitor.config import ForecastConfig
+
+    defaults = dataclasses.asdict(ForecastConfig())
+    rows = [row for row in done if row.get("forecast") == defaults]
     for trace in traces:
         setting = Setting(**trace["setting"])
         if label(trace) is None or setting.split != "heldout":
             continue
-        if any(row["name"] == setting.name for row in done):
+        if any(row["name"] == setting.name for row in rows):
             continue
         with tempfile.TemporaryDirectory(prefix="forecast-backoff-") as tmp:
             outcome = train(setting, Path(tmp), forecast_action="lr_backoff")
         rows.append({"name": setting.name, "diverged_without": label(trace),
                      "diverged_with": outcome["divergence_step"],
                      "saved": outcome["divergence_step"] is None,
-                     "backoff_steps": outcome["lr_backoff_steps"]})  # fmt: skip
+                     "backoff_steps": outcome["lr_backoff_steps"], "forecast": defaults})  # fmt: skip
         print(f"{setting.name}: {rows[-1]}", file=sys.stderr, flush=True)
     return rows
 
