@@ -27,6 +27,7 @@ import argparse
 import csv
 import json
 import math
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -37,6 +38,8 @@ sys.path.insert(0, str(HERE))
 RESULTS = HERE / "results" / "divergence_forecast.json"
 REAL_TRACE_DIRS = (HERE / "data" / "real_traces", Path("/work/shared/real_traces"))
 MAX_LEAD = 250
+EVIDENCE = re.compile(r"([a-z_]+) [0-9]+\.[0-9]+x, ")
+"""An evidence item of a forecast's message: `<signal> <ratio>x, <growth>%/step`."""
 
 
 # ---------------------------------------------------------------------- running the detector
@@ -63,6 +66,11 @@ def trace_records(trace: dict[str, Any], *, with_layers: bool = True) -> list[tu
             layers = {name: grid[layer_rows[step]] for name, grid in trace["layers"].items()}
         records.append((step, scalars, layers))
     return records
+
+
+def signals_of(message: str | None) -> list[str]:
+    """The signals named as evidence in a forecast's message (which signals fired)."""
+    return sorted(set(EVIDENCE.findall(message or "")))
 
 
 def score_run(opened: list[Any], *, divergence: int | None, steps: int) -> dict[str, Any]:
@@ -100,6 +108,8 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "warned_share": (sum(r["warned"] for r in diverged) / len(diverged)) if diverged else None,
         "lead_median": percentile(leads, 0.5), "lead_p10": percentile(leads, 0.1),
         "false_warnings": false, "healthy_steps": healthy_steps,
+        "false_before_near_divergence": sum(
+            1 for r in rows for peak in r.get("peak_after_false", []) if peak and peak >= 2),
         "false_per_10k": 1e4 * false / healthy_steps if healthy_steps else None,
     }  # fmt: skip
 
@@ -117,10 +127,33 @@ def score_traces(traces: list[dict[str, Any]], config: Any = None, *,
     for trace in traces:
         opened = run_detector(trace_records(trace, with_layers=with_layers), config)
         row = score_run(opened, divergence=label(trace), steps=trace["steps_done"])
+        first = opened[0].message if opened else None
         rows.append({"name": _name(trace), "split": trace["setting"]["split"],
-                     "setting": trace["setting"], **row,
-                     "first_message": opened[0].message if opened else None})  # fmt: skip
+                     "setting": trace["setting"], **row, "first_message": first,
+                     "signals": signals_of(first),
+                     "peak_after_false": [peak_ratio(trace, s) for s in row["false_steps"]]})  # fmt: skip
     return rows
+
+
+def peak_ratio(trace: dict[str, Any], step: int) -> float | None:
+    """After a false warning at `step`: the highest 10-step mean loss from there on over the
+    best 10-step mean before it (a value >= 2 is a near-divergence the run survived)."""
+    from forecast_traces import SMOOTH  # noqa: PLC0415
+
+    losses = [(s, v) for s, v in zip(trace["steps"], trace["scalars"]["loss"], strict=True)
+              if v is not None and math.isfinite(v)]  # fmt: skip
+    means = [(losses[i][0], sum(v for _, v in losses[i - SMOOTH + 1 : i + 1]) / SMOOTH)
+             for i in range(SMOOTH - 1, len(losses))]  # fmt: skip
+    before = [m for s, m in means if s < step]
+    after = [m for s, m in means if s >= step]
+    return round(max(after) / min(before), 2) if before and after else None
+
+
+def by_schedule(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """`summarise` per LR schedule (the issue's "per setting")."""
+    schedules = sorted({r["setting"]["schedule"] for r in rows})
+    return {name: summarise([r for r in rows if r["setting"]["schedule"] == name])
+            for name in schedules}  # fmt: skip
 
 
 def label(trace: dict[str, Any]) -> int | None:
@@ -211,22 +244,27 @@ def score_real(runs: list[dict[str, Any]], config: Any = None) -> list[dict[str,
 # ---------------------------------------------------------------------- live lr_backoff reruns
 def backoff_runs(traces: list[dict[str, Any]], done: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Train every diverging held-out setting again with the forecast's `lr_backoff` on (the
-    runs in `done`, earlier results, are kept)."""
+    runs in `done`, earlier results, are kept when the forecast's defaults are the same)."""
+    import dataclasses
+
     from forecast_traces import Setting, train  # noqa: PLC0415
 
-    rows = list(done)
+    from megatron_gate.monitor.config import ForecastConfig
+
+    defaults = dataclasses.asdict(ForecastConfig())
+    rows = [row for row in done if row.get("forecast") == defaults]
     for trace in traces:
         setting = Setting(**trace["setting"])
         if label(trace) is None or setting.split != "heldout":
             continue
-        if any(row["name"] == setting.name for row in done):
+        if any(row["name"] == setting.name for row in rows):
             continue
         with tempfile.TemporaryDirectory(prefix="forecast-backoff-") as tmp:
             outcome = train(setting, Path(tmp), forecast_action="lr_backoff")
         rows.append({"name": setting.name, "diverged_without": label(trace),
                      "diverged_with": outcome["divergence_step"],
                      "saved": outcome["divergence_step"] is None,
-                     "backoff_steps": outcome["lr_backoff_steps"]})  # fmt: skip
+                     "backoff_steps": outcome["lr_backoff_steps"], "forecast": defaults})  # fmt: skip
         print(f"{setting.name}: {rows[-1]}", file=sys.stderr, flush=True)
     return rows
 
@@ -234,8 +272,10 @@ def backoff_runs(traces: list[dict[str, Any]], done: list[dict[str, Any]]) -> li
 # ---------------------------------------------------------------------- tuning (tune split only)
 TUNE_GRID: dict[str, tuple] = {
     "loss_rise": (0.05, 0.1, 0.2),
-    "min_t": (2.0, 3.0, 4.0),
-    "confirm": (2, 3, 5),
+    "confirm": (3, 5),
+    "layer_ratio": (2.0, 4.0),
+    "min_layer_signals": (2, 3, 4),
+    "layer_points": (4, 6),
 }
 
 
@@ -266,24 +306,38 @@ def table(summaries: dict[str, dict[str, Any]]) -> str:
             f"| {name} | {s['runs']} | {s['diverging']} | {s['warned']} "
             f"({cell(s['warned_share'], '.0%')}) | {cell(s['lead_median'], '.0f')} / "
             f"{cell(s['lead_p10'], '.0f')} | {cell(s['false_per_10k'])} "
-            f"({s['false_warnings']} in {s['healthy_steps']}) |"
+            f"({s['false_warnings']} in {s['healthy_steps']}{_near(s)}) |"
         )
     return "\n".join(lines)
 
 
+def _near(summary: dict[str, Any]) -> str:
+    near = summary.get("false_before_near_divergence")
+    return f"; {near} before a near-divergence" if near else ""
+
+
 def run_table(rows: list[dict[str, Any]]) -> str:
     """One line per demo run: its setting, divergence step, forecast step, lead."""
-    lines = ["| run | split | diverged at | forecast at (lead) | false warnings at |",
-             "| --- | --- | --- | --- | --- |"]  # fmt: skip
+    lines = ["| run | split | diverged at | forecast at (lead) | false warnings at "
+             "(peak loss after / best) | evidence of the first forecast |",
+             "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for r in rows:
         diverged = r.get("divergence_step")
         lead = f"{diverged - r['lead']} ({r['lead']})" if r.get("lead") is not None else "-"
+        false = ", ".join(f"{s} ({p}x)" for s, p in zip(r["false_steps"], r["peak_after_false"],
+                                                        strict=True))  # fmt: skip
         lines.append(f"| {r['name'].split('_', 1)[1]} | {r['split']} | {diverged or '-'} | "
-                     f"{lead} | {', '.join(map(str, r['false_steps'])) or '-'} |")  # fmt: skip
+                     f"{lead} | {false or '-'} | {', '.join(r['signals']) or '-'} |")  # fmt: skip
     return "\n".join(lines)
 
 
+PREVIOUS_DEFAULTS = {"min_layer_signals": 2}
+"""The constants before the enlarged benchmark (for the before/after rows)."""
+
+
 def evaluate(*, with_tuning: bool) -> dict[str, Any]:
+    from megatron_gate.monitor.config import ForecastConfig
+
     traces = load_traces()
     rows = score_traces(traces)
     loss_grad = score_traces(traces, with_layers=False)
@@ -292,7 +346,13 @@ def evaluate(*, with_tuning: bool) -> dict[str, Any]:
         summaries[f"{split} (all signals)"] = summarise([r for r in rows if r["split"] == split])
         summaries[f"{split} (loss + grad norm only)"] = summarise(
             [r for r in loss_grad if r["split"] == split])  # fmt: skip
-    result: dict[str, Any] = {"summaries": summaries, "runs": rows,
+    previous = score_traces(traces, ForecastConfig(**PREVIOUS_DEFAULTS))
+    for split in ("heldout", "tune"):
+        summaries[f"{split} (all signals), previous defaults"] = summarise(
+            [r for r in previous if r["split"] == split])  # fmt: skip
+    result: dict[str, Any] = {"summaries": summaries, "runs": rows, "by_schedule": {
+                                  split: by_schedule([r for r in rows if r["split"] == split])
+                                  for split in ("heldout", "tune")},
                               "runs_loss_grad_only": loss_grad,
                               "monitor_reference": monitor_reference(traces)}  # fmt: skip
     result["spike_traces_healthy"] = spike_trace_healthy()
@@ -331,7 +391,10 @@ def main(argv: list[str]) -> int:
         saved = sum(r["saved"] for r in result["backoff"])
         result["backoff_summary"] = {"diverging": len(result["backoff"]), "saved": saved}
     RESULTS.write_text(json.dumps(result, indent=1))
-    markdown = f"{table(result['summaries'])}\n\n{run_table(result['runs'])}\n"
+    schedules = {f"{split}: {name}": summary for split, table_ in result["by_schedule"].items()
+                 for name, summary in table_.items()}  # fmt: skip
+    markdown = (f"{table(result['summaries'])}\n\nPer LR schedule (all signals):\n\n"
+                f"{table(schedules)}\n\n{run_table(result['runs'])}\n")  # fmt: skip
     RESULTS.with_suffix(".md").write_text(markdown)
     print(markdown)
     print("monitor's shipped detectors:", result["monitor_reference"])

@@ -50,7 +50,8 @@ class Setting:
     lr: float
     schedule: str = "cosine"
     """cosine | short_warmup | ramp (geometric, lr/RAMP_RANGE -> lr over the run) | jump
-    (x`jump` from 40% of the run on) | wd0 (cosine, weight decay off)."""
+    (x`jump` from 40% of the run on) | wd0 (cosine, weight decay off) | constant (5% warm-up,
+    then `lr` to the end: no decay relieves a run near its edge)."""
     variant: str = "baseline"
     seed: int = 0
     steps: int = 160
@@ -94,6 +95,8 @@ def _schedule_config(setting: Setting) -> Any:
         def learning_rate(self, step: int) -> float:
             if self.schedule == "ramp":
                 return self.lr * RAMP_RANGE ** (step / self.steps - 1.0)
+            if self.schedule == "constant":
+                return self.lr * min(1.0, step / self.warmup)
             base = super().learning_rate(step)
             return base * self.jump if self.schedule == "jump" and step > 0.4 * self.steps else base
 
@@ -186,9 +189,9 @@ def trace(setting: Setting) -> dict[str, Any]:
 def plan() -> list[Setting]:
     """The traced runs, tune and held-out interleaved (an interrupted generation keeps both).
 
-    Tune: 2 layers x hidden 32. Held out: 3 x 48 and 2 x 64, other learning rates. The edge of
-    stability of 2 x 32 (a geometric LR ramp diverged at lr ~0.7) placed the learning rates.
-    160 steps each (the first ramp: 300): a step costs ~0.5 CPU s on the shared machine.
+    Tune: 2 layers x hidden 32. Held out: 3 x 48, 2 x 64, 2 x 48, 2 x 96 and 4 x 32, other
+    seeds. The edge of stability of 2 x 32 (a geometric LR ramp diverged at lr ~0.7) placed the
+    learning rates. 160-300 steps each: a step costs 0.05-0.5 CPU s on the shared machine.
     """
     tune, held = "tune", "heldout"
     return [
@@ -209,7 +212,64 @@ def plan() -> list[Setting]:
         Setting(layers=2, hidden=32, lr=3.0, schedule="ramp", variant="gated_headwise",
                 split=tune, seed=1),
         Setting(layers=3, hidden=48, lr=0.2, variant="gated_headwise", split=held, seed=6),
+        *second_plan(),
+        *grid_plan(),
     ]  # fmt: skip
+
+
+def second_plan() -> list[Setting]:
+    """Added later, tune and held-out interleaved: more seeds, schedules (constant LR) and held-out
+    sizes (2 x 48, 2 x 96, 4 x 32), diverging and just below the edge (healthy runs at LRs near
+    the edge are where false warnings come from). Tune stays 2 x 32 only."""
+    tune, held = "tune", "heldout"
+    return [
+        Setting(layers=2, hidden=48, lr=2.0, schedule="ramp", split=held, seed=21),
+        Setting(layers=2, hidden=32, lr=2.0, schedule="ramp", split=tune, seed=40),
+        Setting(layers=2, hidden=48, lr=0.5, split=held, seed=28),
+        Setting(layers=2, hidden=96, lr=1.5, schedule="ramp", split=held, seed=22),
+        Setting(layers=2, hidden=32, lr=0.25, schedule="jump", jump=5.0, split=tune, seed=41),
+        Setting(layers=2, hidden=48, lr=0.25, schedule="jump", jump=5.0, split=held, seed=24),
+        Setting(layers=2, hidden=64, lr=0.6, schedule="ramp", split=held, seed=31),
+        Setting(layers=2, hidden=32, lr=0.5, schedule="constant", split=tune, seed=43),
+        Setting(layers=2, hidden=96, lr=0.4, schedule="constant", split=held, seed=29),
+        Setting(layers=4, hidden=32, lr=2.0, schedule="ramp", split=held, seed=23),
+        Setting(layers=2, hidden=32, lr=0.6, schedule="ramp", split=tune, seed=44),
+        Setting(layers=2, hidden=48, lr=0.15, schedule="jump", jump=3.0, split=held, seed=30),
+        Setting(layers=2, hidden=64, lr=1.0, schedule="short_warmup", split=held, seed=25),
+        Setting(layers=2, hidden=32, lr=1.0, schedule="constant", split=tune, seed=45),
+        Setting(layers=2, hidden=48, lr=1.0, schedule="constant", split=held, seed=26),
+        Setting(layers=2, hidden=48, lr=2.0, schedule="ramp", variant="gated_headwise",
+                split=held, seed=32),
+        Setting(layers=2, hidden=96, lr=0.2, schedule="jump", jump=6.0, split=held, seed=27),
+        Setting(layers=2, hidden=48, lr=0.5, schedule="wd0", split=held, seed=33),
+    ]  # fmt: skip
+
+
+GRID_SCHEDULES: tuple[dict[str, Any], ...] = (
+    {"schedule": "ramp", "lr": 1.0, "steps": 200}, {"schedule": "ramp", "lr": 2.0, "steps": 200},
+    {"schedule": "jump", "lr": 0.2, "jump": 4.0, "steps": 200},
+    {"schedule": "constant", "lr": 0.5}, {"schedule": "constant", "lr": 1.0},
+    {"schedule": "cosine", "lr": 0.8}, {"schedule": "short_warmup", "lr": 0.8},
+)  # fmt: skip
+"""The grid's settings, from below to past the edge: every one on every size of both splits
+(weight decay off is left to the plans above: the grid's generation budget, ~25 CPU minutes on
+the shared machine, ran out there)."""
+GRID_SIZES = {"tune": ((2, 32), (2, 32)), "heldout": ((2, 48), (2, 96), (4, 32))}
+"""Tune: 2 x 32 twice (two seeds); held out: other sizes."""
+
+
+def grid_plan() -> list[Setting]:
+    """Every `GRID_SCHEDULES` setting on every `GRID_SIZES` size, 300 steps unless given (more
+    healthy steps near the edge for the false-warning rate); baseline and headwise-gated
+    alternate, so each setting gets both variants across sizes. Seeds 100 on, one per run."""
+    runs = []
+    for index, changes in enumerate(GRID_SCHEDULES):
+        for split, sizes in GRID_SIZES.items():
+            for offset, (layers, hidden) in enumerate(sizes):
+                variant = ("baseline", "gated_headwise")[(index + offset) % 2]
+                runs.append(Setting(layers=layers, hidden=hidden, variant=variant, split=split,
+                                    seed=100 + len(runs), **{"steps": 300, **changes}))  # fmt: skip
+    return runs
 
 
 def one_process_world() -> None:

@@ -98,9 +98,11 @@ class ForecastConfig(DetectorConfig):
     """Per-layer growth (log units per step) above which a layer's statistic is growing."""
     layer_ratio: float = 2.0
     """... and it must be this many times its own median (of the values before the fit)."""
-    min_layer_signals: int = 2
+    min_layer_signals: int = 3
     """Growing per-layer statistics (different ones) that, with the loss above its best, are
-    evidence enough while the loss is not (yet) rising."""
+    evidence enough while the loss is not (yet) rising. 3: max attention logit and max |h| grow
+    together whenever the weights grow (the logit is a product of projections of h), so two of
+    them are one piece of evidence; healthy runs at high learning rates show that pair."""
     confirm: int = 3
     """Consecutive values the rule must hold before the episode opens."""
     release: int = 20

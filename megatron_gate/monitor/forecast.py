@@ -14,8 +14,12 @@ Pure Python over the numbers the other detectors see (no torch). Every value it 
 
 The rule holds when the smoothed loss is `loss_rise` above its best and either it is rising and
 at least one more signal (grad norm, or a growing layer statistic) agrees, or at least
-`min_layer_signals` different layer statistics are growing (the loss stopped improving while
-the layers run away: the earliest sign, on per-layer steps only). An episode opens after
+`min_layer_signals` (3) different layer statistics are growing (the loss stopped improving while
+the layers run away: the earliest sign, on per-layer steps only). Three, not two: the max
+attention logit and max |h| grow together whenever the weights grow (the logit is a product of
+projections of h), which healthy runs at high learning rates show; a third statistic (the layers'
+grad or update norm) is independent evidence. On the benchmark's tune runs this halved the false
+warnings (15 -> 8 in 3,400 healthy steps) with the same warned share and lead. An episode opens after
 `confirm` values in a row, with the evidence and the steps until the loss reaches 2x its best
 at the fitted rate in its message. It closes after `release` values in a row without the rule
 (the trend reversed), or when the loss turns non-finite (the divergence came). With only loss

@@ -106,6 +106,28 @@ def test_growing_layer_statistic_is_evidence_and_named() -> None:
     assert "layer 2 max_attention_logit" in opened.message and "grad_norm" not in opened.message
 
 
+@pytest.mark.parametrize("growing", [2, 3])
+def test_layers_alone_need_three_growing_statistics(growing: int) -> None:
+    """The loss settles 20% above its best (high, not rising) and from step 250 `growing` layer
+    statistics run away: the max attention logit and max |h| together (one piece of evidence)
+    are not enough, a third (the layers' update norm) is."""
+    rng = random.Random(8)
+    rows = [(step, {"loss": (2.0 if step < 150 else 2.4) * math.exp(rng.gauss(0, 0.03)),
+                    "grad_norm": 0.5}) for step in range(1, 401)]  # fmt: skip
+    names = ("max_attention_logit", "max_abs_residual", "update_norm")[:growing]
+    layers_at = {
+        step: {name: [10.0, 10.0 * math.exp(0.03 * max(0, step - 250))] for name in names}
+        for step in range(10, 401, 10)
+    }
+    events = feed(DivergenceForecast(ForecastConfig()), rows, layers_at)
+    opened = [e for e in events if e.phase == "open"]
+    if growing == 2:
+        assert opened == []
+    else:
+        assert len(opened) == 1 and 250 < opened[0].step < 320
+        assert all(f"layer 2 {name}" in opened[0].message for name in names)
+
+
 def test_state_dict_resumes_mid_episode() -> None:
     rows = curve(400, seed=6, onset=ONSET)
     whole = DivergenceForecast(ForecastConfig())
