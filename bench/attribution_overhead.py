@@ -140,11 +140,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results"
                         / "attribution_overhead.json")  # fmt: skip
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
     from megatron_gate.distributed import free_port, init_model_parallel, init_process_group
 
     init_process_group(0, 1, free_port())
     init_model_parallel(tp=1)
+    torch.set_num_threads(args.threads)  # after the process group, which resets it
     results: dict[str, Any] = {
         "command": "python bench/attribution_overhead.py " + " ".join(sys.argv[1:]),
         "machine": {
